@@ -1,0 +1,146 @@
+//! The pipeline file as written: every key optional, every leaf a [`Setting`] that records a
+//! type error instead of failing, so validation can report all problems in one pass.
+//! The doc comments here are the user documentation of each key; `pipelines/orders.toml`
+//! shows them in use.
+
+use std::collections::BTreeMap;
+
+use serde::{de::DeserializeOwned, Deserialize, Deserializer};
+use serde_json::Value;
+
+use super::{
+    env,
+    units::{HumanDuration, HumanSize},
+};
+
+/// A leaf value after `${VAR}` substitution: the typed value, or why it could not be read.
+#[derive(Debug, Clone)]
+pub struct Setting<T>(pub Result<T, String>);
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Setting<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(d)?;
+        Ok(Setting(expand(value).and_then(|v| {
+            T::deserialize(v).map_err(|e| e.to_string())
+        })))
+    }
+}
+
+/// Applies `${VAR}` substitution to every string inside a value.
+fn expand(value: Value) -> Result<Value, String> {
+    Ok(match value {
+        Value::String(s) => Value::String(env::substitute(&s, |k| std::env::var(k).ok())?),
+        Value::Array(items) => {
+            Value::Array(items.into_iter().map(expand).collect::<Result<_, _>>()?)
+        }
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| Ok((k, expand(v)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        other => other,
+    })
+}
+
+/// A librdkafka property value: TOML strings, integers and booleans are all passed as text.
+#[derive(Debug, Clone)]
+pub struct PropertyValue(pub String);
+
+impl<'de> Deserialize<'de> for PropertyValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Self(s)),
+            Value::Number(n) => Ok(Self(n.to_string())),
+            Value::Bool(b) => Ok(Self(b.to_string())),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a string, number or boolean, got {other}"
+            ))),
+        }
+    }
+}
+
+pub type Properties = BTreeMap<String, PropertyValue>;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawPipeline {
+    /// Pipeline name: letters, digits, `_`, `-`, `.`; used in metrics, logs and file metadata.
+    pub name: Option<Setting<String>>,
+    /// JSON Schema file of the events, relative to this file.
+    pub schema: Option<Setting<String>>,
+    pub source: Option<RawSource>,
+    pub batch: Option<RawBatch>,
+    pub errors: Option<RawErrors>,
+    pub sink: Option<RawSinks>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawSource {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: Option<Setting<String>>,
+    /// Topics to consume.
+    pub topics: Option<Setting<Vec<String>>>,
+    /// Consumer group; every instance of the pipeline uses the same one.
+    pub group_id: Option<Setting<String>>,
+    /// Where a partition without a committed offset starts: `earliest` (default) or `latest`.
+    pub start_from: Option<Setting<String>>,
+    /// Raw librdkafka consumer properties, passed through (security, timeouts, fetch sizes).
+    pub properties: Option<Setting<Properties>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawBatch {
+    /// Rows per micro-batch (default 10000).
+    pub max_rows: Option<Setting<usize>>,
+    /// Payload bytes per micro-batch (default "16MiB").
+    pub max_bytes: Option<Setting<HumanSize>>,
+    /// Longest a micro-batch waits to fill up (default "500ms").
+    pub max_delay: Option<Setting<HumanDuration>>,
+    /// Micro-batches queued between the source and the sinks before consumption pauses
+    /// (default 4).
+    pub max_in_flight: Option<Setting<usize>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawErrors {
+    /// `dead_letter` (default), `skip` or `fail`.
+    pub policy: Option<Setting<String>>,
+    /// Topic that receives rejected events; required with `dead_letter`.
+    pub dead_letter_topic: Option<Setting<String>>,
+    /// Raw librdkafka producer properties for the dead-letter producer.
+    pub producer_properties: Option<Setting<Properties>>,
+    /// Larger payloads are rejected (default "1MiB").
+    pub max_event_size: Option<Setting<HumanSize>>,
+    /// Deeper JSON nesting is rejected (default 32, at most 128).
+    pub max_depth: Option<Setting<usize>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawSinks {
+    pub parquet: Option<RawParquet>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawParquet {
+    /// A local directory (relative to this file) or `file://`, `s3://`, `gs://`, `az://` URL.
+    pub path: Option<Setting<String>>,
+    /// Hive partitions, in order: `dt` and `hour` come from `time_field`; any other name is a
+    /// top-level string, integer, boolean or date field.
+    pub partition_by: Option<Setting<Vec<String>>>,
+    /// The event-time field (`format: date-time`, or `date` for `dt` only).
+    pub time_field: Option<Setting<String>>,
+    /// `zstd` (default), `zstd:LEVEL`, `snappy`, `lz4`, `gzip` or `none`.
+    pub compression: Option<Setting<String>>,
+    /// Rows per row group (default 100000).
+    pub row_group_rows: Option<Setting<usize>>,
+    /// A file is finished when it reaches this size (default "128MiB").
+    pub max_file_size: Option<Setting<HumanSize>>,
+    /// A file is finished when it is this old (default "5m").
+    pub max_file_age: Option<Setting<HumanDuration>>,
+    /// A file is finished when no row was added for this long (default "30s").
+    pub idle_flush: Option<Setting<HumanDuration>>,
+    /// Local folder for files being written before upload (object stores only; default: the
+    /// system temporary folder).
+    pub spool_dir: Option<Setting<String>>,
+    /// `object_store` options such as `aws_endpoint`, `aws_region`, `aws_allow_http`.
+    pub storage_options: Option<Setting<Properties>>,
+}

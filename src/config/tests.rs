@@ -1,0 +1,185 @@
+use std::{fs, path::Path};
+
+use super::*;
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, text).unwrap();
+    path
+}
+
+const SCHEMA: &str = r#"{"type":"object","required":["id","at"],"properties":{
+    "id":{"type":"string"},"at":{"type":"string","format":"date-time"},
+    "country":{"type":"string"},"amount":{"type":"number"}}}"#;
+
+#[test]
+fn every_shipped_pipeline_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut count = 0;
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let p = load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(p.parquet.is_some());
+            count += 1;
+        }
+    }
+    assert!(count > 0, "no pipelines shipped");
+}
+
+#[test]
+fn a_good_file_builds_a_typed_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "s.json", SCHEMA);
+    std::env::set_var("SLUICE_TEST_TOPIC", "events");
+    let file = write(
+        dir.path(),
+        "p.toml",
+        r#"
+name = "p1"
+schema = "s.json"
+[source]
+bootstrap_servers = "localhost:1"
+topics = ["${SLUICE_TEST_TOPIC}"]
+group_id = "${SLUICE_TEST_GROUP:-g}"
+[source.properties]
+"session.timeout.ms" = 6000
+"check.crcs" = true
+[errors]
+dead_letter_topic = "dlq"
+[sink.parquet]
+path = "out"
+partition_by = ["dt", "hour", "country"]
+time_field = "at"
+compression = "zstd:5"
+max_file_size = "1MiB"
+idle_flush = "250ms"
+"#,
+    );
+    let p = load(&file).unwrap();
+    assert_eq!(p.source.topics, ["events"]);
+    assert_eq!(p.source.group_id, "g");
+    assert_eq!(p.source.properties["session.timeout.ms"], "6000");
+    assert_eq!(p.source.properties["check.crcs"], "true");
+    let pq = p.parquet.unwrap();
+    assert_eq!(pq.location, Location::Local(dir.path().join("out")));
+    assert_eq!(
+        pq.partition_by,
+        [
+            PartitionKey::Date,
+            PartitionKey::Hour,
+            PartitionKey::Field("country".into())
+        ]
+    );
+    assert_eq!(pq.max_file_size, 1 << 20);
+    assert_eq!(pq.idle_flush, Duration::from_millis(250));
+    assert_eq!(
+        pq.compression,
+        Compression::ZSTD(ZstdLevel::try_new(5).unwrap())
+    );
+    assert!(matches!(p.errors.policy, ErrorPolicy::DeadLetter { ref topic, .. } if topic == "dlq"));
+    assert_eq!(p.batch.max_rows, 10_000);
+}
+
+#[test]
+fn every_problem_is_listed_with_its_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "s.json", SCHEMA);
+    let file = write(
+        dir.path(),
+        "bad.toml",
+        r#"
+name = "bad name"
+schema = "s.json"
+colour = "blue"
+[source]
+bootstrap_servers = "localhost:1"
+topics = ["t"]
+group_id = "${SLUICE_SURELY_UNSET_VAR}"
+start_from = "yesterday"
+[source.properties]
+"enable.auto.commit" = "true"
+[batch]
+max_rows = 0
+max_delay = "soon"
+[errors]
+policy = "dead_letter"
+[sink.parquet]
+path = "ftp://host/x"
+max_file_size = "big"
+partition_by = ["dt", "colour"]
+time_field = "amount"
+compression = "brotli"
+extra = 1
+"#,
+    );
+    let err = load(&file).unwrap_err();
+    let all = err.problems.join("\n");
+    for expected in [
+        "colour: unknown key",
+        "sink.parquet.extra: unknown key",
+        "name: \"bad name\" may only use",
+        "source.group_id: environment variable SLUICE_SURELY_UNSET_VAR is not set",
+        "source.start_from: expected \"earliest\" or \"latest\", got \"yesterday\"",
+        "source.properties.enable.auto.commit: is set by sluice",
+        "batch.max_rows: must be greater than 0",
+        "batch.max_delay: expected a duration like \"500ms\"",
+        "errors.dead_letter_topic: is required",
+        "sink.parquet.path: unsupported scheme \"ftp\"",
+        "sink.parquet.max_file_size: expected a size like \"128MiB\", got \"big\"",
+        "sink.parquet.partition_by: `colour` is not a field of the schema",
+        "sink.parquet.time_field: `amount` must be required and not nullable",
+        "sink.parquet.compression: expected zstd",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+    assert_eq!(err.problems.len(), 15, "{all}");
+}
+
+#[test]
+fn schema_problems_and_missing_sections_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "s.json",
+        r#"{"type":"object","properties":{"a":{"type":"string","pattern":"x"}}}"#,
+    );
+    let file = write(dir.path(), "p.toml", "name = \"p\"\nschema = \"s.json\"\n");
+    let all = load(&file).unwrap_err().problems.join("\n");
+    assert!(
+        all.contains("schema: $.properties.a.pattern: unsupported keyword"),
+        "{all}"
+    );
+    assert!(all.contains("source: is required"), "{all}");
+    assert!(
+        all.contains("errors.dead_letter_topic: is required"),
+        "{all}"
+    );
+    assert!(all.contains("sink: at least one sink is required"), "{all}");
+}
+
+#[test]
+fn syntax_errors_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "p.toml", "name = \n");
+    let err = load(&file).unwrap_err();
+    assert_eq!(err.problems.len(), 1);
+}
+
+#[test]
+fn locations() {
+    let base = Path::new("/etc/sluice");
+    assert_eq!(
+        location("data", base).unwrap(),
+        Location::Local(base.join("data"))
+    );
+    assert_eq!(
+        location("file:///x/y", base).unwrap(),
+        Location::Local("/x/y".into())
+    );
+    assert!(matches!(
+        location("s3://bucket/pre", base).unwrap(),
+        Location::ObjectStore(_)
+    ));
+    assert!(location("s3:///nobucket", base).is_err());
+}
