@@ -23,4 +23,8 @@
 
 pub mod config;
 pub mod decode;
+pub mod pipeline;
 pub mod schema;
+pub mod sink;
+pub mod source;
+pub mod telemetry;

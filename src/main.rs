@@ -1,1 +1,206 @@
-fn main() {}
+//! The `sluice` command: parses arguments, sets up logs and signals, calls the library.
+//!
+//! Exit codes: 0 success (including a clean shutdown on SIGINT/SIGTERM); 1 a pipeline failed
+//! at run time, or shutdown outlasted the grace period; 2 invalid pipeline files or arguments.
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice::{config, pipeline, telemetry};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Kafka JSON events to schema-validated, exactly-once Parquet."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check pipeline files and their schemas; print every problem, or each pipeline's Arrow
+    /// schema and sinks. Exits 2 if any file has a problem.
+    Validate {
+        /// Pipeline TOML files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run one or more pipelines in this process until SIGINT/SIGTERM.
+    Run {
+        /// Pipeline TOML files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Address of the HTTP listener for /metrics, /healthz and /readyz ("off" to disable).
+        #[arg(long, default_value = "127.0.0.1:9898", env = "SLUICE_LISTEN")]
+        listen: String,
+        /// How long shutdown may take to finish files and commit before the process gives up.
+        #[arg(long, default_value = "30s", value_parser = config::units::parse_duration)]
+        grace_period: Duration,
+        /// Log format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SLUICE_LOG_FORMAT")]
+        log_format: LogFormat,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { files } => validate(&files),
+        Command::Run {
+            files,
+            listen,
+            grace_period,
+            log_format,
+        } => {
+            telemetry::init_logs(matches!(log_format, LogFormat::Json));
+            let pipelines = match load_all(&files) {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("sluice-worker")
+                .build()
+                .expect("building the tokio runtime");
+            match runtime.block_on(run(pipelines, &listen, grace_period)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn load_all(files: &[PathBuf]) -> Result<Vec<config::Pipeline>, ExitCode> {
+    let mut pipelines = Vec::new();
+    let mut failed = false;
+    for file in files {
+        match config::load(file) {
+            Ok(p) => pipelines.push(p),
+            Err(e) => {
+                eprint!("{e}");
+                failed = true;
+            }
+        }
+    }
+    let mut names: Vec<&str> = pipelines.iter().map(|p| p.name.as_str()).collect();
+    names.sort();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        eprintln!("pipeline name {:?} is used by more than one file", w[0]);
+        failed = true;
+    }
+    if failed {
+        Err(ExitCode::from(2))
+    } else {
+        Ok(pipelines)
+    }
+}
+
+fn validate(files: &[PathBuf]) -> ExitCode {
+    let pipelines = match load_all(files) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    for p in &pipelines {
+        println!("{}: pipeline {:?} is valid", p.file.display(), p.name);
+        println!(
+            "  source: topics {:?}, group {:?}, servers {}",
+            p.source.topics, p.source.group_id, p.source.bootstrap_servers
+        );
+        println!(
+            "  schema: {} (fingerprint {})",
+            p.schema_path.display(),
+            p.schema.fingerprint
+        );
+        for field in p.schema.arrow.fields() {
+            println!(
+                "    {}: {}{}",
+                field.name(),
+                field.data_type(),
+                if field.is_nullable() { "" } else { " not null" }
+            );
+        }
+        match &p.errors.policy {
+            config::ErrorPolicy::DeadLetter { topic, .. } => {
+                println!("  errors: dead letters to {topic:?}")
+            }
+            config::ErrorPolicy::Skip => println!("  errors: skipped"),
+            config::ErrorPolicy::Fail => println!("  errors: stop the pipeline"),
+        }
+        if let Some(pq) = &p.parquet {
+            println!(
+                "  sink parquet: {} partitioned by {:?}, {:?}, files up to {} bytes / {:?} / idle {:?}",
+                pq.location, pq.partition_by, pq.compression, pq.max_file_size, pq.max_file_age, pq.idle_flush
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn run(
+    pipelines: Vec<config::Pipeline>,
+    listen: &str,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let statuses: Vec<Arc<pipeline::Status>> = pipelines.iter().map(|_| Arc::default()).collect();
+    let metrics = telemetry::init_metrics()?;
+    if listen != "off" {
+        let addr = telemetry::parse_listen(listen).map_err(anyhow::Error::msg)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the HTTP listener on {addr}"))?;
+        info!(addr = %listener.local_addr()?, "Serving /metrics, /healthz and /readyz.");
+        tokio::spawn(telemetry::serve(
+            listener,
+            metrics,
+            statuses.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tokio::spawn(signals(shutdown.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (spec, status) in pipelines.into_iter().zip(statuses) {
+        let name = spec.name.clone();
+        let token = shutdown.child_token();
+        tasks.spawn(async move { (name, pipeline::run(spec, token, grace, status).await) });
+    }
+    let mut first_error = None;
+    while let Some(done) = tasks.join_next().await {
+        let (name, result) = done.context("a pipeline task panicked")?;
+        if let Err(e) = result {
+            error!(pipeline = %name, "Pipeline failed: {e:#}");
+            first_error.get_or_insert(e.context(format!("pipeline {name}")));
+            // One failed pipeline stops the process, so a supervisor restarts all of it.
+            shutdown.cancel();
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received: shutting down."),
+        _ = term.recv() => info!("SIGTERM received: shutting down."),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,535 @@
+//! Tools for the demo, the benchmark and the tests: create topics, generate realistic commerce
+//! events (a share of them broken on purpose), drain a topic with a bare consumer, and
+//! summarize what a pipeline produced.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use rdkafka::{
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    config::ClientConfig,
+    consumer::{BaseConsumer, Consumer},
+    error::{KafkaError, RDKafkaErrorCode},
+    message::{Headers, Message},
+    producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext},
+    ClientContext, Offset, TopicPartitionList,
+};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-bench",
+    about = "Demo, benchmark and test tools for sluice."
+)]
+struct Cli {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
+    bootstrap: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a topic (no error if it exists).
+    CreateTopic {
+        topic: String,
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
+    /// Produce realistic order and payment events; print what was produced as JSON.
+    Generate {
+        topic: String,
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        /// Share of events broken on purpose, in several ways.
+        #[arg(long, default_value_t = 0.03)]
+        invalid_ratio: f64,
+        #[arg(long, default_value_t = 5_000)]
+        customers: u32,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Drain a topic from the beginning with a bare consumer that only counts; print the rate.
+    Drain {
+        topic: String,
+        /// Stop after this many messages (default: the topic's size at start).
+        #[arg(long)]
+        expect: Option<u64>,
+    },
+    /// Summarize a pipeline's output: Parquet rows and files, dead letters by reason, offsets.
+    Summary {
+        /// The Parquet output folder.
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        dead_letter_topic: String,
+        #[arg(long)]
+        group: String,
+        /// Seconds the run took, for the rate.
+        #[arg(long)]
+        elapsed: Option<f64>,
+    },
+    /// Wait until a consumer group has committed every partition's end offset.
+    WaitCommitted {
+        topic: String,
+        #[arg(long)]
+        group: String,
+        #[arg(long, default_value = "600")]
+        timeout_secs: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CreateTopic { topic, partitions } => {
+            create_topic(&cli.bootstrap, &topic, partitions)
+        }
+        Command::Generate {
+            topic,
+            count,
+            invalid_ratio,
+            customers,
+            seed,
+        } => generate(
+            &cli.bootstrap,
+            &topic,
+            count,
+            invalid_ratio,
+            customers,
+            seed,
+        ),
+        Command::Drain { topic, expect } => drain(&cli.bootstrap, &topic, expect),
+        Command::Summary {
+            output,
+            topic,
+            dead_letter_topic,
+            group,
+            elapsed,
+        } => summary(
+            &cli.bootstrap,
+            &output,
+            &topic,
+            &dead_letter_topic,
+            &group,
+            elapsed,
+        ),
+        Command::WaitCommitted {
+            topic,
+            group,
+            timeout_secs,
+        } => wait_committed(
+            &cli.bootstrap,
+            &topic,
+            &group,
+            Duration::from_secs(timeout_secs),
+        ),
+    }
+}
+
+fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let results = rt.block_on(admin.create_topics(
+        &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+    ))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => bail!("creating topic {t}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+struct Deliveries {
+    failed: AtomicU64,
+}
+impl ClientContext for Deliveries {}
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if result.is_err() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+const COUNTRIES: [&str; 8] = ["FR", "DE", "US", "GB", "BR", "JP", "ES", "IT"];
+const CURRENCIES: [&str; 5] = ["EUR", "USD", "GBP", "JPY", "BRL"];
+const CHANNELS: [&str; 5] = ["web", "ios", "android", "store", "partner"];
+const CITIES: [&str; 6] = [
+    "Paris",
+    "Berlin",
+    "New York",
+    "London",
+    "São Paulo",
+    "Tokyo",
+];
+
+/// One valid commerce event.
+fn valid_event(
+    rng: &mut SmallRng,
+    i: u64,
+    customers: u32,
+    base_ms: i64,
+) -> (String, serde_json::Value) {
+    let customer = format!("c-{:06}", rng.random_range(0..customers));
+    let kind = match rng.random_range(0..100) {
+        0..=54 => "order_placed",
+        55..=89 => "payment_captured",
+        90..=96 => "payment_failed",
+        _ => "refund",
+    };
+    let c = rng.random_range(0..COUNTRIES.len());
+    // Events spread over a few hours, so the demo shows several hour partitions.
+    let at = chrono::DateTime::from_timestamp_millis(base_ms + (i as i64 * 997) % (6 * 3_600_000))
+        .unwrap_or_default();
+    let items: Vec<_> = (0..rng.random_range(1..4))
+        .map(|_| {
+            json!({"sku": format!("sku-{}", rng.random_range(0..500)),
+                   "quantity": rng.random_range(1..5),
+                   "unit_price": (rng.random_range(100..20_000) as f64) / 100.0})
+        })
+        .collect();
+    let amount: f64 = items
+        .iter()
+        .map(|it| it["quantity"].as_f64().unwrap_or(0.0) * it["unit_price"].as_f64().unwrap_or(0.0))
+        .sum();
+    let event = json!({
+        "event_id": format!("e-{i:012}"),
+        "event_type": kind,
+        "customer_id": customer,
+        "order_id": if kind == "order_placed" || rng.random_bool(0.8) { json!(format!("o-{}", i / 2)) } else { json!(null) },
+        "amount": (amount * 100.0).round() / 100.0,
+        "currency": CURRENCIES[c % CURRENCIES.len()],
+        "country": COUNTRIES[c],
+        "channel": CHANNELS[rng.random_range(0..CHANNELS.len())],
+        "items": items,
+        "shipping": {"city": CITIES[c % CITIES.len()], "postcode": format!("{:05}", rng.random_range(0..99_999))},
+        "new_customer": rng.random_bool(0.1),
+        "customer_since": "2024-03-15",
+        "created_at": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "client": {"ip": "203.0.113.7", "agent": "demo"}
+    });
+    (customer, event)
+}
+
+/// A broken event and the reason sluice should give for it.
+fn broken_event(rng: &mut SmallRng, valid: serde_json::Value) -> (Vec<u8>, &'static str) {
+    let text = valid.to_string();
+    let mut obj = valid;
+    match rng.random_range(0..10) {
+        0 => (b"order #1 for c-000001".to_vec(), "invalid_json"),
+        1 => (text.as_bytes()[..text.len() / 2].to_vec(), "truncated_json"),
+        2 => {
+            let mut b = text.into_bytes();
+            b.insert(10, 0xff);
+            (b, "not_utf8")
+        }
+        3 => (Vec::new(), "empty"),
+        4 => (b"[1,2,3]".to_vec(), "not_object"),
+        5 => {
+            obj.as_object_mut().map(|o| o.remove("customer_id"));
+            (obj.to_string().into_bytes(), "missing_field")
+        }
+        6 => {
+            obj["amount"] = json!("12.50");
+            (obj.to_string().into_bytes(), "wrong_type")
+        }
+        7 => {
+            obj["amount"] = json!(-5);
+            (obj.to_string().into_bytes(), "out_of_range")
+        }
+        8 => {
+            obj["currency"] = json!("XYZ");
+            (obj.to_string().into_bytes(), "not_in_enum")
+        }
+        _ => {
+            obj["created_at"] = json!("21/11/2026 18:00");
+            (obj.to_string().into_bytes(), "bad_timestamp")
+        }
+    }
+}
+
+fn generate(
+    bootstrap: &str,
+    topic: &str,
+    count: u64,
+    invalid_ratio: f64,
+    customers: u32,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let producer: BaseProducer<Deliveries> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("compression.type", "lz4")
+        .create_with_context(Deliveries {
+            failed: AtomicU64::new(0),
+        })?;
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let base_ms = 1_795_000_000_000; // 2026-11-18
+    let mut produced: BTreeMap<&str, u64> = BTreeMap::new();
+    let started = Instant::now();
+    for i in 0..count {
+        let (key, event) = valid_event(&mut rng, i, customers, base_ms);
+        let (payload, kind) = if rng.random_bool(invalid_ratio) {
+            broken_event(&mut rng, event)
+        } else {
+            (event.to_string().into_bytes(), "valid")
+        };
+        *produced.entry(kind).or_default() += 1;
+        let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    producer.poll(Duration::from_millis(20));
+                }
+                Err((e, _)) => bail!("producing: {e}"),
+            }
+        }
+        if i % 1000 == 0 {
+            producer.poll(Duration::ZERO);
+        }
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let failed = producer.context().failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} events were not delivered");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"topic": topic, "count": count, "by_kind": produced, "seconds": secs,
+                          "events_per_second": count as f64 / secs})
+    );
+    Ok(())
+}
+
+fn high_watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .context("topic not found")?;
+    let mut out = Vec::new();
+    for p in t.partitions() {
+        let (lo, hi) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(30))?;
+        out.push((p.id(), lo, hi));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn drain(bootstrap: &str, topic: &str, expect: Option<u64>) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("sluice-bench-drain-{}", std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    let marks = high_watermarks(&consumer, topic)?;
+    let total: u64 =
+        expect.unwrap_or_else(|| marks.iter().map(|(_, lo, hi)| (hi - lo) as u64).sum());
+    let mut tpl = TopicPartitionList::new();
+    for (p, _, _) in &marks {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let (mut n, mut bytes) = (0u64, 0u64);
+    let started = Instant::now();
+    while n < total {
+        match consumer.poll(Duration::from_secs(10)) {
+            Some(Ok(m)) => {
+                n += 1;
+                bytes += m.payload_len() as u64;
+            }
+            Some(Err(e)) => bail!("consume error: {e}"),
+            None => bail!("no message for 10 s after {n} of {total}"),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"topic": topic, "messages": n, "bytes": bytes, "seconds": secs,
+                          "events_per_second": n as f64 / secs})
+    );
+    Ok(())
+}
+
+fn committed(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+) -> anyhow::Result<Vec<(i32, i64, Option<i64>)>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()?;
+    let marks = high_watermarks(&consumer, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, _, _) in &marks {
+        tpl.add_partition(topic, *p);
+    }
+    let c = consumer.committed_offsets(tpl, Duration::from_secs(30))?;
+    Ok(marks
+        .iter()
+        .map(|(p, _, hi)| {
+            let at = c.find_partition(topic, *p).and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+            (*p, *hi, at)
+        })
+        .collect())
+}
+
+fn wait_committed(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let c = committed(bootstrap, topic, group)?;
+        if c.iter().all(|(_, hi, at)| *at == Some(*hi)) {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bail!("not everything committed after {timeout:?}: {c:?}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn summary(
+    bootstrap: &str,
+    output: &PathBuf,
+    topic: &str,
+    dlq: &str,
+    group: &str,
+    elapsed: Option<f64>,
+) -> anyhow::Result<()> {
+    let mut files = Vec::new();
+    let mut stack = vec![output.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let p = e?.path();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if p.is_dir() && !name.starts_with('_') {
+                stack.push(p);
+            } else if name.ends_with(".parquet") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let mut rows = 0usize;
+    let mut bytes = 0u64;
+    for f in &files {
+        let file = std::fs::File::open(f)?;
+        bytes += file.metadata()?.len();
+        let reader = parquet::file::reader::SerializedFileReader::new(file)?;
+        use parquet::file::reader::FileReader;
+        rows += reader.metadata().file_metadata().num_rows() as usize;
+    }
+    // Dead letters by reason.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("sluice-bench-summary-{}", std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+    let marks = high_watermarks(&consumer, dlq).unwrap_or_default();
+    let total: i64 = marks.iter().map(|(_, lo, hi)| hi - lo).sum();
+    if total > 0 {
+        let mut tpl = TopicPartitionList::new();
+        for (p, _, _) in &marks {
+            tpl.add_partition_offset(dlq, *p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut n = 0;
+        while n < total {
+            match consumer.poll(Duration::from_secs(10)) {
+                Some(Ok(m)) => {
+                    n += 1;
+                    let reason = m
+                        .headers()
+                        .and_then(|h| h.iter().find(|h| h.key == "sluice.reason"))
+                        .and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_else(|| "?".into());
+                    *reasons.entry(reason).or_default() += 1;
+                }
+                Some(Err(e)) => bail!("reading dead letters: {e}"),
+                None => break,
+            }
+        }
+    }
+    let offsets = committed(bootstrap, topic, group)?;
+    let events: i64 = offsets.iter().map(|(_, hi, _)| *hi).sum();
+    println!("events in the topic:   {events}");
+    println!("rows in Parquet:       {rows}");
+    println!(
+        "Parquet files:         {} ({:.1} MiB)",
+        files.len(),
+        bytes as f64 / (1 << 20) as f64
+    );
+    for f in files.iter().take(5) {
+        println!("    {}", f.display());
+    }
+    if files.len() > 5 {
+        println!("    ... and {} more", files.len() - 5);
+    }
+    println!("dead letters:          {}", reasons.values().sum::<u64>());
+    for (r, n) in &reasons {
+        println!("    {r:<18} {n}");
+    }
+    for (p, hi, at) in &offsets {
+        println!(
+            "partition {p}: end offset {hi}, committed {}",
+            at.map_or("none".into(), |a| a.to_string())
+        );
+    }
+    if let Some(secs) = elapsed {
+        println!(
+            "elapsed:               {secs:.1} s ({:.0} events/s)",
+            events as f64 / secs
+        );
+    }
+    Ok(())
+}

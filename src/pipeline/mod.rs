@@ -1,0 +1,411 @@
+//! A running pipeline: wiring of source → sinks, and the commit protocol.
+//!
+//! Tasks and threads of one pipeline:
+//! - the **source thread** ([`crate::source`]) polls Kafka and decodes micro-batches;
+//! - the **pipeline task** (this module, one tokio task) receives them in order through a
+//!   bounded channel (the backpressure: when it is full, the source pauses its partitions),
+//!   sends rejected events to the dead-letter topic, writes rows into the Parquet segments
+//!   (CPU work runs under `block_in_place`), finishes segments, and commits offsets.
+//!
+//! The order in which things become durable, per partition:
+//! 1. dead letters are acknowledged by the broker (all pending ones, before any segment is
+//!    finished, because a finished segment's manifest is also a resume position);
+//! 2. the segment's files are finished and published ([`crate::sink::parquet`]);
+//! 3. the offset is committed: the contiguous watermark of [`offsets::Offsets`].
+//!
+//! Shutdown: stop intake, finish every open segment, wait for dead letters, commit, then leave
+//! the group, all within the grace period; past it, the process exits without committing
+//! (nothing is lost: uncommitted data is consumed again and files are recovered).
+
+pub mod offsets;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, Context as _};
+use futures::{future::BoxFuture, stream::FuturesUnordered, StreamExt};
+use rdkafka::consumer::{CommitMode, Consumer};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use self::offsets::Offsets;
+use crate::{
+    config::{ErrorPolicy, Pipeline},
+    decode::{Decoder, Limits},
+    sink::{
+        dead_letter::DeadLetters,
+        parquet::{ParquetSink, Roll},
+    },
+    source::{
+        offsets_list, Batcher, KafkaConsumer, Rejected, Source, SourceBatch, SourceEvent,
+        TopicPartition,
+    },
+};
+
+/// At most this many dead letters may await acknowledgement before intake waits for them.
+const MAX_PENDING_DEAD_LETTERS: usize = 10_000;
+
+/// What the HTTP endpoints report about a pipeline.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// The consumer has joined its group.
+    pub joined: Arc<AtomicBool>,
+    /// The pipeline stopped with an error.
+    pub failed: AtomicBool,
+}
+
+/// Runs a pipeline until `shutdown` is cancelled or it fails.
+pub async fn run(
+    spec: Pipeline,
+    shutdown: CancellationToken,
+    grace: Duration,
+    status: Arc<Status>,
+) -> anyhow::Result<()> {
+    let span = tracing::info_span!("pipeline", pipeline = %spec.name);
+    let result = run_inner(spec, shutdown, grace, &status)
+        .instrument(span)
+        .await;
+    if result.is_err() {
+        status.failed.store(true, Ordering::Release);
+    }
+    result
+}
+
+async fn run_inner(
+    spec: Pipeline,
+    shutdown: CancellationToken,
+    grace: Duration,
+    status: &Status,
+) -> anyhow::Result<()> {
+    let parquet_spec = spec
+        .parquet
+        .as_ref()
+        .context("a Parquet sink is required")?;
+    let sink = ParquetSink::open(&spec.name, parquet_spec, spec.schema.clone())
+        .with_context(|| format!("opening {}", parquet_spec.location))?;
+    let dead_letters = match &spec.errors.policy {
+        ErrorPolicy::DeadLetter {
+            topic,
+            producer_properties,
+        } => Some(
+            DeadLetters::new(
+                &spec.name,
+                &spec.source.bootstrap_servers,
+                topic,
+                producer_properties,
+            )
+            .context("creating the dead-letter producer")?,
+        ),
+        _ => None,
+    };
+    let decoder = Decoder::new(
+        spec.schema.clone(),
+        Limits {
+            max_event_size: spec.errors.max_event_size,
+            max_depth: spec.errors.max_depth,
+        },
+    );
+    let (tx, rx) = mpsc::channel(spec.batch.max_in_flight);
+    let source = Source::start(
+        &spec.name,
+        &spec.source,
+        Batcher::new(decoder, spec.batch.clone()),
+        tx,
+    )
+    .context("creating the Kafka consumer")?;
+    status.joined.store(false, Ordering::Release);
+    let joined = source.joined.clone();
+    let tick = parquet_spec.idle_flush.min(Duration::from_secs(1)) / 2;
+    let mut runner = Runner {
+        labels: spec.name.clone(),
+        policy: spec.errors.policy.clone(),
+        consumer: source.consumer.clone(),
+        sink,
+        dead_letters,
+        pending: FuturesUnordered::new(),
+        offsets: Offsets::default(),
+    };
+    info!(topics = ?spec.source.topics, group = %spec.source.group_id, "Pipeline started.");
+    let result = runner
+        .run(rx, &shutdown, tick, &joined, &status.joined)
+        .await;
+    source.stop_intake();
+    let drained = match &result {
+        Ok(()) => {
+            info!(grace = ?grace, "Shutting down: finishing files and committing.");
+            match tokio::time::timeout(grace, runner.drain()).await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow!(
+                    "shutdown took longer than the grace period of {grace:?}; \
+                                        uncommitted data will be consumed again"
+                )),
+            }
+        }
+        // After a failure nothing more is made durable: restart recovers from the manifests.
+        Err(_) => Ok(()),
+    };
+    drop(runner);
+    tokio::task::spawn_blocking(move || source.close())
+        .await
+        .ok();
+    result.and(drained)?;
+    info!("Pipeline stopped.");
+    Ok(())
+}
+
+struct Runner {
+    labels: String,
+    policy: ErrorPolicy,
+    consumer: Arc<KafkaConsumer>,
+    sink: ParquetSink,
+    dead_letters: Option<DeadLetters>,
+    /// Dead letters awaiting the broker's acknowledgement.
+    pending: FuturesUnordered<BoxFuture<'static, Rejected>>,
+    offsets: Offsets,
+}
+
+impl Runner {
+    async fn run(
+        &mut self,
+        mut rx: mpsc::Receiver<SourceEvent>,
+        shutdown: &CancellationToken,
+        tick: Duration,
+        joined: &AtomicBool,
+        ready: &AtomicBool,
+    ) -> anyhow::Result<()> {
+        let mut ticker = tokio::time::interval(tick.max(Duration::from_millis(10)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => self.acked(&done),
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = ticker.tick() => {
+                    ready.store(joined.load(Ordering::Acquire), Ordering::Release);
+                    self.roll_due().await?;
+                    self.commit().await;
+                }
+                event = rx.recv() => match event {
+                    None => return Err(anyhow!("the Kafka source stopped")),
+                    Some(SourceEvent::Batch(batch)) => self.batch(batch).await?,
+                    Some(SourceEvent::Assigned { partitions, reply }) => {
+                        let mut resume = Vec::with_capacity(partitions.len());
+                        for tp in partitions {
+                            self.offsets.assign(tp.clone());
+                            let at = self.sink.recover(&tp).await
+                                .with_context(|| format!("recovering {}/{}", tp.0, tp.1))?;
+                            resume.push((tp, at));
+                        }
+                        let _ = reply.send(resume);
+                    }
+                    Some(SourceEvent::Revoked { partitions, reply }) => {
+                        let commits = self.revoke(&partitions).await?;
+                        let _ = reply.send(commits);
+                    }
+                }
+            }
+        }
+    }
+
+    fn acked(&mut self, r: &Rejected) {
+        self.offsets
+            .dead_letter_acked(&(r.topic.clone(), r.partition), r.offset);
+        metrics::counter!("sluice_dead_letters_total", "pipeline" => self.labels.clone(),
+            "reason" => r.error.reason())
+        .increment(1);
+    }
+
+    async fn batch(&mut self, batch: SourceBatch) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let labels = [("pipeline", self.labels.clone())];
+        metrics::counter!("sluice_events_consumed_total", &labels).increment(batch.events() as u64);
+        metrics::counter!("sluice_events_decoded_total", &labels)
+            .increment(batch.rows.num_rows() as u64);
+        metrics::counter!("sluice_bytes_consumed_total", &labels)
+            .increment(batch.payload_bytes as u64);
+        metrics::histogram!("sluice_batch_rows", &labels).record(batch.events() as f64);
+        for r in batch.rejected {
+            let tp = (r.topic.clone(), r.partition);
+            if !self.offsets.owns(&tp) {
+                continue;
+            }
+            match (&self.policy, &self.dead_letters) {
+                (ErrorPolicy::Fail, _) => {
+                    return Err(anyhow!(
+                        "event {}/{}@{} rejected ({}) and errors.policy is \"fail\"",
+                        r.topic,
+                        r.partition,
+                        r.offset,
+                        r.error
+                    ))
+                }
+                (ErrorPolicy::DeadLetter { .. }, Some(dlq)) => {
+                    debug!(topic = %r.topic, partition = r.partition, offset = r.offset,
+                           reason = r.error.reason(), "Dead letter.");
+                    self.offsets.dead_letter_sent(&tp, r.offset);
+                    self.pending.push(dlq.send(r, "decode"));
+                }
+                _ => {
+                    metrics::counter!("sluice_events_skipped_total", "pipeline" => self.labels.clone(),
+                        "reason" => r.error.reason()).increment(1);
+                }
+            }
+        }
+        // Rows of partitions revoked since the batch was made are dropped: their new owner
+        // consumes them again from the committed position.
+        let rows = if batch.spans.iter().all(|(tp, _)| self.offsets.owns(tp)) {
+            batch.rows
+        } else {
+            let owned: Vec<TopicPartition> = self.offsets.owned();
+            filter_partitions(&batch.rows, &owned)?
+        };
+        let sink = &mut self.sink;
+        tokio::task::block_in_place(|| sink.write(&rows))?;
+        for (tp, span) in &batch.spans {
+            self.offsets.processed(tp, *span);
+        }
+        while self.pending.len() > MAX_PENDING_DEAD_LETTERS {
+            if let Some(done) = self.pending.next().await {
+                self.acked(&done);
+            }
+        }
+        metrics::histogram!("sluice_batch_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
+        let due: Vec<_> = self
+            .sink
+            .due()
+            .into_iter()
+            .filter(|(_, why)| matches!(why, Roll::Size))
+            .collect();
+        if !due.is_empty() {
+            for (tp, why) in due {
+                self.roll(&tp, why).await?;
+            }
+            self.commit().await;
+        }
+        Ok(())
+    }
+
+    /// Waits until every dead letter sent so far is acknowledged.
+    async fn flush_dead_letters(&mut self) {
+        while let Some(done) = self.pending.next().await {
+            self.acked(&done);
+        }
+    }
+
+    async fn roll(&mut self, tp: &TopicPartition, why: Roll) -> anyhow::Result<()> {
+        // A finished segment is also a resume position, so every dead letter below its end
+        // must be acknowledged first.
+        self.flush_dead_letters().await;
+        self.sink
+            .finish(tp, why)
+            .await
+            .with_context(|| format!("finishing the Parquet segment of {}/{}", tp.0, tp.1))?;
+        Ok(())
+    }
+
+    async fn roll_due(&mut self) -> anyhow::Result<()> {
+        for (tp, why) in self.sink.due() {
+            self.roll(&tp, why).await?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the partitions' data and returns the offsets to commit before they go.
+    async fn revoke(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> anyhow::Result<Vec<(TopicPartition, i64)>> {
+        self.flush_dead_letters().await;
+        let mut commits = Vec::new();
+        for tp in partitions {
+            self.roll(tp, Roll::Revoke).await?;
+            if let Some(at) = self.offsets.committable(tp, None) {
+                commits.push((tp.clone(), at));
+            }
+            self.offsets.revoke(tp);
+        }
+        Ok(commits)
+    }
+
+    /// Commits every partition whose watermark moved. A failed commit is retried on the next
+    /// tick; the manifests keep the Parquet position meanwhile.
+    async fn commit(&mut self) {
+        let commits: Vec<(TopicPartition, i64)> = self
+            .offsets
+            .owned()
+            .into_iter()
+            .filter_map(|tp| {
+                let open = self.sink.open_first(&tp);
+                self.offsets.committable(&tp, open).map(|at| (tp, at))
+            })
+            .collect();
+        if commits.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let consumer = self.consumer.clone();
+        let list = offsets_list(&commits);
+        let result =
+            tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync)).await;
+        metrics::histogram!("sluice_commit_seconds", "pipeline" => self.labels.clone())
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(())) => {
+                for (tp, at) in &commits {
+                    self.offsets.mark_committed(tp, *at);
+                }
+                debug!(partitions = commits.len(), "Offsets committed.");
+            }
+            Ok(Err(error)) => {
+                metrics::counter!("sluice_commit_errors_total", "pipeline" => self.labels.clone())
+                    .increment(1);
+                warn!(%error, "Commit failed; retrying on the next tick.");
+            }
+            Err(error) => warn!(%error, "Commit task failed."),
+        }
+    }
+
+    /// Shutdown: finish everything, wait for dead letters, commit.
+    async fn drain(&mut self) -> anyhow::Result<()> {
+        self.flush_dead_letters().await;
+        for tp in self.sink.open_partitions() {
+            self.roll(&tp, Roll::Shutdown).await?;
+        }
+        self.commit().await;
+        Ok(())
+    }
+}
+
+/// Keeps only the rows of the given partitions.
+fn filter_partitions(
+    batch: &arrow::record_batch::RecordBatch,
+    owned: &[TopicPartition],
+) -> anyhow::Result<arrow::record_batch::RecordBatch> {
+    use arrow::array::{AsArray, BooleanArray};
+    use arrow::datatypes::Int32Type;
+    let topics = batch
+        .column_by_name("_topic")
+        .context("_topic")?
+        .as_string::<i32>();
+    let partitions = batch
+        .column_by_name("_partition")
+        .context("_partition")?
+        .as_primitive::<Int32Type>();
+    let keep: BooleanArray = (0..batch.num_rows())
+        .map(|i| {
+            Some(
+                owned
+                    .iter()
+                    .any(|(t, p)| **t == *topics.value(i) && *p == partitions.value(i)),
+            )
+        })
+        .collect();
+    Ok(arrow::compute::filter_record_batch(batch, &keep)?)
+}

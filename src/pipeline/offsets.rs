@@ -1,0 +1,144 @@
+//! Per-partition offset tracking: the contiguous durability watermark.
+//!
+//! The committed offset of a partition is the smallest offset that is not yet durable:
+//! min(first offset of the open Parquet segment, oldest unacknowledged dead letter, one past
+//! the last processed offset). Every offset below it is in a finished file, acknowledged by the
+//! dead-letter topic, or deliberately skipped. A later acknowledgement never moves the
+//! watermark past an earlier offset that is still pending.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::source::{Span, TopicPartition};
+
+#[derive(Debug, Default)]
+struct Partition {
+    /// One past the highest offset processed.
+    next: Option<i64>,
+    /// Last offset committed (or known committed).
+    committed: Option<i64>,
+    /// Dead letters sent but not acknowledged: offset → count.
+    pending: BTreeMap<i64, u32>,
+}
+
+/// The owned partitions' progress.
+#[derive(Debug, Default)]
+pub struct Offsets {
+    partitions: HashMap<TopicPartition, Partition>,
+}
+
+impl Offsets {
+    /// Starts tracking a newly assigned partition.
+    pub fn assign(&mut self, tp: TopicPartition) {
+        self.partitions.insert(tp, Partition::default());
+    }
+
+    /// Stops tracking a revoked partition.
+    pub fn revoke(&mut self, tp: &TopicPartition) {
+        self.partitions.remove(tp);
+    }
+
+    pub fn owns(&self, tp: &TopicPartition) -> bool {
+        self.partitions.contains_key(tp)
+    }
+
+    pub fn owned(&self) -> Vec<TopicPartition> {
+        self.partitions.keys().cloned().collect()
+    }
+
+    /// Every offset of `span` has been handed to a sink or the dead-letter topic.
+    pub fn processed(&mut self, tp: &TopicPartition, span: Span) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.next = Some(p.next.map_or(span.next, |n| n.max(span.next)));
+        }
+    }
+
+    pub fn dead_letter_sent(&mut self, tp: &TopicPartition, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            *p.pending.entry(offset).or_default() += 1;
+        }
+    }
+
+    pub fn dead_letter_acked(&mut self, tp: &TopicPartition, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            if let Some(n) = p.pending.get_mut(&offset) {
+                *n -= 1;
+                if *n == 0 {
+                    p.pending.remove(&offset);
+                }
+            }
+        }
+    }
+
+    /// The offset that may be committed for `tp` given where its open segment starts, if it
+    /// is ahead of what was committed.
+    pub fn committable(&self, tp: &TopicPartition, open_first: Option<i64>) -> Option<i64> {
+        let p = self.partitions.get(tp)?;
+        let watermark = [p.next, open_first, p.pending.keys().next().copied()]
+            .into_iter()
+            .flatten()
+            .min()?;
+        (p.committed.is_none_or(|c| watermark > c)).then_some(watermark)
+    }
+
+    pub fn mark_committed(&mut self, tp: &TopicPartition, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.committed = Some(p.committed.map_or(offset, |c| c.max(offset)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn tp() -> TopicPartition {
+        (Arc::from("t"), 0)
+    }
+
+    #[test]
+    fn watermark_is_contiguous() {
+        let mut o = Offsets::default();
+        o.assign(tp());
+        assert_eq!(o.committable(&tp(), None), None, "nothing processed yet");
+        o.processed(&tp(), Span { first: 0, next: 10 });
+        o.dead_letter_sent(&tp(), 3);
+        o.dead_letter_sent(&tp(), 7);
+        // Rows 0..10 are in an open segment starting at 0.
+        assert_eq!(o.committable(&tp(), Some(0)), Some(0));
+        // The segment is finished; dead letter 3 is still pending.
+        assert_eq!(o.committable(&tp(), None), Some(3));
+        // A later acknowledgement does not jump over the pending earlier one.
+        o.dead_letter_acked(&tp(), 7);
+        assert_eq!(o.committable(&tp(), None), Some(3));
+        o.dead_letter_acked(&tp(), 3);
+        assert_eq!(o.committable(&tp(), None), Some(10));
+        o.mark_committed(&tp(), 10);
+        assert_eq!(o.committable(&tp(), None), None, "already committed");
+        o.processed(
+            &tp(),
+            Span {
+                first: 10,
+                next: 20,
+            },
+        );
+        assert_eq!(o.committable(&tp(), Some(12)), Some(12));
+    }
+
+    #[test]
+    fn revoked_partitions_are_forgotten() {
+        let mut o = Offsets::default();
+        o.assign(tp());
+        o.processed(&tp(), Span { first: 0, next: 5 });
+        o.revoke(&tp());
+        assert!(!o.owns(&tp()));
+        assert_eq!(o.committable(&tp(), None), None);
+        o.processed(&tp(), Span { first: 5, next: 6 });
+        assert_eq!(
+            o.committable(&tp(), None),
+            None,
+            "late spans of revoked partitions are ignored"
+        );
+    }
+}

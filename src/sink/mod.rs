@@ -1,0 +1,9 @@
+//! Where batches go. Each sink makes data durable on its own schedule and says so; the
+//! pipeline ([`crate::pipeline`]) turns that into committed offsets.
+//!
+//! - [`parquet`]: exactly-once files, finished per partition; their manifests record how far
+//!   each partition is durable, which is also where a partition resumes after a crash.
+//! - [`dead_letter`]: rejected events to a Kafka topic, at least once.
+
+pub mod dead_letter;
+pub mod parquet;

@@ -1,0 +1,109 @@
+//! Logs, metrics and health endpoints.
+//!
+//! - logs: `tracing`, human-readable by default, JSON with `--log-format json`; the filter
+//!   comes from `RUST_LOG` (default `info`).
+//! - `/metrics`: Prometheus text, names `sluice_<subject>_<unit>[_total]`, labels `pipeline`
+//!   and a few fixed others (`reason`, `topic`, `partition`).
+//! - `/healthz`: 200 while no pipeline has failed; `/readyz`: 200 once every pipeline's
+//!   consumer has joined its group and none has failed.
+
+use std::{net::SocketAddr, sync::atomic::Ordering, sync::Arc};
+
+use axum::{extract::State, http::StatusCode, routing::get, Router};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+
+use crate::pipeline::Status;
+
+/// Installs the global tracing subscriber.
+pub fn init_logs(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    if json {
+        registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .init();
+    } else {
+        registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .init();
+    }
+}
+
+/// Installs the global metrics recorder.
+pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+    let seconds = [
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    let rows = [1.0, 10.0, 100.0, 1000.0, 5000.0, 10000.0, 50000.0, 100000.0];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
+        .set_buckets_for_metric(Matcher::Suffix("_rows".into()), &rows)?
+        .install_recorder()?;
+    Ok(handle)
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: PrometheusHandle,
+    pipelines: Arc<Vec<Arc<Status>>>,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: PrometheusHandle,
+    pipelines: Vec<Arc<Status>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let state = AppState {
+        metrics,
+        pipelines: Arc::new(pipelines),
+    };
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<AppState>| async move { s.metrics.render() }),
+        )
+        .route(
+            "/healthz",
+            get(|State(s): State<AppState>| async move {
+                if s.pipelines.iter().any(|p| p.failed.load(Ordering::Acquire)) {
+                    (StatusCode::SERVICE_UNAVAILABLE, "a pipeline failed\n")
+                } else {
+                    (StatusCode::OK, "ok\n")
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(|State(s): State<AppState>| async move {
+                let ready = s
+                    .pipelines
+                    .iter()
+                    .all(|p| p.joined.load(Ordering::Acquire) && !p.failed.load(Ordering::Acquire));
+                if ready {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }),
+        )
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
+}
+
+/// Parses a listen address such as `127.0.0.1:9898` or `:9898`.
+pub fn parse_listen(addr: &str) -> Result<SocketAddr, String> {
+    let full = if addr.starts_with(':') {
+        format!("0.0.0.0{addr}")
+    } else {
+        addr.to_owned()
+    };
+    full.parse()
+        .map_err(|e| format!("{addr:?} is not an address like 127.0.0.1:9898: {e}"))
+}
