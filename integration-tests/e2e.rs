@@ -1,1 +1,217 @@
+//! Black-box tests: a real broker process, the real `sluice` binary, and the oracle of
+//! ../shared/RELIABILITY.md checked by reading everything back.
+//!
+//! The broker is tansu (`TANSU_BIN`, default `tansu` on PATH) started per test on a free
+//! port, or any Kafka-protocol broker named by `KAFKA_BOOTSTRAP`.
 
+mod common;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+
+const DRAIN: Duration = Duration::from_secs(180);
+/// A little more than the test pipelines' `session.timeout.ms`.
+const SESSION_TIMEOUT: Duration = Duration::from_millis(6_500);
+
+/// (a) A clean run: every valid event once in Parquet, every invalid one in the DLQ with its
+/// headers and bytes, offsets committed at the end of each partition.
+#[test]
+fn clean_run_delivers_every_event_exactly_once() {
+    let broker = Broker::start();
+    let p = TestPipeline::new(&broker, 4, "idle_flush = \"300ms\"");
+    produce(&broker, &p.topic, 0..4_000);
+    let mut sluice = p.spawn("run.log");
+    p.wait_drained(&broker, DRAIN);
+    sigterm(&sluice);
+    let status = wait_exit(&mut sluice, Duration::from_secs(30));
+    assert!(status.success(), "exit {status:?}\n{}", p.log("run.log"));
+    let (rows, dead) = check_oracle(&broker, &p);
+    assert_eq!(rows + dead, 4_000);
+    assert!(dead > 500, "the mix has every kind of broken event");
+}
+
+/// (d) SIGTERM with everything still in open files: a clean exit finishes them and commits.
+#[test]
+fn sigterm_finishes_files_and_commits_everything() {
+    let broker = Broker::start();
+    // Files would otherwise stay open for an hour.
+    let p = TestPipeline::new(&broker, 3, "idle_flush = \"1h\"\nmax_file_age = \"1h\"");
+    produce(&broker, &p.topic, 0..1_500);
+    let mut sluice = p.spawn("run.log");
+    // Wait until every event has been consumed (decoded), which the debug log tells.
+    let started = Instant::now();
+    loop {
+        let dead_letters = broker.end_offsets(&p.dlq).values().sum::<i64>();
+        if dead_letters >= (1_500 / 7) {
+            break;
+        }
+        assert!(started.elapsed() < DRAIN, "the pipeline did not consume");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        common::parquet_files(&p.output).is_empty(),
+        "no file may be finished before shutdown"
+    );
+    sigterm(&sluice);
+    let status = wait_exit(&mut sluice, Duration::from_secs(30));
+    assert!(status.success(), "exit {status:?}\n{}", p.log("run.log"));
+    check_oracle(&broker, &p);
+}
+
+/// (b) kill -9 at random moments, restart, several times: the oracle still holds.
+#[test]
+fn kill_9_and_restart_keeps_exactly_once() {
+    let broker = Broker::start();
+    // Small, frequent files, so kills land before, during and after finishing them.
+    let p = TestPipeline::new(
+        &broker,
+        4,
+        "max_file_size = \"16KiB\"\nmax_file_age = \"700ms\"\nidle_flush = \"300ms\"",
+    );
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(std::process::id() as u64);
+    let total = 12_000;
+    produce(&broker, &p.topic, 0..total / 2);
+    for round in 0..5 {
+        if round == 2 {
+            produce(&broker, &p.topic, total / 2..total);
+        }
+        let mut sluice = p.spawn(&format!("run-{round}.log"));
+        std::thread::sleep(Duration::from_millis(rng.random_range(500..3_000)));
+        sigkill(&mut sluice);
+        // A supervisor restarts after a while; tansu (unlike Apache Kafka) hands partitions
+        // to members that died less than session.timeout.ms ago, so wait that out.
+        std::thread::sleep(SESSION_TIMEOUT);
+    }
+    let mut sluice = p.spawn("final.log");
+    p.wait_drained(&broker, DRAIN);
+    sigterm(&sluice);
+    assert!(
+        wait_exit(&mut sluice, Duration::from_secs(30)).success(),
+        "{}",
+        p.log("final.log")
+    );
+    let (rows, dead) = check_oracle(&broker, &p);
+    assert_eq!(rows + dead, total as usize);
+}
+
+/// (c) A second instance joins the group mid-run and is later killed: the oracle holds.
+#[test]
+fn second_instance_joins_then_dies() {
+    let broker = Broker::start();
+    let p = TestPipeline::new(
+        &broker,
+        6,
+        "max_file_size = \"32KiB\"\nidle_flush = \"300ms\"",
+    );
+    let total = 10_000;
+    produce(&broker, &p.topic, 0..total / 4);
+    let mut first = p.spawn("first.log");
+    // Keep producing while the group changes.
+    let producer = {
+        let (bootstrap, topic) = (broker.bootstrap.clone(), p.topic.clone());
+        std::thread::spawn(move || {
+            let b = BrokerRef(bootstrap);
+            for chunk in 1..4 {
+                std::thread::sleep(Duration::from_millis(700));
+                b.produce(&topic, chunk * total / 4..(chunk + 1) * total / 4);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let mut second = p.spawn("second.log");
+    std::thread::sleep(Duration::from_secs(5));
+    sigkill(&mut second);
+    producer.join().unwrap();
+    p.wait_drained(&broker, DRAIN);
+    sigterm(&first);
+    assert!(
+        wait_exit(&mut first, Duration::from_secs(30)).success(),
+        "{}",
+        p.log("first.log")
+    );
+    let second_log = p.log("second.log");
+    assert!(
+        second_log.contains("Partitions assigned"),
+        "the second instance never joined:\n{second_log}"
+    );
+    let (rows, dead) = check_oracle(&broker, &p);
+    assert_eq!(rows + dead, total as usize);
+}
+
+/// Produces from another thread (the harness's broker handle is not shared).
+struct BrokerRef(String);
+
+impl BrokerRef {
+    fn produce(&self, topic: &str, range: std::ops::Range<u64>) {
+        let b = common::Broker::external(&self.0);
+        common::produce(&b, topic, range);
+    }
+}
+
+/// (e) A broken pipeline file: non-zero exit, every problem listed with its key path.
+#[test]
+fn broken_pipeline_file_is_rejected_with_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("schema.json"), SCHEMA).unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        r#"
+name = "bad"
+schema = "schema.json"
+[source]
+bootstrap_servers = "127.0.0.1:1"
+topics = ["t"]
+group_id = "g"
+surprise = 1
+[batch]
+max_delay = "soon"
+[sink.parquet]
+path = "out"
+max_file_size = "big"
+partition_by = ["dt", "nope"]
+time_field = "at"
+"#,
+    )
+    .unwrap();
+    for command in ["validate", "run"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([command, file.to_str().unwrap()])
+            .args(if command == "run" {
+                vec!["--listen", "off"]
+            } else {
+                vec![]
+            })
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{command}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for expected in [
+            "source.surprise: unknown key",
+            "batch.max_delay: expected a duration like \"500ms\"",
+            "errors.dead_letter_topic: is required",
+            r#"sink.parquet.max_file_size: expected a size like "128MiB", got "big""#,
+            "sink.parquet.partition_by: `nope` is not a field of the schema",
+        ] {
+            assert!(
+                err.contains(expected),
+                "{command}: missing {expected:?} in\n{err}"
+            );
+        }
+        assert!(err.contains("5 problem(s)"), "{command}: {err}");
+    }
+    let good = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("validate")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/orders.toml"))
+        .output()
+        .unwrap();
+    assert!(good.status.success());
+    assert!(String::from_utf8_lossy(&good.stdout)
+        .contains("created_at: Timestamp(µs, \"UTC\") not null"));
+}
