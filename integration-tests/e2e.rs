@@ -27,8 +27,8 @@ fn clean_run_delivers_every_event_exactly_once() {
     produce(&broker, &p.topic, 0..4_000);
     let mut sluice = p.spawn("run.log");
     p.wait_drained(&broker, DRAIN);
-    sigterm(&sluice);
-    let status = wait_exit(&mut sluice, Duration::from_secs(30));
+    sigterm(&sluice.0);
+    let status = wait_exit(&mut sluice.0, Duration::from_secs(30));
     assert!(status.success(), "exit {status:?}\n{}", p.log("run.log"));
     let (rows, dead) = check_oracle(&broker, &p);
     assert_eq!(rows + dead, 4_000);
@@ -58,8 +58,8 @@ fn sigterm_finishes_files_and_commits_everything() {
         common::parquet_files(&p.output).is_empty(),
         "no file may be finished before shutdown"
     );
-    sigterm(&sluice);
-    let status = wait_exit(&mut sluice, Duration::from_secs(30));
+    sigterm(&sluice.0);
+    let status = wait_exit(&mut sluice.0, Duration::from_secs(30));
     assert!(status.success(), "exit {status:?}\n{}", p.log("run.log"));
     check_oracle(&broker, &p);
 }
@@ -83,16 +83,16 @@ fn kill_9_and_restart_keeps_exactly_once() {
         }
         let mut sluice = p.spawn(&format!("run-{round}.log"));
         std::thread::sleep(Duration::from_millis(rng.random_range(500..3_000)));
-        sigkill(&mut sluice);
+        sigkill(&mut sluice.0);
         // A supervisor restarts after a while; tansu (unlike Apache Kafka) hands partitions
         // to members that died less than session.timeout.ms ago, so wait that out.
         std::thread::sleep(SESSION_TIMEOUT);
     }
     let mut sluice = p.spawn("final.log");
     p.wait_drained(&broker, DRAIN);
-    sigterm(&sluice);
+    sigterm(&sluice.0);
     assert!(
-        wait_exit(&mut sluice, Duration::from_secs(30)).success(),
+        wait_exit(&mut sluice.0, Duration::from_secs(30)).success(),
         "{}",
         p.log("final.log")
     );
@@ -126,12 +126,12 @@ fn second_instance_joins_then_dies() {
     std::thread::sleep(Duration::from_secs(2));
     let mut second = p.spawn("second.log");
     std::thread::sleep(Duration::from_secs(5));
-    sigkill(&mut second);
+    sigkill(&mut second.0);
     producer.join().unwrap();
     p.wait_drained(&broker, DRAIN);
-    sigterm(&first);
+    sigterm(&first.0);
     assert!(
-        wait_exit(&mut first, Duration::from_secs(30)).success(),
+        wait_exit(&mut first.0, Duration::from_secs(30)).success(),
         "{}",
         p.log("first.log")
     );
@@ -214,4 +214,89 @@ time_field = "at"
     assert!(good.status.success());
     assert!(String::from_utf8_lossy(&good.stdout)
         .contains("created_at: Timestamp(µs, \"UTC\") not null"));
+}
+
+/// The Parquet sink on object storage: a local S3-compatible server (moto) started by the
+/// test, files read back through the S3 API by boto3 and pyarrow.
+#[test]
+fn s3_sink_writes_readable_files_exactly_once() {
+    let helper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("integration-tests/s3.py");
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let _moto = KillOnDrop(
+        Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 -m moto.server (the test command installs moto)"),
+    );
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "moto did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let run = |args: &[&str]| {
+        let out = Command::new("python3")
+            .arg(&helper)
+            .arg(&endpoint)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "s3.py {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    run(&["create", "lake"]);
+
+    let broker = Broker::start();
+    let extra = format!(
+        "idle_flush = \"300ms\"\nspool_dir = \"spool\"\n[sink.parquet.storage_options]\n\
+         aws_endpoint = \"{endpoint}\"\naws_allow_http = \"true\"\naws_region = \"us-east-1\"\n\
+         aws_access_key_id = \"test\"\naws_secret_access_key = \"test\"\n"
+    );
+    let p = TestPipeline::new(&broker, 2, &extra);
+    let text = std::fs::read_to_string(&p.file)
+        .unwrap()
+        .replace("path = \"out\"", "path = \"s3://lake/events\"");
+    std::fs::write(&p.file, text).unwrap();
+    let total = 1_400u64;
+    produce(&broker, &p.topic, 0..total);
+    let mut sluice = p.spawn("run.log");
+    p.wait_drained(&broker, DRAIN);
+    sigterm(&sluice.0);
+    assert!(
+        wait_exit(&mut sluice.0, Duration::from_secs(30)).success(),
+        "{}",
+        p.log("run.log")
+    );
+    let valid = (0..total).filter(|n| event(*n).invalid.is_none()).count();
+    let counts: Vec<usize> = run(&["read", "lake", "events/"])
+        .split(' ')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(counts[0] >= 2, "files: {counts:?}");
+    assert_eq!(counts[1], valid, "rows in S3");
+    assert_eq!(
+        counts[2], valid,
+        "distinct (partition, offset) in S3: no duplicates"
+    );
+    let spool: Vec<_> = std::fs::read_dir(p.dir.path().join("spool/test"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(spool.is_empty(), "the local spool is emptied after upload");
 }

@@ -439,22 +439,24 @@ time_field = "at"
     }
 
     /// Starts `sluice run` on this pipeline; its log goes to `log`.
-    pub fn spawn(&self, log: &str) -> Child {
+    pub fn spawn(&self, log: &str) -> KillOnDrop {
         let log = fs::File::create(self.dir.path().join(log)).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args([
-                "run",
-                self.file.to_str().unwrap(),
-                "--listen",
-                "off",
-                "--grace-period",
-                "20s",
-            ])
-            .env("RUST_LOG", "info,sluice=debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+        KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .args([
+                    "run",
+                    self.file.to_str().unwrap(),
+                    "--listen",
+                    "off",
+                    "--grace-period",
+                    "20s",
+                ])
+                .env("RUST_LOG", "info,sluice=debug")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
     }
 
     /// Waits until the pipeline has committed everything; on timeout, fails with its logs.
@@ -479,6 +481,16 @@ time_field = "at"
 
     pub fn log(&self, name: &str) -> String {
         fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+}
+
+/// A helper process that is killed when the test ends, however it ends.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -432,14 +432,14 @@ fn wait_committed(
 
 fn summary(
     bootstrap: &str,
-    output: &PathBuf,
+    output: &std::path::Path,
     topic: &str,
     dlq: &str,
     group: &str,
     elapsed: Option<f64>,
 ) -> anyhow::Result<()> {
     let mut files = Vec::new();
-    let mut stack = vec![output.clone()];
+    let mut stack = vec![output.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let p = e?.path();

@@ -264,9 +264,10 @@ impl ParquetSink {
             .column_by_name("_offset")
             .expect("source column")
             .as_primitive::<Int64Type>();
-        // Group rows by (partition, folder), keeping their order.
-        let mut groups: Vec<((&str, i32, String), Vec<u32>)> = Vec::new();
-        let mut index: HashMap<(&str, i32, String), usize> = HashMap::new();
+        // Group rows by (topic, partition, folder), keeping their order.
+        type Group<'a> = (&'a str, i32, String);
+        let mut groups: Vec<(Group, Vec<u32>)> = Vec::new();
+        let mut index: HashMap<Group, usize> = HashMap::new();
         for row in 0..batch.num_rows() {
             let folder = if self.partitioner.is_partitioned() {
                 self.partitioner.folder(batch, row)

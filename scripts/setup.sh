@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs what sluice's demo, tests and benchmarks need, skipping what is already there.
+# Sourced by scripts/demo.sh, scripts/test.sh and scripts/bench.sh; safe to run again.
+#
+#   SLUICE_CACHE   where builds and tools are kept between runs (default ~/.cache/sluice)
+#   KAFKA_BOOTSTRAP  use this broker instead of starting tansu (then tansu is not built)
+set -euo pipefail
+
+export SLUICE_CACHE="${SLUICE_CACHE:-$HOME/.cache/sluice}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SLUICE_CACHE/target}"
+mkdir -p "$SLUICE_CACHE"
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+need_apt=()
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+[ -f /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
+command -v g++ >/dev/null || need_apt+=(g++)
+command -v make >/dev/null || need_apt+=(make)
+command -v curl >/dev/null || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  say "Installing system packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import pyarrow, duckdb, pytz, moto, boto3' 2>/dev/null; then
+  say "Installing Python packages for the independent readers (pyarrow, DuckDB) and S3 tests (moto)"
+  python3 -m pip install -q --disable-pip-version-check -r "$(dirname "${BASH_SOURCE[0]}")/../integration-tests/requirements.txt"
+fi
+
+# A Kafka-protocol broker: tansu, built once from crates.io (15-20 minutes on 2 cores).
+export TANSU_BIN="${TANSU_BIN:-$SLUICE_CACHE/tansu/bin/tansu}"
+if [ -z "${KAFKA_BOOTSTRAP:-}" ] && [ ! -x "$TANSU_BIN" ]; then
+  say "Building the tansu broker (first run only, 15-20 minutes on 2 cores)"
+  cargo install tansu --version 0.6.0 --locked --features dynostore,libsql --root "$SLUICE_CACHE/tansu" >&2
+fi
+
+# Starts tansu on a free loopback port with SQLite storage in $1; sets KAFKA_BOOTSTRAP and
+# TANSU_PID. Does nothing if KAFKA_BOOTSTRAP is already set.
+start_broker() {
+  local dir="$1"
+  if [ -n "${KAFKA_BOOTSTRAP:-}" ]; then return; fi
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  mkdir -p "$dir"
+  (cd "$dir" && exec "$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$port" \
+      --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine sqlite://tansu.db \
+      >"$dir/tansu.log" 2>&1) &
+  TANSU_PID=$!
+  export KAFKA_BOOTSTRAP="127.0.0.1:$port"
+  for _ in $(seq 100); do
+    (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "tansu did not start; see $dir/tansu.log" >&2
+  return 1
+}
