@@ -22,23 +22,26 @@ trap cleanup EXIT
 say "Building (release)"
 cargo build --release --locked --bins >&2
 BIN="$CARGO_TARGET_DIR/release"
-start_broker "$WORK/broker"
+# tansu 0.6's SQLite engine stops serving fetches when a topic is produced to (the dead
+# letters) while another is drained fast at this volume; its memory engine does not, but
+# reports low high watermarks, so completion is judged by the committed total instead.
+start_broker "$WORK/broker" "memory://tansu/"
 RUN_ID="$(date +%s)"
 export ORDERS_TOPIC="bench-$RUN_ID" ORDERS_DLQ="bench-$RUN_ID.dlq" ORDERS_GROUP="sluice-bench-$RUN_ID"
-export ORDERS_OUTPUT="$WORK/out" ORDERS_IDLE_FLUSH="1s"
+export ORDERS_OUTPUT="$WORK/out" ORDERS_IDLE_FLUSH="250ms"
 "$BIN/sluice-bench" create-topic "$ORDERS_TOPIC" --partitions 4
 "$BIN/sluice-bench" create-topic "$ORDERS_DLQ" --partitions 1
 say "Pre-loading $EVENTS events"
 "$BIN/sluice-bench" generate "$ORDERS_TOPIC" --count "$EVENTS" >"$WORK/generate.json"
 
 say "Baseline: bare rdkafka consumer that only counts"
-"$BIN/sluice-bench" drain "$ORDERS_TOPIC" | tee "$WORK/drain.json"
+"$BIN/sluice-bench" drain "$ORDERS_TOPIC" --expect "$EVENTS" | tee "$WORK/drain.json"
 
 say "sluice: Kafka -> decode/validate -> Parquet (zstd) + dead letters"
 START=$(date +%s.%N)
 "$BIN/sluice" run pipelines/orders.toml --listen 127.0.0.1:0 2>"$WORK/sluice.log" &
 SLUICE_PID=$!
-"$BIN/sluice-bench" wait-committed "$ORDERS_TOPIC" --group "$ORDERS_GROUP" --timeout-secs 1800
+"$BIN/sluice-bench" wait-committed "$ORDERS_TOPIC" --group "$ORDERS_GROUP" --total "$EVENTS" --timeout-secs 1800
 END=$(date +%s.%N)
 RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$SLUICE_PID/status")
 CPU_TICKS=$(awk '{print $14 + $15}' "/proc/$SLUICE_PID/stat")

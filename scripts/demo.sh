@@ -24,7 +24,10 @@ cargo build --release --locked --bins >&2
 BIN="$CARGO_TARGET_DIR/release"
 
 say "Starting the broker"
-start_broker "$WORK/broker"
+# tansu 0.6's SQLite engine stops serving fetches when a topic is produced to (the dead
+# letters) while another is drained fast at this volume; its memory engine does not, but
+# reports low high watermarks, so completion is judged by the committed total instead.
+start_broker "$WORK/broker" "memory://tansu/"
 RUN_ID="$(date +%s)"
 export ORDERS_TOPIC="orders-$RUN_ID" ORDERS_DLQ="orders-$RUN_ID.dlq" ORDERS_GROUP="sluice-demo-$RUN_ID"
 export ORDERS_OUTPUT="$OUTPUT" ORDERS_IDLE_FLUSH="2s"
@@ -39,7 +42,7 @@ say "Running pipelines/orders.toml until the topic is drained"
 START=$(date +%s.%N)
 "$BIN/sluice" run pipelines/orders.toml --listen off --log-format text 2>"$WORK/sluice.log" &
 SLUICE_PID=$!
-"$BIN/sluice-bench" wait-committed "$ORDERS_TOPIC" --group "$ORDERS_GROUP" --timeout-secs 900
+"$BIN/sluice-bench" wait-committed "$ORDERS_TOPIC" --group "$ORDERS_GROUP" --total "$EVENTS" --timeout-secs 900
 END=$(date +%s.%N)
 kill -TERM "$SLUICE_PID"
 wait "$SLUICE_PID"

@@ -36,16 +36,16 @@ if [ -z "${KAFKA_BOOTSTRAP:-}" ] && [ ! -x "$TANSU_BIN" ]; then
   cargo install tansu --version 0.6.0 --locked --features dynostore,libsql --root "$SLUICE_CACHE/tansu" >&2
 fi
 
-# Starts tansu on a free loopback port with SQLite storage in $1; sets KAFKA_BOOTSTRAP and
-# TANSU_PID. Does nothing if KAFKA_BOOTSTRAP is already set.
+# Starts tansu on a free loopback port, its files in $1, with storage engine $2 (default SQLite);
+# sets KAFKA_BOOTSTRAP and TANSU_PID. Does nothing if KAFKA_BOOTSTRAP is already set.
 start_broker() {
-  local dir="$1"
+  local dir="$1" engine="${2:-sqlite://tansu.db}"
   if [ -n "${KAFKA_BOOTSTRAP:-}" ]; then return; fi
   local port
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   mkdir -p "$dir"
   (cd "$dir" && exec "$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$port" \
-      --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine sqlite://tansu.db \
+      --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine "$engine" \
       >"$dir/tansu.log" 2>&1) &
   TANSU_PID=$!
   export KAFKA_BOOTSTRAP="127.0.0.1:$port"

@@ -89,6 +89,11 @@ enum Command {
         topic: String,
         #[arg(long)]
         group: String,
+        /// Instead of the end offsets, wait until the committed offsets add up to this many
+        /// events (for brokers whose high watermarks are not reliable, like tansu's memory
+        /// engine; assumes the topic's offsets start at 0).
+        #[arg(long)]
+        total: Option<i64>,
         #[arg(long, default_value = "600")]
         timeout_secs: u64,
     },
@@ -132,11 +137,13 @@ fn main() -> anyhow::Result<()> {
         Command::WaitCommitted {
             topic,
             group,
+            total,
             timeout_secs,
         } => wait_committed(
             &cli.bootstrap,
             &topic,
             &group,
+            total,
             Duration::from_secs(timeout_secs),
         ),
     }
@@ -415,18 +422,23 @@ fn wait_committed(
     bootstrap: &str,
     topic: &str,
     group: &str,
+    total: Option<i64>,
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         let c = committed(bootstrap, topic, group)?;
-        if c.iter().all(|(_, hi, at)| *at == Some(*hi)) {
+        let done = match total {
+            Some(total) => c.iter().map(|(_, _, at)| at.unwrap_or(0)).sum::<i64>() >= total,
+            None => c.iter().all(|(_, hi, at)| *at == Some(*hi)),
+        };
+        if done {
             return Ok(());
         }
         if started.elapsed() > timeout {
             bail!("not everything committed after {timeout:?}: {c:?}");
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -473,36 +485,32 @@ fn summary(
         )
         .set("enable.auto.commit", "false")
         .create()?;
+    // Read until the topic is quiet: some brokers' high watermarks are not reliable.
     let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
     let marks = high_watermarks(&consumer, dlq).unwrap_or_default();
-    let total: i64 = marks.iter().map(|(_, lo, hi)| hi - lo).sum();
-    if total > 0 {
-        let mut tpl = TopicPartitionList::new();
-        for (p, _, _) in &marks {
-            tpl.add_partition_offset(dlq, *p, Offset::Beginning)?;
-        }
-        consumer.assign(&tpl)?;
-        let mut n = 0;
-        while n < total {
-            match consumer.poll(Duration::from_secs(10)) {
-                Some(Ok(m)) => {
-                    n += 1;
-                    let reason = m
-                        .headers()
-                        .and_then(|h| h.iter().find(|h| h.key == "sluice.reason"))
-                        .and_then(|h| h.value)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                        .unwrap_or_else(|| "?".into());
-                    *reasons.entry(reason).or_default() += 1;
-                }
-                Some(Err(e)) => bail!("reading dead letters: {e}"),
-                None => break,
+    let mut tpl = TopicPartitionList::new();
+    for (p, _, _) in &marks {
+        tpl.add_partition_offset(dlq, *p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    loop {
+        match consumer.poll(Duration::from_secs(3)) {
+            Some(Ok(m)) => {
+                let reason = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "sluice.reason"))
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_else(|| "?".into());
+                *reasons.entry(reason).or_default() += 1;
             }
+            Some(Err(e)) => bail!("reading dead letters: {e}"),
+            None => break,
         }
     }
     let offsets = committed(bootstrap, topic, group)?;
-    let events: i64 = offsets.iter().map(|(_, hi, _)| *hi).sum();
-    println!("events in the topic:   {events}");
+    let events: i64 = offsets.iter().map(|(_, _, at)| at.unwrap_or(0)).sum();
+    println!("events committed:      {events}");
     println!("rows in Parquet:       {rows}");
     println!(
         "Parquet files:         {} ({:.1} MiB)",
@@ -519,9 +527,9 @@ fn summary(
     for (r, n) in &reasons {
         println!("    {r:<18} {n}");
     }
-    for (p, hi, at) in &offsets {
+    for (p, _, at) in &offsets {
         println!(
-            "partition {p}: end offset {hi}, committed {}",
+            "partition {p}: committed offset {}",
             at.map_or("none".into(), |a| a.to_string())
         );
     }
