@@ -391,16 +391,16 @@ fn drain(bootstrap: &str, topic: &str, expect: Option<u64>) -> anyhow::Result<()
     Ok(())
 }
 
-fn committed(
-    bootstrap: &str,
-    topic: &str,
-    group: &str,
-) -> anyhow::Result<Vec<(i32, i64, Option<i64>)>> {
-    let consumer: BaseConsumer = ClientConfig::new()
+fn group_reader(bootstrap: &str, group: &str) -> anyhow::Result<BaseConsumer> {
+    Ok(ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
-        .create()?;
-    let marks = high_watermarks(&consumer, topic)?;
+        .create()?)
+}
+
+/// Each partition's end offset and the group's committed offset.
+fn committed(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<(i32, i64, Option<i64>)>> {
+    let marks = high_watermarks(consumer, topic)?;
     let mut tpl = TopicPartitionList::new();
     for (p, _, _) in &marks {
         tpl.add_partition(topic, *p);
@@ -426,8 +426,10 @@ fn wait_committed(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    // One client for the whole wait: the benchmark measures sluice, not this loop.
+    let consumer = group_reader(bootstrap, group)?;
     loop {
-        let c = committed(bootstrap, topic, group)?;
+        let c = committed(&consumer, topic)?;
         let done = match total {
             Some(total) => c.iter().map(|(_, _, at)| at.unwrap_or(0)).sum::<i64>() >= total,
             None => c.iter().all(|(_, hi, at)| *at == Some(*hi)),
@@ -438,7 +440,7 @@ fn wait_committed(
         if started.elapsed() > timeout {
             bail!("not everything committed after {timeout:?}: {c:?}");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -508,7 +510,7 @@ fn summary(
             None => break,
         }
     }
-    let offsets = committed(bootstrap, topic, group)?;
+    let offsets = committed(&group_reader(bootstrap, group)?, topic)?;
     let events: i64 = offsets.iter().map(|(_, _, at)| at.unwrap_or(0)).sum();
     println!("events committed:      {events}");
     println!("rows in Parquet:       {rows}");

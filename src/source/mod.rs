@@ -22,7 +22,7 @@ use std::{
         mpsc as std_mpsc, Arc, Mutex,
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use rdkafka::{
@@ -343,8 +343,11 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool) {
             if shared.closed {
                 return;
             }
+            // A short wait for room is cheaper than a pause, which makes librdkafka drop its
+            // prefetched messages and fetch them again on resume.
+            let deadline = Instant::now() + if paused { Duration::ZERO } else { PAUSE_AFTER };
             while let Some(ev) = shared.outbox.pop_front() {
-                match ctx.tx.try_send(ev) {
+                match send_until(&ctx.tx, ev, deadline) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(ev)) => {
                         shared.outbox.push_front(ev);
@@ -386,6 +389,26 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool) {
             if let Some(batch) = shared.batcher.take() {
                 shared.outbox.push_back(SourceEvent::Batch(batch));
             }
+        }
+    }
+}
+
+/// How long the source waits for room in the channel before it pauses its partitions.
+const PAUSE_AFTER: Duration = Duration::from_millis(250);
+
+/// Tries to send until `deadline`, polling for room every millisecond.
+fn send_until(
+    tx: &mpsc::Sender<SourceEvent>,
+    mut ev: SourceEvent,
+    deadline: Instant,
+) -> Result<(), mpsc::error::TrySendError<SourceEvent>> {
+    loop {
+        match tx.try_send(ev) {
+            Err(mpsc::error::TrySendError::Full(back)) if Instant::now() < deadline => {
+                ev = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            other => return other,
         }
     }
 }
