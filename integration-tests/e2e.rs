@@ -25,8 +25,28 @@ fn clean_run_delivers_every_event_exactly_once() {
     let broker = Broker::start();
     let p = TestPipeline::new(&broker, 4, "idle_flush = \"300ms\"");
     produce(&broker, &p.topic, 0..4_000);
-    let mut sluice = p.spawn("run.log");
+    let port = free_port();
+    let mut sluice = p.spawn_listening("run.log", &format!("127.0.0.1:{port}"));
     p.wait_drained(&broker, DRAIN);
+    // Operations: health, readiness and metrics reflect the run.
+    assert_eq!(http_get(port, "/healthz").0, 200);
+    assert_eq!(http_get(port, "/readyz").0, 200);
+    let (status, metrics) = http_get(port, "/metrics");
+    assert_eq!(status, 200);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(value("sluice_events_consumed_total"), 4_000.0, "{metrics}");
+    assert!(value("sluice_dead_letters_total") >= (4_000 / 7) as f64);
+    assert!(value("sluice_parquet_files_total") >= 4.0);
+    assert!(
+        metrics.contains("sluice_commit_seconds_bucket"),
+        "{metrics}"
+    );
     sigterm(&sluice.0);
     let status = wait_exit(&mut sluice.0, Duration::from_secs(30));
     assert!(status.success(), "exit {status:?}\n{}", p.log("run.log"));

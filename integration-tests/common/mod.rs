@@ -440,6 +440,11 @@ time_field = "at"
 
     /// Starts `sluice run` on this pipeline; its log goes to `log`.
     pub fn spawn(&self, log: &str) -> KillOnDrop {
+        self.spawn_listening(log, "off")
+    }
+
+    /// Starts `sluice run` with its HTTP listener on `listen`.
+    pub fn spawn_listening(&self, log: &str, listen: &str) -> KillOnDrop {
         let log = fs::File::create(self.dir.path().join(log)).unwrap();
         KillOnDrop(
             Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -447,7 +452,7 @@ time_field = "at"
                     "run",
                     self.file.to_str().unwrap(),
                     "--listen",
-                    "off",
+                    listen,
                     "--grace-period",
                     "20s",
                 ])
@@ -482,6 +487,25 @@ time_field = "at"
     pub fn log(&self, name: &str) -> String {
         fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status code, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// A helper process that is killed when the test ends, however it ends.
