@@ -421,7 +421,10 @@ impl ParquetSink {
         };
         let manifest_path = manifest_name(&self.pipeline, topic, partition, segment.last);
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
-        self.storage.put(&manifest_path, json.into()).await?;
+        let staging = format!("{}manifest", tmp_prefix(topic, partition));
+        self.storage
+            .put(&manifest_path, json.into(), &staging)
+            .await?;
         let mut bytes = 0;
         for (tmp, rel) in &files {
             bytes += self.storage.publish(tmp, rel).await?;

@@ -167,14 +167,16 @@ impl Storage {
         Ok(size)
     }
 
-    /// Writes a small object atomically (manifests).
-    pub async fn put(&self, rel: &str, data: Bytes) -> Result<(), StorageError> {
+    /// Writes a small object atomically (manifests). Locally it is staged in the temporary
+    /// folder as `<staging>.tmp`; name it with the partition's temporary prefix so that a
+    /// crash's leftover is removed when the partition is next assigned.
+    pub async fn put(&self, rel: &str, data: Bytes, staging: &str) -> Result<(), StorageError> {
         match self {
             Self::Local { root, tmp } => {
                 let target = root.join(rel);
                 let dir = target.parent().expect("a file has a folder");
                 fs::create_dir_all(dir).map_err(io(dir))?;
-                let staging = tmp.join(format!(".manifest-{}", std::process::id()));
+                let staging = tmp.join(format!("{staging}.tmp"));
                 let mut f = fs::File::create(&staging).map_err(io(&staging))?;
                 f.write_all(&data)
                     .and_then(|_| f.sync_all())
