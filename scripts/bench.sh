@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Benchmark: Kafka -> Parquet (zstd) events/s of sluice against the raw drain rate of the same
-# topic by a bare rdkafka consumer that only counts, in the same run, plus sluice's peak RSS.
-# Prints figures; asserts nothing.
+# Benchmark, on one pre-loaded topic, back to back in the same run:
+#   1. a bare rdkafka consumer that only counts (the client's own limit here);
+#   2. sluice, Kafka -> Parquet (zstd) + dead letters;
+#   3. sluice, Kafka -> Parquet + dead letters + features in Redis;
+#   4. redis-benchmark, pipelined HSET on the same Redis (the server's own limit here).
+# Prints events/s, CPU seconds per million events, peak RSS and ratios; asserts nothing.
 #
 #   BENCH_EVENTS  events to pre-load (default 300000)
 #   KAFKA_BOOTSTRAP  use this broker instead of starting one
@@ -14,6 +17,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")"
 cleanup() {
   [ -n "${SLUICE_PID:-}" ] && kill "$SLUICE_PID" 2>/dev/null || true
   [ -n "${TANSU_PID:-}" ] && kill "$TANSU_PID" 2>/dev/null || true
+  [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -26,38 +30,76 @@ BIN="$CARGO_TARGET_DIR/release"
 # letters) while another is drained fast at this volume; its memory engine does not, but
 # reports low high watermarks, so completion is judged by the committed total instead.
 start_broker "$WORK/broker" "memory://tansu/"
+start_redis "$WORK/redis"
 RUN_ID="$(date +%s)"
-export ORDERS_TOPIC="bench-$RUN_ID" ORDERS_DLQ="bench-$RUN_ID.dlq" ORDERS_GROUP="sluice-bench-$RUN_ID"
-export ORDERS_OUTPUT="$WORK/out" ORDERS_IDLE_FLUSH="250ms"
+export ORDERS_TOPIC="bench-$RUN_ID" ORDERS_DLQ="bench-$RUN_ID.dlq" ORDERS_IDLE_FLUSH="250ms"
 "$BIN/sluice-bench" create-topic "$ORDERS_TOPIC" --partitions 4
 "$BIN/sluice-bench" create-topic "$ORDERS_DLQ" --partitions 1
 say "Pre-loading $EVENTS events"
 "$BIN/sluice-bench" generate "$ORDERS_TOPIC" --count "$EVENTS" >"$WORK/generate.json"
 
-say "Baseline: bare rdkafka consumer that only counts"
+say "1. bare rdkafka consumer that only counts"
 "$BIN/sluice-bench" drain "$ORDERS_TOPIC" --expect "$EVENTS" | tee "$WORK/drain.json"
 
-say "sluice: Kafka -> decode/validate -> Parquet (zstd) + dead letters"
-START=$(date +%s.%N)
-"$BIN/sluice" run pipelines/orders.toml --listen 127.0.0.1:0 2>"$WORK/sluice.log" &
-SLUICE_PID=$!
-"$BIN/sluice-bench" wait-committed "$ORDERS_TOPIC" --group "$ORDERS_GROUP" --total "$EVENTS" --timeout-secs 1800
-END=$(date +%s.%N)
-RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$SLUICE_PID/status")
-CPU_TICKS=$(awk '{print $14 + $15}' "/proc/$SLUICE_PID/stat")
-kill -TERM "$SLUICE_PID"; wait "$SLUICE_PID"; SLUICE_PID=""
+# Runs sluice on pipeline $1 with a fresh group until every event is committed; writes
+# "seconds cpu_ticks peak_kib" to $WORK/$2.run and the final metrics to $WORK/$2.metrics.
+run_sluice() {
+  local pipeline="$1" name="$2" port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  export ORDERS_GROUP="bench-$RUN_ID-$name" ORDERS_OUTPUT="$WORK/out-$name"
+  local start end
+  start=$(date +%s.%N)
+  "$BIN/sluice" run "$pipeline" --listen "127.0.0.1:$port" 2>"$WORK/$name.log" &
+  SLUICE_PID=$!
+  "$BIN/sluice-bench" wait-committed "$ORDERS_TOPIC" --group "$ORDERS_GROUP" --total "$EVENTS" --timeout-secs 1800
+  end=$(date +%s.%N)
+  curl -s "127.0.0.1:$port/metrics" >"$WORK/$name.metrics"
+  echo "$(python3 -c "print($end - $start)") $(awk '{print $14 + $15}' "/proc/$SLUICE_PID/stat") \
+$(awk '/VmHWM/ {print $2}' "/proc/$SLUICE_PID/status")" >"$WORK/$name.run"
+  kill -TERM "$SLUICE_PID"; wait "$SLUICE_PID"; SLUICE_PID=""
+}
 
-python3 - "$WORK/drain.json" "$START" "$END" "$EVENTS" "$RSS_KB" "$CPU_TICKS" "$(getconf CLK_TCK)" <<'PY'
-import json, sys
-drain = json.load(open(sys.argv[1]))
-start, end, events = float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-rss_mib, cpu_s = int(sys.argv[5]) / 1024, int(sys.argv[6]) / int(sys.argv[7])
-secs = end - start
-rate = events / secs
+say "2. sluice: Kafka -> decode/validate -> Parquet (zstd) + dead letters"
+sed '/^\[sink.redis\]/,$d' pipelines/orders.toml >"$WORK/parquet-only.toml"
+sed -i "s|^schema = \"../schemas/|schema = \"$PWD/schemas/|" "$WORK/parquet-only.toml"
+run_sluice "$WORK/parquet-only.toml" parquet
+
+say "3. sluice: the same + features in Redis"
+run_sluice pipelines/orders.toml redis
+
+say "4. redis-benchmark: pipelined HSET (pipeline of 500), same server"
+PORT="${REDIS_URL##*:}"
+redis-benchmark -p "$PORT" -t hset -n 1000000 -P 500 -r 5000 -q 2>/dev/null | tr '\r' '\n' | grep -i "HSET" | tail -1 | tee "$WORK/redis-benchmark.txt"
+
+python3 - "$WORK" "$EVENTS" "$(getconf CLK_TCK)" <<'PY'
+import json, re, sys
+work, events, tck = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+drain = json.load(open(f"{work}/drain.json"))
+def run(name):
+    secs, ticks, kib = open(f"{work}/{name}.run").read().split()
+    return float(secs), int(ticks) / tck, int(kib) / 1024
+def metric(name, key):
+    total = 0.0
+    for line in open(f"{work}/{name}.metrics"):
+        if line.startswith(key):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+pq, rd = run("parquet"), run("redis")
+hset = float(re.search(r"([\d.]+) requests per second", open(f"{work}/redis-benchmark.txt").read()).group(1))
+rows = metric("redis", "sluice_redis_rows_total") + metric("redis", "sluice_redis_rows_stale_total")
+write_secs = metric("redis", "sluice_redis_write_seconds_sum")
 print()
-print(f"{'run':<40} {'events/s':>12} {'seconds':>9} {'CPU s/M events':>15} {'peak RSS':>10}")
-print(f"{'bare rdkafka consumer (count only)':<40} {drain['events_per_second']:>12,.0f} {drain['seconds']:>9.1f} {'':>15} {'':>10}")
-print(f"{'sluice Kafka -> Parquet zstd + DLQ':<40} {rate:>12,.0f} {secs:>9.1f} {cpu_s / events * 1e6:>15.1f} {rss_mib:>8.0f}MiB")
-print(f"\nratio sluice / bare consumer: {rate / drain['events_per_second']:.2f}")
-print("(sluice's time includes joining the consumer group and finishing the last files)")
+print(f"{'run':<46} {'events/s':>10} {'seconds':>8} {'CPU s/M ev':>11} {'peak RSS':>9}")
+print(f"{'1. bare rdkafka consumer (count only)':<46} {drain['events_per_second']:>10,.0f} {drain['seconds']:>8.1f}")
+for label, (secs, cpu, rss) in [("2. sluice: Parquet zstd + DLQ", pq), ("3. sluice: Parquet + DLQ + Redis features", rd)]:
+    print(f"{label:<46} {events / secs:>10,.0f} {secs:>8.1f} {cpu / events * 1e6:>11.1f} {rss:>7.0f}MiB")
+print()
+print(f"ratio 2 / 1 (Parquet vs bare consumer):        {events / pq[0] / drain['events_per_second']:.2f}")
+print(f"ratio 3 / 2 (with Redis vs Parquet only):      {pq[0] / rd[0]:.2f}")
+if write_secs > 0:
+    print(f"Redis sink: {rows:,.0f} coalesced writes in {write_secs:.2f} s of write time = {rows / write_secs:,.0f} rows/s")
+print(f"redis-benchmark pipelined HSET:                {hset:,.0f} requests/s")
+if write_secs > 0:
+    print(f"ratio Redis sink / redis-benchmark HSET:       {rows / write_secs / hset:.2f}")
+print("(sluice's times include joining the group, the last idle flush and 200 ms commit polling)")
 PY

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The demo: starts a local Kafka-protocol broker (tansu) on a free port, produces realistic
-# commerce events (a few percent broken in different ways), runs the example pipeline
-# (pipelines/orders.toml) until the topic is drained, prints a summary and stops everything.
+# The demo: starts a local Kafka-protocol broker (tansu) and redis-server on free ports,
+# produces realistic commerce events (a few percent broken in different ways), runs the example
+# pipeline (pipelines/orders.toml: Parquet, dead letters, features in Redis) until the topic is
+# drained, prints a summary and stops everything.
 #
 #   DEMO_EVENTS   how many events to produce (default 200000)
 #   KAFKA_BOOTSTRAP  use this broker instead of starting one
@@ -14,7 +15,8 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/sluice-demo.XXXXXX")"
 OUTPUT="$PWD/data/orders"
 cleanup() {
   [ -n "${SLUICE_PID:-}" ] && kill "$SLUICE_PID" 2>/dev/null || true
-  [ -n "${TANSU_PID:-}" ] && kill "$TANSU_PID" 2>/dev/null || true
+    [ -n "${TANSU_PID:-}" ] && kill "$TANSU_PID" 2>/dev/null || true
+  [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -23,7 +25,8 @@ say "Building sluice (release; the first build takes 10+ minutes on 2 cores)"
 cargo build --release --locked --bins >&2
 BIN="$CARGO_TARGET_DIR/release"
 
-say "Starting the broker"
+say "Starting the broker and Redis"
+start_redis "$WORK/redis"
 # tansu 0.6's SQLite engine stops serving fetches when a topic is produced to (the dead
 # letters) while another is drained fast at this volume; its memory engine does not, but
 # reports low high watermarks, so completion is judged by the committed total instead.
@@ -52,4 +55,11 @@ say "Summary"
 "$BIN/sluice-bench" summary --output "$OUTPUT" --topic "$ORDERS_TOPIC" \
   --dead-letter-topic "$ORDERS_DLQ" --group "$ORDERS_GROUP" \
   --elapsed "$(python3 -c "print($END - $START)")"
+ENTITIES=$(redis-cli -u "$REDIS_URL" --scan --pattern 'cust:*' | wc -l)
+echo "entities in Redis:     $ENTITIES customer hashes (view \"customer\", key cust:<customer_id>)"
+EXAMPLE=$(redis-cli -u "$REDIS_URL" --scan --pattern 'cust:*' | sort | head -1 || true)
+if [ -n "$EXAMPLE" ]; then
+  echo "one of them, as \`$BIN/sluice features get pipelines/orders.toml $EXAMPLE\` shows it:"
+  "$BIN/sluice" features get pipelines/orders.toml "$EXAMPLE"
+fi
 echo "Parquet files are in $OUTPUT; the pipeline's log is $WORK/sluice.log"

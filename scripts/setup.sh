@@ -17,6 +17,7 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v g++ >/dev/null || need_apt+=(g++)
 command -v make >/dev/null || need_apt+=(make)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "Installing system packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -54,5 +55,24 @@ start_broker() {
     sleep 0.1
   done
   echo "tansu did not start; see $dir/tansu.log" >&2
+  return 1
+}
+
+# Starts redis-server on a free loopback port, its files in $1; sets REDIS_URL and REDIS_PID.
+# Does nothing if REDIS_URL is already set.
+start_redis() {
+  local dir="$1"
+  if [ -n "${REDIS_URL:-}" ]; then return; fi
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  mkdir -p "$dir"
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --dir "$dir" >"$dir/redis.log" 2>&1 &
+  REDIS_PID=$!
+  export REDIS_URL="redis://127.0.0.1:$port"
+  for _ in $(seq 100); do
+    (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "redis-server did not start; see $dir/redis.log" >&2
   return 1
 }

@@ -46,6 +46,22 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SLUICE_LOG_FORMAT")]
         log_format: LogFormat,
     },
+    /// Look at the online features a pipeline keeps in Redis.
+    Features {
+        #[command(subcommand)]
+        command: FeaturesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FeaturesCommand {
+    /// Print an entity's stored features: `sluice features get pipelines/orders.toml cust:c-000042`.
+    Get {
+        /// The pipeline file whose Redis sink to read.
+        pipeline: PathBuf,
+        /// The entity's full key, as the view's key template renders it.
+        key: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -58,6 +74,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { files } => validate(&files),
+        Command::Features {
+            command: FeaturesCommand::Get { pipeline, key },
+        } => features_get(&pipeline, &key),
         Command::Run {
             files,
             listen,
@@ -81,6 +100,42 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+fn features_get(file: &std::path::Path, key: &str) -> ExitCode {
+    let pipeline = match load_all(&[file.to_owned()]) {
+        Ok(mut p) => p.remove(0),
+        Err(code) => return code,
+    };
+    let Some(redis) = &pipeline.redis else {
+        eprintln!(
+            "{}: pipeline {:?} has no [sink.redis]",
+            file.display(),
+            pipeline.name
+        );
+        return ExitCode::from(2);
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    match runtime.block_on(sluice::sink::redis::read_entity(redis, key)) {
+        Ok(fields) if fields.is_empty() => {
+            eprintln!("{key}: no such entity");
+            ExitCode::from(1)
+        }
+        Ok(fields) => {
+            println!("{key}");
+            for (field, value) in fields {
+                println!("  {field} = {value}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
         }
     }
 }
@@ -141,6 +196,29 @@ fn validate(files: &[PathBuf]) -> ExitCode {
             config::ErrorPolicy::Skip => println!("  errors: skipped"),
             config::ErrorPolicy::Fail => println!("  errors: stop the pipeline"),
         }
+        if let Some(r) = &p.redis {
+            let urls: Vec<String> = r.urls.iter().map(|u| config::redact(u)).collect();
+            println!(
+                "  sink redis: {} {:?}, event time {:?}",
+                if r.cluster { "cluster" } else { "server" },
+                urls,
+                r.time_field
+            );
+            for v in &r.views {
+                let key: String = v
+                    .key
+                    .iter()
+                    .map(|part| match part {
+                        config::KeyPart::Text(t) => t.clone(),
+                        config::KeyPart::Column(c) => format!("{{{c}}}"),
+                    })
+                    .collect();
+                println!(
+                    "    view {:?}: key {key:?}, fields {:?}, ttl {:?}",
+                    v.name, v.fields, v.ttl
+                );
+            }
+        }
         if let Some(pq) = &p.parquet {
             println!(
                 "  sink parquet: {} partitioned by {:?}, {:?}, files up to {} bytes / {:?} / idle {:?}",
@@ -157,7 +235,10 @@ async fn run(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let statuses: Vec<Arc<pipeline::Status>> = pipelines.iter().map(|_| Arc::default()).collect();
+    let statuses: Vec<Arc<pipeline::Status>> = pipelines
+        .iter()
+        .map(|_| Arc::new(pipeline::Status::new()))
+        .collect();
     let metrics = telemetry::init_metrics()?;
     if listen != "off" {
         let addr = telemetry::parse_listen(listen).map_err(anyhow::Error::msg)?;

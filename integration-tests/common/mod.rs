@@ -798,3 +798,99 @@ pub fn check_oracle(broker: &Broker, p: &TestPipeline) -> (usize, usize) {
     );
     (rows.len(), dead_offsets.len())
 }
+
+/// A real `redis-server` on a free loopback port, with an append-only file so that a restart
+/// keeps the data (`REDIS_SERVER` names the binary, default `redis-server`).
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+    process: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start(extra: &[&str]) -> Self {
+        let mut server = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            process: None,
+        };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again, on the same port and data).
+    pub fn restart(&mut self) {
+        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let process = Command::new(&bin)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {bin} ({e}); the test command installs redis-server")
+            });
+        self.process = Some(process);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
+    /// Every hash whose key starts with `prefix`, read with a plain client.
+    pub fn hashes(&self, prefix: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut con = client.get_connection().unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query(&mut con)
+            .unwrap();
+        keys.into_iter()
+            .map(|k| {
+                let h: BTreeMap<String, String> =
+                    redis::cmd("HGETALL").arg(&k).query(&mut con).unwrap();
+                (k, h)
+            })
+            .collect()
+    }
+
+    pub fn ttl(&self, key: &str) -> i64 {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut con = client.get_connection().unwrap();
+        redis::cmd("TTL").arg(key).query(&mut con).unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

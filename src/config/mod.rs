@@ -6,6 +6,7 @@
 
 mod env;
 mod raw;
+mod redis;
 pub mod units;
 
 use std::{
@@ -19,6 +20,7 @@ use std::{
 use parquet::basic::{Compression, GzipLevel, ZstdLevel};
 
 use self::raw::{Properties, RawParquet, RawPipeline, Setting};
+pub use self::redis::{redact, KeyPart, RedisSpec, ViewSpec};
 use crate::schema::{EventSchema, Kind};
 
 /// A validated pipeline.
@@ -33,6 +35,7 @@ pub struct Pipeline {
     pub batch: BatchSpec,
     pub errors: ErrorSpec,
     pub parquet: Option<ParquetSpec>,
+    pub redis: Option<RedisSpec>,
 }
 
 #[derive(Debug, Clone)]
@@ -418,8 +421,14 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
     let parquet = sinks
         .and_then(|s| s.parquet.as_ref())
         .map(|pq| build_parquet(pq, base, schema.as_deref(), p));
-    if parquet.is_none() {
-        p.push("sink", "at least one sink is required (sink.parquet)");
+    let redis = sinks
+        .and_then(|s| s.redis.as_ref())
+        .map(|r| redis::build_redis(r, schema.as_deref(), p));
+    if parquet.is_none() && redis.is_none() {
+        p.push(
+            "sink",
+            "at least one sink is required (sink.parquet, sink.redis)",
+        );
     }
 
     Some(Pipeline {
@@ -439,7 +448,14 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
             max_event_size: max_event_size?,
             max_depth: max_depth?,
         },
-        parquet: Some(parquet??),
+        parquet: match parquet {
+            Some(spec) => Some(spec?),
+            None => None,
+        },
+        redis: match redis {
+            Some(spec) => Some(spec?),
+            None => None,
+        },
     })
 }
 

@@ -117,6 +117,42 @@ pub struct RawErrors {
 #[derive(Debug, Default, Deserialize)]
 pub struct RawSinks {
     pub parquet: Option<RawParquet>,
+    pub redis: Option<RawRedis>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRedis {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS; secrets through
+    /// `${VAR}`. A URL ending in `#insecure` (no certificate check) is refused.
+    pub url: Option<Setting<String>>,
+    /// Cluster mode: seed node URLs (same scheme and credentials); `url` is then not used.
+    pub cluster_nodes: Option<Setting<Vec<String>>>,
+    /// The event-time field (date-time or date): a write never replaces a newer event.
+    pub time_field: Option<Setting<String>>,
+    /// Pipelined writes in flight at once (default 4).
+    pub max_in_flight: Option<Setting<usize>>,
+    /// Commands per pipeline (default 500).
+    pub pipeline_size: Option<Setting<usize>>,
+    /// Feature views: each writes one hash per entity.
+    pub views: Option<Vec<RawView>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawView {
+    /// View name; letters, digits, `_`, `-`.
+    pub name: Option<Setting<String>>,
+    /// Key template: text with `{column}` placeholders, e.g. `cust:{customer_id}`.
+    pub key: Option<Setting<String>>,
+    /// Prefix every key with `<name>:` (default false).
+    pub prefix_keys: Option<Setting<bool>>,
+    /// Columns stored as hash fields.
+    pub columns: Option<Setting<Vec<String>>>,
+    /// Hash field name of a column, when not the column's name.
+    pub field_names: Option<Setting<BTreeMap<String, String>>>,
+    /// EXPIRE of each entity's hash, refreshed on every accepted write.
+    pub ttl: Option<Setting<HumanDuration>>,
+    /// HEXPIRE of single fields, by hash field name (Redis 7.4 or later).
+    pub field_ttl: Option<Setting<BTreeMap<String, HumanDuration>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

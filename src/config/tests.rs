@@ -183,3 +183,86 @@ fn locations() {
     ));
     assert!(location("s3:///nobucket", base).is_err());
 }
+
+#[test]
+fn redis_sink_problems_are_listed_with_their_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "s.json", SCHEMA);
+    std::env::set_var("SLUICE_TEST_REDIS_PASSWORD", "hunter2");
+    let file = write(
+        dir.path(),
+        "p.toml",
+        r#"
+name = "p"
+schema = "s.json"
+[source]
+bootstrap_servers = "localhost:1"
+topics = ["t"]
+group_id = "g"
+[errors]
+policy = "skip"
+[sink.redis]
+url = "rediss://app:${SLUICE_TEST_REDIS_PASSWORD}@cache:6380#insecure"
+time_field = "country"
+[[sink.redis.views]]
+name = "customer"
+key = "cust:{nope}"
+columns = ["amount", "_secret"]
+field_names = { amount = "_amount", ghost = "g" }
+field_ttl = { unknown = "1h" }
+surprise = true
+"#,
+    );
+    let err = load(&file).unwrap_err();
+    let all = err.problems.join("\n");
+    for expected in [
+        "sink.redis.url: `#insecure` turns off TLS certificate checks and is refused",
+        "sink.redis.time_field: `country` must be required and not nullable",
+        "sink.redis.views[0].key: `nope` is not a field of the schema",
+        "sink.redis.views[0].columns: `_secret` is not a field of the schema",
+        "sink.redis.views[0].columns: hash field `_amount`: names starting with `_` are reserved",
+        "sink.redis.views[0].field_names.ghost: is not in `columns`",
+        "sink.redis.views[0].field_ttl.unknown: is not a hash field of this view",
+        "sink.redis.views.0.surprise: unknown key",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+    assert!(
+        !all.contains("hunter2"),
+        "a secret leaked into the problems:\n{all}"
+    );
+}
+
+#[test]
+fn a_redis_only_pipeline_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "s.json", SCHEMA);
+    let file = write(
+        dir.path(),
+        "p.toml",
+        r#"
+name = "p"
+schema = "s.json"
+[source]
+bootstrap_servers = "localhost:1"
+topics = ["t"]
+group_id = "g"
+[errors]
+policy = "skip"
+[sink.redis]
+url = "redis://localhost:6379"
+time_field = "at"
+[[sink.redis.views]]
+name = "customer"
+key = "cust:{id}"
+prefix_keys = true
+columns = ["amount", "country"]
+ttl = "1d"
+"#,
+    );
+    let p = load(&file).unwrap();
+    assert!(p.parquet.is_none());
+    let redis = p.redis.unwrap();
+    assert_eq!(redis.views[0].key[0], KeyPart::Text("customer:".into()));
+    assert_eq!(redis.views[0].ttl, Some(Duration::from_secs(86_400)));
+}

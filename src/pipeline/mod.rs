@@ -41,6 +41,7 @@ use crate::{
     sink::{
         dead_letter::DeadLetters,
         parquet::{ParquetSink, Roll},
+        redis::RedisSink,
     },
     source::{
         offsets_list, Batcher, KafkaConsumer, Rejected, Source, SourceBatch, SourceEvent,
@@ -58,6 +59,17 @@ pub struct Status {
     pub joined: Arc<AtomicBool>,
     /// The pipeline stopped with an error.
     pub failed: AtomicBool,
+    /// The Redis sink's writes succeed (true when there is no Redis sink).
+    pub redis_healthy: Arc<AtomicBool>,
+}
+
+impl Status {
+    pub fn new() -> Self {
+        Self {
+            redis_healthy: Arc::new(AtomicBool::new(true)),
+            ..Self::default()
+        }
+    }
 }
 
 /// Runs a pipeline until `shutdown` is cancelled or it fails.
@@ -83,12 +95,17 @@ async fn run_inner(
     grace: Duration,
     status: &Status,
 ) -> anyhow::Result<()> {
-    let parquet_spec = spec
-        .parquet
-        .as_ref()
-        .context("a Parquet sink is required")?;
-    let sink = ParquetSink::open(&spec.name, parquet_spec, spec.schema.clone())
-        .with_context(|| format!("opening {}", parquet_spec.location))?;
+    let sink = match &spec.parquet {
+        Some(pq) => Some(
+            ParquetSink::open(&spec.name, pq, spec.schema.clone())
+                .with_context(|| format!("opening {}", pq.location))?,
+        ),
+        None => None,
+    };
+    let redis = match &spec.redis {
+        Some(r) => Some(RedisSink::open(&spec.name, r, status.redis_healthy.clone()).await?),
+        None => None,
+    };
     let dead_letters = match &spec.errors.policy {
         ErrorPolicy::DeadLetter {
             topic,
@@ -121,12 +138,15 @@ async fn run_inner(
     .context("creating the Kafka consumer")?;
     status.joined.store(false, Ordering::Release);
     let joined = source.joined.clone();
-    let tick = parquet_spec.idle_flush.min(Duration::from_secs(1)) / 2;
+    let tick = spec.parquet.as_ref().map_or(Duration::from_secs(1), |pq| {
+        pq.idle_flush.min(Duration::from_secs(1))
+    }) / 2;
     let mut runner = Runner {
         labels: spec.name.clone(),
         policy: spec.errors.policy.clone(),
         consumer: source.consumer.clone(),
         sink,
+        redis,
         dead_letters,
         pending: FuturesUnordered::new(),
         offsets: Offsets::default(),
@@ -163,7 +183,8 @@ struct Runner {
     labels: String,
     policy: ErrorPolicy,
     consumer: Arc<KafkaConsumer>,
-    sink: ParquetSink,
+    sink: Option<ParquetSink>,
+    redis: Option<RedisSink>,
     dead_letters: Option<DeadLetters>,
     /// Dead letters awaiting the broker's acknowledgement.
     pending: FuturesUnordered<BoxFuture<'static, Rejected>>,
@@ -193,13 +214,20 @@ impl Runner {
                 }
                 event = rx.recv() => match event {
                     None => return Err(anyhow!("the Kafka source stopped")),
-                    Some(SourceEvent::Batch(batch)) => self.batch(batch).await?,
+                                        Some(SourceEvent::Batch(batch)) => {
+                        if !self.batch(batch, shutdown).await? {
+                            return Ok(());
+                        }
+                    }
                     Some(SourceEvent::Assigned { partitions, reply }) => {
                         let mut resume = Vec::with_capacity(partitions.len());
                         for tp in partitions {
                             self.offsets.assign(tp.clone());
-                            let at = self.sink.recover(&tp).await
-                                .with_context(|| format!("recovering {}/{}", tp.0, tp.1))?;
+                                                        let at = match &mut self.sink {
+                                Some(sink) => sink.recover(&tp).await
+                                    .with_context(|| format!("recovering {}/{}", tp.0, tp.1))?,
+                                None => None,
+                            };
                             resume.push((tp, at));
                         }
                         let _ = reply.send(resume);
@@ -221,7 +249,13 @@ impl Runner {
         .increment(1);
     }
 
-    async fn batch(&mut self, batch: SourceBatch) -> anyhow::Result<()> {
+    /// Handles one micro-batch; false if shutdown interrupted it (its offsets then stay
+    /// unprocessed, so nothing of it is committed).
+    async fn batch(
+        &mut self,
+        batch: SourceBatch,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<bool> {
         let started = Instant::now();
         let labels = [("pipeline", self.labels.clone())];
         metrics::counter!("sluice_events_consumed_total", &labels).increment(batch.events() as u64);
@@ -265,8 +299,16 @@ impl Runner {
             let owned: Vec<TopicPartition> = self.offsets.owned();
             filter_partitions(&batch.rows, &owned)?
         };
-        let sink = &mut self.sink;
-        tokio::task::block_in_place(|| sink.write(&rows))?;
+        // Redis first: a finished Parquet segment is a resume position, so its rows must already
+        // be in Redis.
+        if let Some(redis) = &mut self.redis {
+            if !redis.write(&rows, shutdown).await {
+                return Ok(false);
+            }
+        }
+        if let Some(sink) = &mut self.sink {
+            tokio::task::block_in_place(|| sink.write(&rows))?;
+        }
         for (tp, span) in &batch.spans {
             self.offsets.processed(tp, *span);
         }
@@ -278,7 +320,6 @@ impl Runner {
         metrics::histogram!("sluice_batch_seconds", &labels)
             .record(started.elapsed().as_secs_f64());
         let due: Vec<_> = self
-            .sink
             .due()
             .into_iter()
             .filter(|(_, why)| matches!(why, Roll::Size))
@@ -289,7 +330,15 @@ impl Runner {
             }
             self.commit().await;
         }
-        Ok(())
+        Ok(true)
+    }
+
+    fn due(&self) -> Vec<(TopicPartition, Roll)> {
+        self.sink.as_ref().map(ParquetSink::due).unwrap_or_default()
+    }
+
+    fn open_first(&self, tp: &TopicPartition) -> Option<i64> {
+        self.sink.as_ref().and_then(|s| s.open_first(tp))
     }
 
     /// Waits until every dead letter sent so far is acknowledged.
@@ -303,15 +352,16 @@ impl Runner {
         // A finished segment is also a resume position, so every dead letter below its end
         // must be acknowledged first.
         self.flush_dead_letters().await;
-        self.sink
-            .finish(tp, why)
-            .await
-            .with_context(|| format!("finishing the Parquet segment of {}/{}", tp.0, tp.1))?;
+        if let Some(sink) = &mut self.sink {
+            sink.finish(tp, why)
+                .await
+                .with_context(|| format!("finishing the Parquet segment of {}/{}", tp.0, tp.1))?;
+        }
         Ok(())
     }
 
     async fn roll_due(&mut self) -> anyhow::Result<()> {
-        for (tp, why) in self.sink.due() {
+        for (tp, why) in self.due() {
             self.roll(&tp, why).await?;
         }
         Ok(())
@@ -342,7 +392,7 @@ impl Runner {
             .owned()
             .into_iter()
             .filter_map(|tp| {
-                let open = self.sink.open_first(&tp);
+                let open = self.open_first(&tp);
                 self.offsets.committable(&tp, open).map(|at| (tp, at))
             })
             .collect();
@@ -375,7 +425,12 @@ impl Runner {
     /// Shutdown: finish everything, wait for dead letters, commit.
     async fn drain(&mut self) -> anyhow::Result<()> {
         self.flush_dead_letters().await;
-        for tp in self.sink.open_partitions() {
+        let open = self
+            .sink
+            .as_ref()
+            .map(ParquetSink::open_partitions)
+            .unwrap_or_default();
+        for tp in open {
             self.roll(&tp, Roll::Shutdown).await?;
         }
         self.commit().await;

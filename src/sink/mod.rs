@@ -3,7 +3,9 @@
 //!
 //! - [`parquet`]: exactly-once files, finished per partition; their manifests record how far
 //!   each partition is durable, which is also where a partition resumes after a crash.
+//! - [`redis`]: the online feature store, replay-safe per entity.
 //! - [`dead_letter`]: rejected events to a Kafka topic, at least once.
 
 pub mod dead_letter;
 pub mod parquet;
+pub mod redis;

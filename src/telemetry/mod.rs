@@ -5,7 +5,7 @@
 //! - `/metrics`: Prometheus text, names `sluice_<subject>_<unit>[_total]`, labels `pipeline`
 //!   and a few fixed others (`reason`, `topic`, `partition`).
 //! - `/healthz`: 200 while no pipeline has failed; `/readyz`: 200 once every pipeline's
-//!   consumer has joined its group and none has failed.
+//!   consumer has joined its group, its Redis writes (if any) succeed, and none has failed.
 
 use std::{net::SocketAddr, sync::atomic::Ordering, sync::Arc};
 
@@ -79,10 +79,11 @@ pub async fn serve(
         .route(
             "/readyz",
             get(|State(s): State<AppState>| async move {
-                let ready = s
-                    .pipelines
-                    .iter()
-                    .all(|p| p.joined.load(Ordering::Acquire) && !p.failed.load(Ordering::Acquire));
+                let ready = s.pipelines.iter().all(|p| {
+                    p.joined.load(Ordering::Acquire)
+                        && p.redis_healthy.load(Ordering::Acquire)
+                        && !p.failed.load(Ordering::Acquire)
+                });
                 if ready {
                     (StatusCode::OK, "ready\n")
                 } else {

@@ -1,0 +1,331 @@
+//! Black-box tests of the Redis feature sink: a real broker, a real `redis-server` on a free
+//! port, the real `sluice` binary; Redis is read back with an independent client and compared
+//! with the newest valid event per entity (oracle O6).
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use rdkafka::producer::{BaseRecord, Producer};
+
+const DRAIN: Duration = Duration::from_secs(180);
+
+/// Event `n`: customer `c-(n % 40)`, event times deliberately out of order, every 11th invalid.
+fn feature_event(n: u64) -> (String, Vec<u8>, bool) {
+    let customer = format!("c-{}", n % 40);
+    if n % 11 == 5 {
+        return (customer.clone(), format!(r#"{{"id":"e-{n}","customer":"{customer}","amount":"oops","at":"2026-11-21T10:00:00Z"}}"#).into_bytes(), false);
+    }
+    let secs = (n * 7_919) % 3_600;
+    let at = format!(
+        "2026-11-21T10:{:02}:{:02}.{:06}Z",
+        secs / 60,
+        secs % 60,
+        n % 7
+    );
+    let currency = if n.is_multiple_of(3) {
+        r#","currency":"USD""#
+    } else {
+        ""
+    };
+    let payload = format!(
+        r#"{{"id":"e-{n}","customer":"{customer}","amount":{}.25,"at":"{at}"{currency}}}"#,
+        n % 500
+    );
+    (customer, payload.into_bytes(), true)
+}
+
+fn produce_features(broker: &Broker, topic: &str, range: impl Iterator<Item = u64>) {
+    let producer = broker.producer();
+    for n in range {
+        let (key, payload, _) = feature_event(n);
+        let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+}
+
+fn redis_section(url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[sink.redis]
+url = "{url}"
+time_field = "at"
+pipeline_size = 50
+[[sink.redis.views]]
+name = "customer"
+key = "cust:{{customer}}"
+columns = ["amount", "currency", "at", "id"]
+field_names = {{ amount = "last_amount" }}
+ttl = "1h"
+{extra}
+"#
+    )
+}
+
+fn with_redis(p: &TestPipeline, url: &str, extra: &str) {
+    let mut text = std::fs::read_to_string(&p.file).unwrap();
+    text.push_str(&redis_section(url, extra));
+    std::fs::write(&p.file, text).unwrap();
+}
+
+/// The expected hash of every customer: its newest valid event by (time, partition, offset).
+fn expected(broker: &Broker, topic: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut newest: HashMap<String, ((i64, i32, i64), serde_json::Value)> = HashMap::new();
+    for r in broker.read_all(topic) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.payload) else {
+            continue;
+        };
+        if !v["amount"].is_number() {
+            continue;
+        }
+        let at = chrono::DateTime::parse_from_rfc3339(v["at"].as_str().unwrap()).unwrap();
+        let order = (at.timestamp_micros(), r.partition, r.offset);
+        let customer = v["customer"].as_str().unwrap().to_owned();
+        if newest.get(&customer).is_none_or(|(o, _)| order > *o) {
+            newest.insert(customer, (order, v));
+        }
+    }
+    newest
+        .into_iter()
+        .map(|(customer, ((ts, partition, offset), v))| {
+            let mut h = BTreeMap::new();
+            h.insert("_ts".into(), ts.to_string());
+            h.insert("_partition".into(), partition.to_string());
+            h.insert("_offset".into(), offset.to_string());
+            h.insert(
+                "last_amount".into(),
+                v["amount"].as_f64().unwrap().to_string(),
+            );
+            h.insert("id".into(), v["id"].as_str().unwrap().to_owned());
+            let at = chrono::DateTime::from_timestamp_micros(ts).unwrap();
+            h.insert(
+                "at".into(),
+                at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            );
+            if let Some(c) = v["currency"].as_str() {
+                h.insert("currency".into(), c.to_owned());
+            }
+            (format!("cust:{customer}"), h)
+        })
+        .collect()
+}
+
+fn assert_features(redis: &RedisServer, want: &BTreeMap<String, BTreeMap<String, String>>) {
+    let got = redis.hashes("cust:");
+    assert_eq!(got.len(), want.len(), "entities in Redis");
+    for (key, hash) in want {
+        assert_eq!(got.get(key), Some(hash), "O6: {key}");
+    }
+}
+
+/// O6 after a run with out-of-order and duplicate events; TTLs; a replay from the earliest
+/// offset leaves Redis exactly as it was.
+#[test]
+fn features_equal_the_newest_event_and_replays_never_roll_back() {
+    let broker = Broker::start();
+    let redis = RedisServer::start(&[]);
+    let p = TestPipeline::new(&broker, 3, "idle_flush = \"300ms\"");
+    with_redis(&p, &redis.url(), "");
+    produce_features(&broker, &p.topic, 0..3_000);
+    // Duplicates of earlier events, delivered again later.
+    produce_features(&broker, &p.topic, (0..3_000).step_by(13));
+    let mut sluice = p.spawn("run.log");
+    p.wait_drained(&broker, DRAIN);
+    sigterm(&sluice.0);
+    assert!(
+        wait_exit(&mut sluice.0, Duration::from_secs(30)).success(),
+        "{}",
+        p.log("run.log")
+    );
+    let want = expected(&broker, &p.topic);
+    assert_eq!(want.len(), 40);
+    assert_features(&redis, &want);
+    let ttl = redis.ttl("cust:c-1");
+    assert!((3_500..=3_600).contains(&ttl), "TTL {ttl}");
+
+    // Replay everything from the earliest offset in a new group: nothing may change.
+    let before = redis.hashes("cust:");
+    let text = std::fs::read_to_string(&p.file)
+        .unwrap()
+        .replace(
+            &format!("group_id = \"{}\"", p.group),
+            "group_id = \"replay\"",
+        )
+        .replace("path = \"out\"", "path = \"out-replay\"");
+    std::fs::write(&p.file, text).unwrap();
+    let mut replay = p.spawn("replay.log");
+    broker.wait_committed(&p.topic, "replay", DRAIN).unwrap();
+    sigterm(&replay.0);
+    assert!(
+        wait_exit(&mut replay.0, Duration::from_secs(30)).success(),
+        "{}",
+        p.log("replay.log")
+    );
+    assert_eq!(
+        redis.hashes("cust:"),
+        before,
+        "a replay rolled features back"
+    );
+    let log = p.log("replay.log");
+    assert!(!log.contains("Redis write failed"), "{log}");
+}
+
+/// Redis down for about 10 s mid-run: consumption waits, nothing is lost, O6 holds, Parquet
+/// has every valid event once, memory stays bounded and /readyz says so meanwhile.
+#[test]
+fn a_redis_outage_pauses_the_pipeline_and_loses_nothing() {
+    let broker = Broker::start();
+    let mut redis = RedisServer::start(&[]);
+    let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
+    with_redis(&p, &redis.url(), "");
+    let port = free_port();
+    let mut sluice = p.spawn_listening("run.log", &format!("127.0.0.1:{port}"));
+    produce_features(&broker, &p.topic, 0..500);
+    let started = Instant::now();
+    while http_get(port, "/readyz").0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(60), "never ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    redis.kill();
+    // Events keep arriving while Redis is down.
+    produce_features(&broker, &p.topic, 500..2_000);
+    let down = Instant::now();
+    let mut saw_unready = false;
+    while down.elapsed() < Duration::from_secs(10) {
+        saw_unready |= http_get(port, "/readyz").0 == 503;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(saw_unready, "/readyz stayed ready while Redis was down");
+    redis.restart();
+    produce_features(&broker, &p.topic, 2_000..2_500);
+    p.wait_drained(&broker, DRAIN);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", sluice.0.id())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(peak_kib < 512 * 1024, "peak RSS {peak_kib} KiB");
+    assert_eq!(
+        http_get(port, "/readyz").0,
+        200,
+        "ready again once Redis is back"
+    );
+    sigterm(&sluice.0);
+    assert!(
+        wait_exit(&mut sluice.0, Duration::from_secs(30)).success(),
+        "{}",
+        p.log("run.log")
+    );
+    assert_features(&redis, &expected(&broker, &p.topic));
+    let rows = read_rows(&p.output);
+    let valid = (0..2_500).filter(|n| feature_event(*n).2).count();
+    let distinct: std::collections::BTreeSet<_> =
+        rows.iter().map(|r| (r.partition, r.offset)).collect();
+    assert_eq!(rows.len(), valid, "Parquet rows");
+    assert_eq!(distinct.len(), valid, "no duplicate rows");
+    assert!(p.log("run.log").contains("Redis write failed; retrying"));
+}
+
+/// Refused credentials and unsafe or unsupported settings fail fast, with no secret in the
+/// output.
+#[test]
+fn bad_redis_settings_fail_fast_without_leaking_secrets() {
+    let broker = Broker::start();
+    let redis = RedisServer::start(&["--requirepass", "right-password"]);
+    let p = TestPipeline::new(&broker, 1, "");
+    with_redis(
+        &p,
+        &format!("redis://default:wrong-password@127.0.0.1:{}", redis.port),
+        "",
+    );
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", p.file.to_str().unwrap(), "--listen", "off"])
+        .output()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "did not fail fast"
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot connect to redis://default:***@127.0.0.1"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("wrong-password"),
+        "the password leaked: {err}"
+    );
+
+    // `#insecure` and field TTLs on a server without HEXPIRE.
+    let text = std::fs::read_to_string(&p.file).unwrap();
+    std::fs::write(
+        &p.file,
+        text.replace("wrong-password@", "right-password@")
+            .replace("url = \"redis://", "url = \"rediss://")
+            .replace(
+                &format!(":{}\"", redis.port),
+                &format!(":{}#insecure\"", redis.port),
+            ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["validate", p.file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sink.redis.url: `#insecure` turns off TLS certificate checks"),
+        "{err}"
+    );
+    assert!(!err.contains("right-password"), "{err}");
+
+    let q = TestPipeline::new(&broker, 1, "");
+    with_redis(
+        &q,
+        &format!("redis://default:right-password@127.0.0.1:{}", redis.port),
+        "field_ttl = { last_amount = \"1h\" }",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", q.file.to_str().unwrap(), "--listen", "off"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let version = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&version.stdout).to_string();
+    if version.contains("v=7.0") || version.contains("v=7.2") || version.contains("v=6.") {
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("field TTLs (HEXPIRE) need Redis 7.4 or later"),
+            "{err}"
+        );
+    }
+    // `sluice features get` reads an entity (none here yet).
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["features", "get", q.file.to_str().unwrap(), "cust:nobody"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such entity"));
+}

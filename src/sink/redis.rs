@@ -1,0 +1,468 @@
+//! The Redis sink: the online feature store. Each feature view keeps one hash per entity,
+//! read with a single `HGETALL`.
+//!
+//! - **Replay safety.** Every write runs a server-side script that compares the event's time
+//!   (then partition, then offset, to break ties) with the `_ts`, `_partition` and `_offset`
+//!   fields stored with the hash, and writes only if the event is newer. Replays, duplicates and
+//!   out-of-order events therefore never roll a feature back.
+//! - **Coalescing.** Within a micro-batch only the newest event per key is sent.
+//! - **Throughput.** Writes go out as pipelines of `pipeline_size` scripts, `max_in_flight` at
+//!   a time, on one multiplexed connection (or the cluster's).
+//! - **Failures.** A failed pipeline is retried with exponential backoff (capped at 10 s) until
+//!   it succeeds or the pipeline shuts down; meanwhile nothing new is taken in (the source
+//!   pauses), memory stays bounded, and no offset past the batch is committed.
+//!
+//! Value encoding, stable for any client: strings as they are; integers and numbers in decimal
+//! (`42`, `12.5`); booleans `true`/`false`; date-times as RFC 3339 in UTC with microseconds
+//! (`2026-11-21T18:04:05.123456Z`); dates `YYYY-MM-DD`. A null value deletes the field.
+//! `_ts` holds the event time in microseconds since the epoch; `_partition` and `_offset` the
+//! event's source position.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use arrow::{
+    array::{Array, ArrayRef, AsArray},
+    datatypes::{
+        DataType, Date32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType,
+    },
+    record_batch::RecordBatch,
+};
+use futures::StreamExt;
+use redis::{
+    aio::ConnectionManager, cluster_async::ClusterConnection, Pipeline, RedisError, Script,
+};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{redact, KeyPart, RedisSpec};
+
+const SCRIPT: &str = r#"
+local key = KEYS[1]
+local ts, part, off = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local cur = redis.call('HMGET', key, '_ts', '_partition', '_offset')
+if cur[1] then
+  local cts, cp, co = tonumber(cur[1]), tonumber(cur[2]) or -1, tonumber(cur[3]) or -1
+  if cts > ts or (cts == ts and (cp > part or (cp == part and co >= off))) then
+    return 0
+  end
+end
+local i = 4
+local ttl = tonumber(ARGV[i]); i = i + 1
+local nset = tonumber(ARGV[i]); i = i + 1
+local hset = {'_ts', ARGV[1], '_partition', ARGV[2], '_offset', ARGV[3]}
+for _ = 1, nset do
+  hset[#hset + 1] = ARGV[i]; hset[#hset + 1] = ARGV[i + 1]; i = i + 2
+end
+redis.call('HSET', key, unpack(hset))
+local ndel = tonumber(ARGV[i]); i = i + 1
+if ndel > 0 then
+  local del = {}
+  for j = 1, ndel do del[j] = ARGV[i]; i = i + 1 end
+  redis.call('HDEL', key, unpack(del))
+end
+if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+local nttl = tonumber(ARGV[i]); i = i + 1
+for _ = 1, nttl do
+  redis.call('HEXPIRE', key, ARGV[i + 1], 'FIELDS', 1, ARGV[i]); i = i + 2
+end
+return 1
+"#;
+
+/// Why the Redis sink failed.
+#[derive(Debug, Error)]
+pub enum RedisSinkError {
+    /// Connecting or authenticating failed at start (the URL is shown without its password).
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: RedisError,
+    },
+    /// A view sets `field_ttl` but the server has no HEXPIRE.
+    #[error("{url} runs Redis {version}; field TTLs (HEXPIRE) need Redis 7.4 or later")]
+    NoFieldTtl { url: String, version: String },
+}
+
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Connection {
+    async fn query<T: redis::FromRedisValue>(&mut self, pipe: &Pipeline) -> Result<T, RedisError> {
+        match self {
+            Self::Single(c) => pipe.query_async(c).await,
+            Self::Cluster(c) => pipe.query_async(c).await,
+        }
+    }
+
+    async fn load(&mut self, script: &Script) -> Result<(), RedisError> {
+        match self {
+            Self::Single(c) => script.prepare_invoke().load_async(c).await.map(|_| ()),
+            Self::Cluster(c) => script.prepare_invoke().load_async(c).await.map(|_| ()),
+        }
+    }
+}
+
+/// Opens a connection (or cluster connection) and checks it with PING.
+async fn connect(spec: &RedisSpec) -> Result<Connection, RedisSinkError> {
+    let shown = redact(&spec.urls[0]);
+    let fail = |source| RedisSinkError::Connect {
+        url: shown.clone(),
+        source,
+    };
+    let mut conn = if spec.cluster {
+        let client = redis::cluster::ClusterClient::new(spec.urls.clone()).map_err(fail)?;
+        Connection::Cluster(client.get_async_connection().await.map_err(fail)?)
+    } else {
+        let client = redis::Client::open(spec.urls[0].as_str()).map_err(fail)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(1);
+        let manager = tokio::time::timeout(
+            Duration::from_secs(10),
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| {
+            fail(RedisError::from((
+                redis::ErrorKind::Io,
+                "timed out connecting",
+            )))
+        })?
+        .map_err(fail)?;
+        Connection::Single(manager)
+    };
+    conn.query::<()>(redis::pipe().cmd("PING").ignore())
+        .await
+        .map_err(fail)?;
+    Ok(conn)
+}
+
+/// Reads an entity's hash (for `sluice features get`).
+pub async fn read_entity(
+    spec: &RedisSpec,
+    key: &str,
+) -> Result<Vec<(String, String)>, RedisSinkError> {
+    let mut conn = connect(spec).await?;
+    let mut fields: Vec<(String, String)> = conn
+        .query::<(HashMap<String, String>,)>(redis::pipe().hgetall(key))
+        .await
+        .map_err(|source| RedisSinkError::Connect {
+            url: redact(&spec.urls[0]),
+            source,
+        })?
+        .0
+        .into_iter()
+        .collect();
+    fields.sort();
+    Ok(fields)
+}
+
+/// One view, resolved against the batch schema.
+struct View {
+    key: Vec<KeyPart>,
+    fields: Vec<(String, String)>,
+    ttl_secs: u64,
+    field_ttl: Vec<(String, u64)>,
+}
+
+/// Writes feature views to Redis.
+pub struct RedisSink {
+    pipeline: String,
+    spec: RedisSpec,
+    conn: Connection,
+    script: Script,
+    views: Vec<View>,
+    /// False while writes are failing; `/readyz` reports it.
+    healthy: Arc<AtomicBool>,
+}
+
+impl RedisSink {
+    /// Connects, checks the server supports what the views need, and loads the script.
+    pub async fn open(
+        pipeline: &str,
+        spec: &RedisSpec,
+        healthy: Arc<AtomicBool>,
+    ) -> Result<Self, RedisSinkError> {
+        let mut conn = connect(spec).await?;
+        let shown = redact(&spec.urls[0]);
+        if spec.views.iter().any(|v| !v.field_ttl.is_empty()) {
+            let info: String = conn
+                .query::<(String,)>(redis::pipe().cmd("INFO").arg("server"))
+                .await
+                .map_err(|source| RedisSinkError::Connect {
+                    url: shown.clone(),
+                    source,
+                })?
+                .0;
+            let version = info
+                .lines()
+                .find_map(|l| l.strip_prefix("redis_version:"))
+                .unwrap_or("unknown")
+                .trim()
+                .to_owned();
+            let parts: Vec<u32> = version.split('.').filter_map(|p| p.parse().ok()).collect();
+            if parts.len() < 2 || (parts[0], parts[1]) < (7, 4) {
+                return Err(RedisSinkError::NoFieldTtl {
+                    url: shown,
+                    version,
+                });
+            }
+        }
+        let script = Script::new(SCRIPT);
+        conn.load(&script)
+            .await
+            .map_err(|source| RedisSinkError::Connect {
+                url: shown.clone(),
+                source,
+            })?;
+        info!(url = %shown, cluster = spec.cluster, views = spec.views.len(), "Connected to Redis.");
+        healthy.store(true, Ordering::Release);
+        let views = spec
+            .views
+            .iter()
+            .map(|v| View {
+                key: v.key.clone(),
+                fields: v.fields.clone(),
+                ttl_secs: v.ttl.map_or(0, |t| t.as_secs()),
+                field_ttl: v
+                    .field_ttl
+                    .iter()
+                    .map(|(f, d)| (f.clone(), d.as_secs()))
+                    .collect(),
+            })
+            .collect();
+        Ok(Self {
+            pipeline: pipeline.to_owned(),
+            spec: spec.clone(),
+            conn,
+            script,
+            views,
+            healthy,
+        })
+    }
+
+    /// Writes a batch's features and returns once Redis has acknowledged every write, retrying
+    /// failures with backoff. Returns false if `cancel` fired first (nothing is then known to
+    /// be durable for this batch).
+    pub async fn write(&mut self, batch: &RecordBatch, cancel: &CancellationToken) -> bool {
+        if batch.num_rows() == 0 {
+            return true;
+        }
+        let started = Instant::now();
+        let invocations = self.build(batch);
+        let sent = invocations.len();
+        let labels = [("pipeline", self.pipeline.clone())];
+        metrics::counter!("sluice_redis_rows_coalesced_total", &labels)
+            .increment((batch.num_rows() * self.views.len()).saturating_sub(sent) as u64);
+        let pipes: Vec<Pipeline> = invocations
+            .chunks(self.spec.pipeline_size)
+            .map(|chunk| {
+                let mut pipe = redis::pipe();
+                for inv in chunk {
+                    let mut call = self.script.prepare_invoke();
+                    call.key(&inv.0);
+                    for a in &inv.1 {
+                        call.arg(a.as_bytes());
+                    }
+                    pipe.invoke_script(&call);
+                }
+                pipe
+            })
+            .collect();
+        let written: Option<Vec<u64>> =
+            futures::stream::iter(pipes)
+                .map(|pipe| {
+                    let mut conn = self.conn.clone();
+                    let script = &self.script;
+                    let healthy = &self.healthy;
+                    let pipeline = &self.pipeline;
+                    async move {
+                        send_with_retry(&mut conn, script, &pipe, cancel, healthy, pipeline).await
+                    }
+                })
+                .buffer_unordered(self.spec.max_in_flight)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect();
+        let Some(written) = written else { return false };
+        let accepted: u64 = written.iter().sum();
+        metrics::counter!("sluice_redis_rows_total", &labels).increment(accepted);
+        metrics::counter!("sluice_redis_rows_stale_total", &labels)
+            .increment(sent as u64 - accepted);
+        metrics::histogram!("sluice_redis_write_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
+        true
+    }
+
+    /// One script invocation per (view, key): the newest event of the batch for that key.
+    fn build(&self, batch: &RecordBatch) -> Vec<(String, Vec<String>)> {
+        let time = batch
+            .column_by_name(&self.spec.time_field)
+            .expect("validated time field");
+        let times: Vec<i64> = match time.data_type() {
+            DataType::Timestamp(..) => time
+                .as_primitive::<TimestampMicrosecondType>()
+                .values()
+                .to_vec(),
+            _ => time
+                .as_primitive::<Date32Type>()
+                .values()
+                .iter()
+                .map(|d| *d as i64 * 86_400_000_000)
+                .collect(),
+        };
+        let partitions = batch
+            .column_by_name("_partition")
+            .expect("source column")
+            .as_primitive::<Int32Type>();
+        let offsets = batch
+            .column_by_name("_offset")
+            .expect("source column")
+            .as_primitive::<Int64Type>();
+        let mut out = Vec::new();
+        for view in &self.views {
+            // Newest row per key: by event time, then partition, then offset.
+            let mut newest: HashMap<String, usize> = HashMap::new();
+            for row in 0..batch.num_rows() {
+                let key = render_key(&view.key, batch, row);
+                let order = |r: usize| (times[r], partitions.value(r), offsets.value(r));
+                newest
+                    .entry(key)
+                    .and_modify(|best| {
+                        if order(row) > order(*best) {
+                            *best = row;
+                        }
+                    })
+                    .or_insert(row);
+            }
+            for (key, row) in newest {
+                let mut set = Vec::new();
+                let mut del = Vec::new();
+                for (column, field) in &view.fields {
+                    match encode(batch.column_by_name(column).expect("validated column"), row) {
+                        Some(v) => {
+                            set.push(field.clone());
+                            set.push(v);
+                        }
+                        None => del.push(field.clone()),
+                    }
+                }
+                let mut args = vec![
+                    times[row].to_string(),
+                    partitions.value(row).to_string(),
+                    offsets.value(row).to_string(),
+                    view.ttl_secs.to_string(),
+                    (set.len() / 2).to_string(),
+                ];
+                args.extend(set);
+                args.push(del.len().to_string());
+                args.extend(del);
+                args.push(view.field_ttl.len().to_string());
+                for (f, secs) in &view.field_ttl {
+                    args.push(f.clone());
+                    args.push(secs.to_string());
+                }
+                out.push((key, args));
+            }
+        }
+        out
+    }
+}
+
+/// Sends one pipeline until Redis acknowledges it; `None` if cancelled. Returns how many
+/// scripts wrote (the others found a newer event already stored).
+async fn send_with_retry(
+    conn: &mut Connection,
+    script: &Script,
+    pipe: &Pipeline,
+    cancel: &CancellationToken,
+    healthy: &AtomicBool,
+    pipeline: &str,
+) -> Option<u64> {
+    let mut backoff = Duration::from_millis(100);
+    let mut attempt = 0u32;
+    loop {
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = conn.query::<Vec<u64>>(pipe) => r,
+        };
+        match result {
+            Ok(results) => {
+                if attempt > 0 {
+                    info!(attempts = attempt + 1, "Redis writes succeed again.");
+                }
+                healthy.store(true, Ordering::Release);
+                return Some(results.iter().sum());
+            }
+            Err(error) => {
+                attempt += 1;
+                healthy.store(false, Ordering::Release);
+                metrics::counter!("sluice_redis_retries_total", "pipeline" => pipeline.to_owned())
+                    .increment(1);
+                if attempt == 1 || attempt.is_multiple_of(10) {
+                    warn!(%error, attempt, backoff = ?backoff, "Redis write failed; retrying.");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                // After a restart the server has forgotten the script.
+                let _ = conn.load(script).await;
+            }
+        }
+    }
+}
+
+fn render_key(parts: &[KeyPart], batch: &RecordBatch, row: usize) -> String {
+    let mut key = String::new();
+    for part in parts {
+        match part {
+            KeyPart::Text(t) => key.push_str(t),
+            KeyPart::Column(c) => key.push_str(
+                &encode(batch.column_by_name(c).expect("validated key column"), row)
+                    .unwrap_or_default(),
+            ),
+        }
+    }
+    key
+}
+
+/// The documented text form of a scalar value; `None` for null.
+pub fn encode(column: &ArrayRef, row: usize) -> Option<String> {
+    if column.is_null(row) {
+        return None;
+    }
+    Some(match column.data_type() {
+        DataType::Utf8 => column.as_string::<i32>().value(row).to_owned(),
+        DataType::Int64 => column.as_primitive::<Int64Type>().value(row).to_string(),
+        DataType::Float64 => column.as_primitive::<Float64Type>().value(row).to_string(),
+        DataType::Boolean => column.as_boolean().value(row).to_string(),
+        DataType::Timestamp(..) => {
+            let micros = column.as_primitive::<TimestampMicrosecondType>().value(row);
+            chrono::DateTime::from_timestamp_micros(micros)
+                .unwrap_or_default()
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        }
+        DataType::Date32 => {
+            let days = column.as_primitive::<Date32Type>().value(row);
+            chrono::NaiveDate::from_num_days_from_ce_opt(days + 719_163)
+                .unwrap_or_default()
+                .to_string()
+        }
+        other => unreachable!("validated scalar column, got {other}"),
+    })
+}
