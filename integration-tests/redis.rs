@@ -14,6 +14,8 @@ use common::*;
 use rdkafka::producer::{BaseRecord, Producer};
 
 const DRAIN: Duration = Duration::from_secs(180);
+/// For the cluster test, which fails fast when the writes do not get through.
+const CLUSTER_DRAIN: Duration = Duration::from_secs(40);
 
 /// Event `n`: customer `c-(n % 40)`, event times deliberately out of order, every 11th invalid.
 fn feature_event(n: u64) -> (String, Vec<u8>, bool) {
@@ -328,4 +330,84 @@ fn bad_redis_settings_fail_fast_without_leaking_secrets() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such entity"));
+}
+
+/// Cluster mode: three real `redis-server` nodes joined with `redis-cli --cluster create`; every
+/// entity equals its newest valid event, wherever its slot lives.
+#[test]
+fn features_in_a_redis_cluster() {
+    // Node ports and cluster-bus ports, all distinct (the bus defaults to port + 10000, which
+    // may not exist for a high free port).
+    let ports = free_ports(6);
+    let nodes: Vec<RedisServer> = (0..3)
+        .map(|i| {
+            let bus = ports[i + 3].to_string();
+            let args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                &bus,
+            ];
+            RedisServer::start_on(ports[i], &args)
+        })
+        .collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let out = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli (installed with redis-server)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Wait until every node agrees the cluster is up.
+    let started = Instant::now();
+    while !nodes
+        .iter()
+        .all(|n| n.cluster_info().contains("cluster_state:ok"))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "cluster did not form: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            nodes[0].cluster_info()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let broker = Broker::start();
+    let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
+    let urls: Vec<String> = nodes.iter().map(RedisServer::url).collect();
+    let section = redis_section("unused", "")
+        .replace("url = \"unused\"", &format!("cluster_nodes = {urls:?}"));
+    let mut text = std::fs::read_to_string(&p.file).unwrap();
+    text.push_str(&section);
+    std::fs::write(&p.file, text).unwrap();
+    produce_features(&broker, &p.topic, 0..1_500);
+    let mut sluice = p.spawn("run.log");
+    p.wait_drained(&broker, CLUSTER_DRAIN);
+    sigterm(&sluice.0);
+    assert!(
+        wait_exit(&mut sluice.0, Duration::from_secs(30)).success(),
+        "{}",
+        p.log("run.log")
+    );
+    let mut got = BTreeMap::new();
+    for n in &nodes {
+        got.extend(n.hashes("cust:"));
+    }
+    let want = expected(&broker, &p.topic);
+    assert_eq!(got, want, "O6 across the cluster");
+    let holding = nodes
+        .iter()
+        .filter(|n| !n.hashes("cust:").is_empty())
+        .count();
+    assert!(holding >= 2, "the keys should spread over the nodes");
 }

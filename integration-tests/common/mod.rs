@@ -33,6 +33,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `n` distinct free ports (held open together while they are chosen).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
@@ -810,8 +820,12 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_on(free_port(), extra)
+    }
+
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
         let mut server = Self {
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             process: None,
@@ -880,6 +894,13 @@ impl RedisServer {
                 (k, h)
             })
             .collect()
+    }
+
+    /// `CLUSTER INFO` of this node.
+    pub fn cluster_info(&self) -> String {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut con = client.get_connection().unwrap();
+        redis::cmd("CLUSTER").arg("INFO").query(&mut con).unwrap()
     }
 
     pub fn ttl(&self, key: &str) -> i64 {

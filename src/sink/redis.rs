@@ -7,7 +7,8 @@
 //!   out-of-order events therefore never roll a feature back.
 //! - **Coalescing.** Within a micro-batch only the newest event per key is sent.
 //! - **Throughput.** Writes go out as pipelines of `pipeline_size` scripts, `max_in_flight` at
-//!   a time, on one multiplexed connection (or the cluster's).
+//!   a time, on one multiplexed connection; on a cluster, each script is routed by its key's
+//!   slot and `max_in_flight * pipeline_size` of them are in flight at once.
 //! - **Failures.** A failed pipeline is retried with exponential backoff (capped at 10 s) until
 //!   it succeeds or the pipeline shuts down; meanwhile nothing new is taken in (the source
 //!   pauses), memory stays bounded, and no offset past the batch is committed.
@@ -266,8 +267,16 @@ impl RedisSink {
         let labels = [("pipeline", self.pipeline.clone())];
         metrics::counter!("sluice_redis_rows_coalesced_total", &labels)
             .increment((batch.num_rows() * self.views.len()).saturating_sub(sent) as u64);
+        // A cluster routes each command by its key's slot, and a pipeline must stay within one
+        // slot: there, every script goes alone, and the multiplexed connections pipeline them
+        // on the wire, `max_in_flight * pipeline_size` at a time.
+        let (chunk, concurrency) = if self.spec.cluster {
+            (1, self.spec.max_in_flight * self.spec.pipeline_size)
+        } else {
+            (self.spec.pipeline_size, self.spec.max_in_flight)
+        };
         let pipes: Vec<Pipeline> = invocations
-            .chunks(self.spec.pipeline_size)
+            .chunks(chunk)
             .map(|chunk| {
                 let mut pipe = redis::pipe();
                 for inv in chunk {
@@ -292,7 +301,7 @@ impl RedisSink {
                         send_with_retry(&mut conn, script, &pipe, cancel, healthy, pipeline).await
                     }
                 })
-                .buffer_unordered(self.spec.max_in_flight)
+                .buffer_unordered(concurrency)
                 .collect::<Vec<_>>()
                 .await
                 .into_iter()
