@@ -11,7 +11,6 @@ use std::{
 };
 
 use common::*;
-use rdkafka::producer::{BaseRecord, Producer};
 
 const DRAIN: Duration = Duration::from_secs(180);
 /// For the cluster test, which fails fast when the writes do not get through.
@@ -43,22 +42,14 @@ fn feature_event(n: u64) -> (String, Vec<u8>, bool) {
 }
 
 fn produce_features(broker: &Broker, topic: &str, range: impl Iterator<Item = u64>) {
-    let producer = broker.producer();
-    for n in range {
-        let (key, payload, _) = feature_event(n);
-        let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
-    }
-    producer.flush(Duration::from_secs(60)).unwrap();
+    produce_records(
+        broker,
+        topic,
+        range.map(|n| {
+            let (key, payload, _) = feature_event(n);
+            (key, payload)
+        }),
+    );
 }
 
 fn redis_section(url: &str, extra: &str) -> String {

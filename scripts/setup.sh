@@ -48,13 +48,17 @@ start_broker() {
   (cd "$dir" && exec "$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$port" \
       --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine "$engine" \
       >"$dir/tansu.log" 2>&1) &
-  TANSU_PID=$!
+    TANSU_PID=$!
   export KAFKA_BOOTSTRAP="127.0.0.1:$port"
+  wait_port "$port" || { echo "tansu did not start; see $dir/tansu.log" >&2; return 1; }
+}
+
+# Waits up to 10 s for something to listen on loopback port $1.
+wait_port() {
   for _ in $(seq 100); do
-    (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return
+    (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
     sleep 0.1
   done
-  echo "tansu did not start; see $dir/tansu.log" >&2
   return 1
 }
 
@@ -67,12 +71,7 @@ start_redis() {
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   mkdir -p "$dir"
   redis-server --port "$port" --bind 127.0.0.1 --save "" --dir "$dir" >"$dir/redis.log" 2>&1 &
-  REDIS_PID=$!
+    REDIS_PID=$!
   export REDIS_URL="redis://127.0.0.1:$port"
-  for _ in $(seq 100); do
-    (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return
-    sleep 0.1
-  done
-  echo "redis-server did not start; see $dir/redis.log" >&2
-  return 1
+  wait_port "$port" || { echo "redis-server did not start; see $dir/redis.log" >&2; return 1; }
 }

@@ -367,10 +367,25 @@ pub fn event(n: u64) -> TestEvent {
 
 /// Produces events `range` and waits for every delivery.
 pub fn produce(broker: &Broker, topic: &str, range: std::ops::Range<u64>) {
+    produce_records(
+        broker,
+        topic,
+        range.map(|n| {
+            let e = event(n);
+            (e.key, e.payload)
+        }),
+    );
+}
+
+/// Produces (key, payload) records in order and waits for every delivery.
+pub fn produce_records(
+    broker: &Broker,
+    topic: &str,
+    records: impl Iterator<Item = (String, Vec<u8>)>,
+) {
     let producer = broker.producer();
-    for n in range {
-        let e = event(n);
-        let mut record = BaseRecord::to(topic).key(&e.key).payload(&e.payload);
+    for (key, payload) in records {
+        let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
         loop {
             match producer.send(record) {
                 Ok(()) => break,

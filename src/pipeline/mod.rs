@@ -443,16 +443,8 @@ fn filter_partitions(
     batch: &arrow::record_batch::RecordBatch,
     owned: &[TopicPartition],
 ) -> anyhow::Result<arrow::record_batch::RecordBatch> {
-    use arrow::array::{AsArray, BooleanArray};
-    use arrow::datatypes::Int32Type;
-    let topics = batch
-        .column_by_name("_topic")
-        .context("_topic")?
-        .as_string::<i32>();
-    let partitions = batch
-        .column_by_name("_partition")
-        .context("_partition")?
-        .as_primitive::<Int32Type>();
+    use arrow::array::BooleanArray;
+    let (topics, partitions, _) = crate::schema::provenance(batch);
     let keep: BooleanArray = (0..batch.num_rows())
         .map(|i| {
             Some(

@@ -109,6 +109,28 @@ impl Bounds {
 /// Names of the columns sluice adds to every batch, after the event's own fields.
 pub const SOURCE_COLUMNS: [&str; 4] = ["_topic", "_partition", "_offset", "_timestamp"];
 
+/// The `_topic`, `_partition` and `_offset` columns of a decoded batch.
+pub fn provenance(
+    batch: &arrow::record_batch::RecordBatch,
+) -> (
+    &arrow::array::StringArray,
+    &arrow::array::Int32Array,
+    &arrow::array::Int64Array,
+) {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{Int32Type, Int64Type};
+    let column = |name| {
+        batch
+            .column_by_name(name)
+            .expect("every decoded batch has the source columns")
+    };
+    (
+        column("_topic").as_string::<i32>(),
+        column("_partition").as_primitive::<Int32Type>(),
+        column("_offset").as_primitive::<Int64Type>(),
+    )
+}
+
 /// The source columns: topic, partition, offset and the Kafka message timestamp.
 pub fn source_fields() -> Vec<Field> {
     vec![

@@ -30,9 +30,7 @@ use std::{
 
 use arrow::{
     array::{Array, ArrayRef, AsArray},
-    datatypes::{
-        DataType, Date32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType,
-    },
+    datatypes::{DataType, Date32Type, Float64Type, Int64Type, TimestampMicrosecondType},
     record_batch::RecordBatch,
 };
 use futures::StreamExt;
@@ -333,14 +331,7 @@ impl RedisSink {
                 .map(|d| *d as i64 * 86_400_000_000)
                 .collect(),
         };
-        let partitions = batch
-            .column_by_name("_partition")
-            .expect("source column")
-            .as_primitive::<Int32Type>();
-        let offsets = batch
-            .column_by_name("_offset")
-            .expect("source column")
-            .as_primitive::<Int64Type>();
+        let (_, partitions, offsets) = crate::schema::provenance(batch);
         let mut out = Vec::new();
         for view in &self.views {
             // Newest row per key: by event time, then partition, then offset.

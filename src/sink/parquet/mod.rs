@@ -28,11 +28,7 @@ use std::{
 };
 
 use arrow::{
-    array::{AsArray, UInt32Array},
-    compute::take_record_batch,
-    datatypes::{Int32Type, Int64Type},
-    error::ArrowError,
-    record_batch::RecordBatch,
+    array::UInt32Array, compute::take_record_batch, error::ArrowError, record_batch::RecordBatch,
 };
 use parquet::{
     arrow::ArrowWriter,
@@ -252,18 +248,7 @@ impl ParquetSink {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let topics = batch
-            .column_by_name("_topic")
-            .expect("source column")
-            .as_string::<i32>();
-        let partitions = batch
-            .column_by_name("_partition")
-            .expect("source column")
-            .as_primitive::<Int32Type>();
-        let offsets = batch
-            .column_by_name("_offset")
-            .expect("source column")
-            .as_primitive::<Int64Type>();
+        let (topics, partitions, offsets) = crate::schema::provenance(batch);
         // Group rows by (topic, partition, folder), keeping their order.
         type Group<'a> = (&'a str, i32, String);
         let mut groups: Vec<(Group, Vec<u32>)> = Vec::new();
