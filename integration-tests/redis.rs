@@ -402,3 +402,133 @@ fn features_in_a_redis_cluster() {
         .count();
     assert!(holding >= 2, "the keys should spread over the nodes");
 }
+
+/// `rediss://` against a server whose certificate a private CA signed: refused without the
+/// CA (certificates are checked), and every entity correct with `tls_ca_file`.
+#[test]
+fn features_over_tls_with_a_private_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=sluice-test-ca",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let path = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+    let port = free_port();
+    let tls_port = port.to_string();
+    let (cert, key, ca) = (path("server.crt"), path("server.key"), path("ca.crt"));
+    let _redis = RedisServer::start_on(
+        port,
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
+    let broker = Broker::start();
+    let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
+    with_redis(&p, &format!("rediss://127.0.0.1:{port}"), "");
+
+    // Without the CA, the server's certificate is not trusted: a fast, clear failure.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", p.file.to_str().unwrap(), "--listen", "off"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to rediss://127.0.0.1"));
+
+    let text = std::fs::read_to_string(&p.file).unwrap().replace(
+        &format!("url = \"rediss://127.0.0.1:{port}\""),
+        &format!("url = \"rediss://127.0.0.1:{port}\"\ntls_ca_file = {ca:?}"),
+    );
+    std::fs::write(&p.file, text).unwrap();
+    produce_features(&broker, &p.topic, 0..600);
+    let mut sluice = p.spawn("run.log");
+    p.wait_drained(&broker, DRAIN);
+    sigterm(&sluice.0);
+    assert!(
+        wait_exit(&mut sluice.0, Duration::from_secs(30)).success(),
+        "{}",
+        p.log("run.log")
+    );
+    let want = expected(&broker, &p.topic);
+    for (key, hash) in &want {
+        let out = Command::new("redis-cli")
+            .args([
+                "--tls", "--cacert", &ca, "-p", &tls_port, "--no-raw", "HGET", key, "id",
+            ])
+            .output()
+            .unwrap();
+        let got = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_matches('"')
+            .to_owned();
+        assert_eq!(&got, &hash["id"], "O6 over TLS: {key}");
+    }
+}

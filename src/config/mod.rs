@@ -423,7 +423,7 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
         .map(|pq| build_parquet(pq, base, schema.as_deref(), p));
     let redis = sinks
         .and_then(|s| s.redis.as_ref())
-        .map(|r| redis::build_redis(r, schema.as_deref(), p));
+        .map(|r| redis::build_redis(r, base, schema.as_deref(), p));
     if parquet.is_none() && redis.is_none() {
         p.push(
             "sink",

@@ -127,6 +127,9 @@ pub struct RawRedis {
     pub url: Option<Setting<String>>,
     /// Cluster mode: seed node URLs (same scheme and credentials); `url` is then not used.
     pub cluster_nodes: Option<Setting<Vec<String>>>,
+    /// PEM file of the CA that signed the server's certificate, for `rediss://` servers whose
+    /// certificate the system's roots do not cover (relative to this file).
+    pub tls_ca_file: Option<Setting<String>>,
     /// The event-time field (date-time or date): a write never replaces a newer event.
     pub time_field: Option<Setting<String>>,
     /// Pipelined writes in flight at once (default 4).

@@ -14,6 +14,8 @@ pub struct RedisSpec {
     /// Connection URLs: one, or the cluster's seed nodes. Hold secrets: never log them.
     pub urls: Vec<String>,
     pub cluster: bool,
+    /// CA certificate (PEM) for `rediss://`, instead of the system's roots.
+    pub tls_ca_file: Option<std::path::PathBuf>,
     pub time_field: String,
     pub max_in_flight: usize,
     pub pipeline_size: usize,
@@ -125,6 +127,7 @@ fn scalar(kind: &Kind) -> bool {
 
 pub(super) fn build_redis(
     raw: &RawRedis,
+    base: &std::path::Path,
     schema: Option<&EventSchema>,
     p: &mut Problems,
 ) -> Option<RedisSpec> {
@@ -155,6 +158,24 @@ pub(super) fn build_redis(
             (vec![], false)
         }
     };
+    let tls_ca_file = p
+        .read(&format!("{AT}.tls_ca_file"), &raw.tls_ca_file)
+        .ok()?
+        .map(|f| base.join(f));
+    if let Some(f) = &tls_ca_file {
+        if !f.is_file() {
+            p.push(
+                &format!("{AT}.tls_ca_file"),
+                format!("{} is not a readable file", f.display()),
+            );
+        }
+        if !urls.iter().all(|u| u.starts_with("rediss://")) {
+            p.push(
+                &format!("{AT}.tls_ca_file"),
+                "is only used with rediss:// URLs",
+            );
+        }
+    }
     let time_field = p.required(&format!("{AT}.time_field"), &raw.time_field);
     if let (Some(t), Some(schema)) = (&time_field, schema) {
         match schema.field(t) {
@@ -198,6 +219,7 @@ pub(super) fn build_redis(
     Some(RedisSpec {
         urls,
         cluster,
+        tls_ca_file,
         time_field: time_field?,
         max_in_flight: max_in_flight?,
         pipeline_size: pipeline_size?,
@@ -347,6 +369,7 @@ mod tests {
             RedisSpec {
                 urls: vec!["rediss://u:hunter2@h:1".into()],
                 cluster: false,
+                tls_ca_file: None,
                 time_field: "t".into(),
                 max_in_flight: 1,
                 pipeline_size: 1,

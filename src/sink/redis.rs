@@ -119,11 +119,33 @@ async fn connect(spec: &RedisSpec) -> Result<Connection, RedisSinkError> {
         url: shown.clone(),
         source,
     };
+    let certificates = match &spec.tls_ca_file {
+        Some(file) => Some(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(file).map_err(|e| {
+                fail(RedisError::from((
+                    redis::ErrorKind::Io,
+                    "cannot read tls_ca_file",
+                    e.to_string(),
+                )))
+            })?),
+        }),
+        None => None,
+    };
     let mut conn = if spec.cluster {
-        let client = redis::cluster::ClusterClient::new(spec.urls.clone()).map_err(fail)?;
+        let mut builder = redis::cluster::ClusterClientBuilder::new(spec.urls.clone());
+        if let Some(certs) = certificates {
+            builder = builder.certs(certs);
+        }
+        let client = builder.build().map_err(fail)?;
         Connection::Cluster(client.get_async_connection().await.map_err(fail)?)
     } else {
-        let client = redis::Client::open(spec.urls[0].as_str()).map_err(fail)?;
+        let url = spec.urls[0].as_str();
+        let client = match certificates {
+            Some(certs) => redis::Client::build_with_tls(url, certs),
+            None => redis::Client::open(url),
+        }
+        .map_err(fail)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)))
