@@ -1,10 +1,10 @@
 //! A running pipeline: wiring of source → sinks, and the commit protocol.
 //!
 //! Tasks and threads of one pipeline:
-//! - the **source thread** ([`crate::source`]) polls Kafka and decodes micro-batches;
+//! - the **source thread** ([`crate::source`]) polls Kafka and copies micro-batches;
 //! - the **pipeline task** (this module, one tokio task) receives them in order through a
 //!   bounded channel (the backpressure: when it is full, the source pauses its partitions),
-//!   sends rejected events to the dead-letter topic, writes rows into the Parquet segments
+//!   decodes them into Arrow, sends rejected events to the dead-letter topic, writes rows into the Parquet segments
 //!   (CPU work runs under `block_in_place`), finishes segments, and commits offsets.
 //!
 //! The order in which things become durable, per partition:
@@ -132,7 +132,7 @@ async fn run_inner(
     let source = Source::start(
         &spec.name,
         &spec.source,
-        Batcher::new(decoder, spec.batch.clone()),
+        Batcher::new(spec.batch.clone()),
         tx,
     )
     .context("creating the Kafka consumer")?;
@@ -145,6 +145,7 @@ async fn run_inner(
         labels: spec.name.clone(),
         policy: spec.errors.policy.clone(),
         consumer: source.consumer.clone(),
+        decoder,
         sink,
         redis,
         dead_letters,
@@ -183,6 +184,8 @@ struct Runner {
     labels: String,
     policy: ErrorPolicy,
     consumer: Arc<KafkaConsumer>,
+    /// Builds the Arrow batches; lives here so decoding runs beside, not inside, polling.
+    decoder: Decoder,
     sink: Option<ParquetSink>,
     redis: Option<RedisSink>,
     dead_letters: Option<DeadLetters>,
@@ -214,7 +217,9 @@ impl Runner {
                 }
                 event = rx.recv() => match event {
                     None => return Err(anyhow!("the Kafka source stopped")),
-                                        Some(SourceEvent::Batch(batch)) => {
+                                        Some(SourceEvent::Batch(raw)) => {
+                        let decoder = &mut self.decoder;
+                        let batch = tokio::task::block_in_place(|| raw.decode(decoder));
                         if !self.batch(batch, shutdown).await? {
                             return Ok(());
                         }

@@ -1,6 +1,6 @@
-//! Micro-batching: messages from any assigned partitions are decoded straight from librdkafka's
-//! buffers into Arrow builders until the batch is full or old enough. Only rejected events are
-//! copied, since the dead-letter topic needs their original bytes.
+//! Micro-batching: the source thread copies messages from any assigned partitions into one
+//! buffer per batch ([`RawBatch`]) until the batch is full or old enough; the pipeline task
+//! decodes it ([`RawBatch::decode`]), so polling and decoding run on different cores.
 
 use std::{
     collections::HashMap,
@@ -15,6 +15,72 @@ use crate::{
     config::BatchSpec,
     decode::{DecodeError, Decoder, Origin},
 };
+
+/// One message of a [`RawBatch`]; its bytes live in the batch's buffer.
+#[derive(Debug)]
+struct RawMessage {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
+    key: Option<std::ops::Range<usize>>,
+    payload: Option<std::ops::Range<usize>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// Messages as consumed, not yet decoded.
+#[derive(Debug, Default)]
+pub struct RawBatch {
+    messages: Vec<RawMessage>,
+    /// Keys and payloads, back to back.
+    bytes: Vec<u8>,
+    spans: Vec<(TopicPartition, Span)>,
+    payload_bytes: usize,
+}
+
+impl RawBatch {
+    /// Events in the batch.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// Decodes and validates every event: valid ones become rows, the others [`Rejected`]
+    /// with their original key, bytes and headers. CPU-heavy.
+    pub fn decode(self, decoder: &mut Decoder) -> SourceBatch {
+        let mut rejected = Vec::new();
+        for m in self.messages {
+            let payload = m.payload.clone().map(|r| &self.bytes[r]);
+            let origin = Origin {
+                topic: &m.topic,
+                partition: m.partition,
+                offset: m.offset,
+                timestamp: m.timestamp,
+            };
+            if let Err(error) = decoder.push(origin, payload) {
+                rejected.push(Rejected {
+                    key: m.key.map(|r| self.bytes[r].to_vec()),
+                    payload: payload.map(<[u8]>::to_vec),
+                    topic: m.topic,
+                    partition: m.partition,
+                    offset: m.offset,
+                    timestamp: m.timestamp,
+                    headers: m.headers,
+                    error,
+                });
+            }
+        }
+        SourceBatch {
+            rows: decoder.finish(),
+            rejected,
+            spans: self.spans,
+            payload_bytes: self.payload_bytes,
+        }
+    }
+}
 
 /// A topic and partition; topic names are shared, not copied per message.
 pub type TopicPartition = (Arc<str>, i32);
@@ -59,29 +125,23 @@ impl SourceBatch {
     }
 }
 
-/// Assembles micro-batches.
+/// Assembles micro-batches of raw messages.
 pub struct Batcher {
-    decoder: Decoder,
     spec: BatchSpec,
     topics: HashMap<String, Arc<str>>,
-    rejected: Vec<Rejected>,
+    open: RawBatch,
     spans: HashMap<TopicPartition, Span>,
-    bytes: usize,
-    events: usize,
     /// When the first event of the open batch arrived.
     started: Option<Instant>,
 }
 
 impl Batcher {
-    pub fn new(decoder: Decoder, spec: BatchSpec) -> Self {
+    pub fn new(spec: BatchSpec) -> Self {
         Self {
-            decoder,
             spec,
             topics: HashMap::new(),
-            rejected: Vec::new(),
+            open: RawBatch::default(),
             spans: HashMap::new(),
-            bytes: 0,
-            events: 0,
             started: None,
         }
     }
@@ -95,51 +155,50 @@ impl Batcher {
         t
     }
 
-    /// Decodes one message into the open batch.
+    /// Copies one message into the open batch.
     pub fn push(&mut self, msg: &BorrowedMessage<'_>) {
         let topic = self.topic(msg.topic());
         let (partition, offset) = (msg.partition(), msg.offset());
-        let timestamp = msg.timestamp().to_millis();
-        let origin = Origin {
-            topic: &topic,
+        let bytes = &mut self.open.bytes;
+        let mut copy = |data: Option<&[u8]>| {
+            data.map(|d| {
+                let start = bytes.len();
+                bytes.extend_from_slice(d);
+                start..bytes.len()
+            })
+        };
+        let key = copy(msg.key());
+        let payload = copy(msg.payload());
+        self.open.payload_bytes += payload.as_ref().map_or(0, |r| r.len());
+        let headers = msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.open.messages.push(RawMessage {
+            topic: topic.clone(),
             partition,
             offset,
-            timestamp,
-        };
-        let payload = msg.payload();
-        if let Err(error) = self.decoder.push(origin, payload) {
-            self.rejected.push(Rejected {
-                topic: topic.clone(),
-                partition,
-                offset,
-                timestamp,
-                key: msg.key().map(<[u8]>::to_vec),
-                payload: payload.map(<[u8]>::to_vec),
-                headers: msg
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                error,
-            });
-        }
+            timestamp: msg.timestamp().to_millis(),
+            key,
+            payload,
+            headers,
+        });
         let span = self.spans.entry((topic, partition)).or_insert(Span {
             first: offset,
             next: offset,
         });
         span.first = span.first.min(offset);
         span.next = span.next.max(offset + 1);
-        self.bytes += payload.map_or(0, <[u8]>::len);
-        self.events += 1;
         self.started.get_or_insert_with(Instant::now);
     }
 
     /// The batch is full by rows or bytes.
     pub fn is_full(&self) -> bool {
-        self.events >= self.spec.max_rows || self.bytes >= self.spec.max_bytes
+        self.open.len() >= self.spec.max_rows || self.open.payload_bytes >= self.spec.max_bytes
     }
 
     /// How long until the open batch must be sent (`None` when it is empty).
@@ -149,16 +208,13 @@ impl Batcher {
     }
 
     /// Closes the open batch, if it has any event.
-    pub fn take(&mut self) -> Option<SourceBatch> {
+    pub fn take(&mut self) -> Option<RawBatch> {
         self.started.take()?;
-        let batch = SourceBatch {
-            rows: self.decoder.finish(),
-            rejected: std::mem::take(&mut self.rejected),
-            spans: self.spans.drain().collect(),
-            payload_bytes: self.bytes,
-        };
-        self.bytes = 0;
-        self.events = 0;
+        let mut batch = std::mem::take(&mut self.open);
+        batch.spans = self.spans.drain().collect();
+        // The next batch will be about as big.
+        self.open.messages.reserve(batch.messages.len());
+        self.open.bytes.reserve(batch.bytes.len());
         Some(batch)
     }
 }

@@ -1,4 +1,4 @@
-//! The Kafka source: one OS thread per pipeline polls a consumer-group member, decodes
+//! The Kafka source: one OS thread per pipeline polls a consumer-group member, copies
 //! messages into micro-batches ([`batch`]) and sends them, in order, on a bounded channel.
 //!
 //! Rebalances are handled on the same thread, in librdkafka's rebalance callback, and flow
@@ -36,12 +36,12 @@ use rdkafka::{
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-pub use self::batch::{Batcher, Rejected, SourceBatch, Span, TopicPartition};
+pub use self::batch::{Batcher, RawBatch, Rejected, SourceBatch, Span, TopicPartition};
 use crate::config::{SourceSpec, StartFrom};
 
 /// What the source tells the pipeline, in the order it happened.
 pub enum SourceEvent {
-    Batch(SourceBatch),
+    Batch(RawBatch),
     /// Partitions are about to be assigned. Reply with each partition's resume offset from the
     /// sinks' own records (`None` where they have none).
     Assigned {
