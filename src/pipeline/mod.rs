@@ -4,10 +4,12 @@
 //! - the **source thread** ([`crate::source`]) polls Kafka and copies micro-batches;
 //! - the **pipeline task** (this module, one tokio task) receives them in order through a
 //!   bounded channel (the backpressure: when it is full, the source pauses its partitions),
-//!   decodes them into Arrow, sends rejected events to the dead-letter topic, writes rows into the Parquet segments
-//!   (CPU work runs under `block_in_place`), finishes segments, and commits offsets.
+//!   decodes them into Arrow, sends rejected events to the dead-letter topic, writes features
+//!   to Redis and rows into the Parquet segments (CPU work runs under `block_in_place`),
+//!   finishes segments, and commits offsets.
 //!
 //! The order in which things become durable, per partition:
+//! 0. a batch's features are acknowledged by Redis before its rows enter a Parquet segment;
 //! 1. dead letters are acknowledged by the broker (all pending ones, before any segment is
 //!    finished, because a finished segment's manifest is also a resume position);
 //! 2. the segment's files are finished and published ([`crate::sink::parquet`]);
