@@ -2,7 +2,7 @@
 //!
 //! Every event is checked completely (size, UTF-8, nesting, JSON syntax, schema) before any of
 //! its values reach the column builders, so one bad event never fails its batch: it becomes a
-//! [`Rejected`] carrying the original bytes and the reason, and the batch goes on.
+//! [`crate::source::Rejected`] carrying the original bytes and the reason, and the batch goes on.
 
 mod columns;
 mod error;
