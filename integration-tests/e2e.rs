@@ -47,9 +47,7 @@ fn clean_run_delivers_every_event_exactly_once() {
         metrics.contains("sluice_commit_seconds_bucket"),
         "{metrics}"
     );
-    sigterm(&sluice.0);
-    let status = wait_exit(&mut sluice.0, Duration::from_secs(30));
-    assert!(status.success(), "exit {status:?}\n{}", p.log("run.log"));
+    p.stop(&mut sluice, "run.log");
     let (rows, dead) = check_oracle(&broker, &p);
     assert_eq!(rows + dead, 4_000);
     assert!(dead > 500, "the mix has every kind of broken event");
@@ -78,9 +76,7 @@ fn sigterm_finishes_files_and_commits_everything() {
         common::parquet_files(&p.output).is_empty(),
         "no file may be finished before shutdown"
     );
-    sigterm(&sluice.0);
-    let status = wait_exit(&mut sluice.0, Duration::from_secs(30));
-    assert!(status.success(), "exit {status:?}\n{}", p.log("run.log"));
+    p.stop(&mut sluice, "run.log");
     check_oracle(&broker, &p);
 }
 
@@ -110,12 +106,7 @@ fn kill_9_and_restart_keeps_exactly_once() {
     }
     let mut sluice = p.spawn("final.log");
     p.wait_drained(&broker, DRAIN);
-    sigterm(&sluice.0);
-    assert!(
-        wait_exit(&mut sluice.0, Duration::from_secs(30)).success(),
-        "{}",
-        p.log("final.log")
-    );
+    p.stop(&mut sluice, "final.log");
     let (rows, dead) = check_oracle(&broker, &p);
     assert_eq!(rows + dead, total as usize);
 }
@@ -157,19 +148,12 @@ fn second_instance_joins_then_dies() {
         .is_err()
     {
         eprintln!("the dead member's partitions were not reassigned; restarting the survivor");
-        sigterm(&first.0);
-        let status = wait_exit(&mut first.0, Duration::from_secs(30));
-        assert!(status.success(), "{}", p.log("first.log"));
+        p.stop(&mut first, "first.log");
         std::thread::sleep(SESSION_TIMEOUT);
         first = p.spawn("first-restarted.log");
     }
     p.wait_drained(&broker, DRAIN);
-    sigterm(&first.0);
-    assert!(
-        wait_exit(&mut first.0, Duration::from_secs(30)).success(),
-        "{}",
-        p.log("first.log")
-    );
+    p.stop(&mut first, "first.log");
     let second_log = p.log("second.log");
     assert!(
         second_log.contains("Partitions assigned"),
@@ -312,12 +296,7 @@ fn s3_sink_writes_readable_files_exactly_once() {
     produce(&broker, &p.topic, 0..total);
     let mut sluice = p.spawn("run.log");
     p.wait_drained(&broker, DRAIN);
-    sigterm(&sluice.0);
-    assert!(
-        wait_exit(&mut sluice.0, Duration::from_secs(30)).success(),
-        "{}",
-        p.log("run.log")
-    );
+    p.stop(&mut sluice, "run.log");
     let valid = (0..total).filter(|n| event(*n).invalid.is_none()).count();
     let counts: Vec<usize> = run(&["read", "lake", "events/"])
         .split(' ')

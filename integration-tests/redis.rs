@@ -139,12 +139,7 @@ fn features_equal_the_newest_event_and_replays_never_roll_back() {
     produce_features(&broker, &p.topic, (0..3_000).step_by(13));
     let mut sluice = p.spawn("run.log");
     p.wait_drained(&broker, DRAIN);
-    sigterm(&sluice.0);
-    assert!(
-        wait_exit(&mut sluice.0, Duration::from_secs(30)).success(),
-        "{}",
-        p.log("run.log")
-    );
+    p.stop(&mut sluice, "run.log");
     let want = expected(&broker, &p.topic);
     assert_eq!(want.len(), 40);
     assert_features(&redis, &want);
@@ -163,12 +158,7 @@ fn features_equal_the_newest_event_and_replays_never_roll_back() {
     std::fs::write(&p.file, text).unwrap();
     let mut replay = p.spawn("replay.log");
     broker.wait_committed(&p.topic, "replay", DRAIN).unwrap();
-    sigterm(&replay.0);
-    assert!(
-        wait_exit(&mut replay.0, Duration::from_secs(30)).success(),
-        "{}",
-        p.log("replay.log")
-    );
+    p.stop(&mut replay, "replay.log");
     assert_eq!(
         redis.hashes("cust:"),
         before,
@@ -219,12 +209,7 @@ fn a_redis_outage_pauses_the_pipeline_and_loses_nothing() {
         200,
         "ready again once Redis is back"
     );
-    sigterm(&sluice.0);
-    assert!(
-        wait_exit(&mut sluice.0, Duration::from_secs(30)).success(),
-        "{}",
-        p.log("run.log")
-    );
+    p.stop(&mut sluice, "run.log");
     assert_features(&redis, &expected(&broker, &p.topic));
     let rows = read_rows(&p.output);
     let valid = (0..2_500).filter(|n| feature_event(*n).2).count();
@@ -384,12 +369,7 @@ fn features_in_a_redis_cluster() {
     produce_features(&broker, &p.topic, 0..1_500);
     let mut sluice = p.spawn("run.log");
     p.wait_drained(&broker, CLUSTER_DRAIN);
-    sigterm(&sluice.0);
-    assert!(
-        wait_exit(&mut sluice.0, Duration::from_secs(30)).success(),
-        "{}",
-        p.log("run.log")
-    );
+    p.stop(&mut sluice, "run.log");
     let mut got = BTreeMap::new();
     for n in &nodes {
         got.extend(n.hashes("cust:"));
@@ -511,12 +491,7 @@ fn features_over_tls_with_a_private_ca() {
     produce_features(&broker, &p.topic, 0..600);
     let mut sluice = p.spawn("run.log");
     p.wait_drained(&broker, DRAIN);
-    sigterm(&sluice.0);
-    assert!(
-        wait_exit(&mut sluice.0, Duration::from_secs(30)).success(),
-        "{}",
-        p.log("run.log")
-    );
+    p.stop(&mut sluice, "run.log");
     let want = expected(&broker, &p.topic);
     for (key, hash) in &want {
         let out = Command::new("redis-cli")

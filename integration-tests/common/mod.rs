@@ -489,6 +489,13 @@ time_field = "at"
         )
     }
 
+    /// SIGTERM, then a clean exit within 30 s, or fails with the log `log`.
+    pub fn stop(&self, sluice: &mut KillOnDrop, log: &str) {
+        sigterm(&sluice.0);
+        let status = wait_exit(&mut sluice.0, Duration::from_secs(30));
+        assert!(status.success(), "exit {status:?}\n{}", self.log(log));
+    }
+
     /// Waits until the pipeline has committed everything; on timeout, fails with its logs.
     pub fn wait_drained(&self, broker: &Broker, timeout: Duration) {
         if let Err(e) = broker.wait_committed(&self.topic, &self.group, timeout) {

@@ -260,21 +260,27 @@ impl ParquetSink {
                 String::new()
             };
             let key = (topics.value(row), partitions.value(row), folder);
-            let at = *index.entry(key.clone()).or_insert_with(|| {
-                groups.push((key, Vec::new()));
-                groups.len() - 1
-            });
+            // Only a new group's key is copied; most rows join an existing group.
+            let at = match index.get(&key) {
+                Some(at) => *at,
+                None => {
+                    groups.push((key.clone(), Vec::new()));
+                    index.insert(key, groups.len() - 1);
+                    groups.len() - 1
+                }
+            };
             groups[at].1.push(row as u32);
         }
         let now = Instant::now();
         for ((topic, partition, folder), rows) in groups {
-            let sub = if rows.len() == batch.num_rows() {
-                batch.clone()
-            } else {
-                take_record_batch(batch, &UInt32Array::from(rows.clone()))?
-            };
             let first = offsets.value(rows[0] as usize);
             let last = offsets.value(*rows.last().expect("groups are not empty") as usize);
+            let count = rows.len();
+            let sub = if count == batch.num_rows() {
+                batch.clone()
+            } else {
+                take_record_batch(batch, &UInt32Array::from(rows))?
+            };
             let tp: TopicPartition = (Arc::from(topic), partition);
             let segment = self.segments.entry(tp.clone()).or_insert_with(|| Segment {
                 first,
@@ -318,7 +324,7 @@ impl ParquetSink {
                 })?;
             segment.first = segment.first.min(first);
             segment.last = segment.last.max(last);
-            segment.rows += rows.len() as u64;
+            segment.rows += count as u64;
             segment.touched = now;
         }
         Ok(())
