@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The demo: starts a local Kafka-protocol broker (tansu) and redis-server on free ports,
 # produces realistic commerce events (a few percent broken in different ways), runs the example
-# pipeline (pipelines/orders.toml: Parquet, dead letters, features in Redis) until the topic is
-# drained, prints a summary and stops everything.
+# pipeline (pipelines/orders.toml: Parquet, dead letters, features in Redis, fraud scores from
+# the TorchScript model in models/fraud) until the topic is drained, prints a summary and stops
+# everything.
 #
 #   DEMO_EVENTS   how many events to produce (default 200000)
 #   KAFKA_BOOTSTRAP  use this broker instead of starting one
@@ -34,9 +35,17 @@ start_broker "$WORK/broker" "memory://tansu/"
 RUN_ID="$(date +%s)"
 export ORDERS_TOPIC="orders-$RUN_ID" ORDERS_DLQ="orders-$RUN_ID.dlq" ORDERS_GROUP="sluice-demo-$RUN_ID"
 export ORDERS_OUTPUT="$OUTPUT" ORDERS_IDLE_FLUSH="2s"
+export FRAUD_TOPIC="orders-$RUN_ID.fraud" FRAUD_FEEDBACK_TOPIC="orders-$RUN_ID.fraud.feedback"
 rm -rf "$OUTPUT"
 "$BIN/sluice-bench" create-topic "$ORDERS_TOPIC" --partitions 4
 "$BIN/sluice-bench" create-topic "$ORDERS_DLQ" --partitions 1
+"$BIN/sluice-bench" create-topic "$FRAUD_TOPIC" --partitions 4
+"$BIN/sluice-bench" create-topic "$FRAUD_FEEDBACK_TOPIC" --partitions 4
+
+if [ ! -f models/fraud/1/model.pt ]; then
+  say "Training the fraud model (models/fraud.py)"
+  python3 models/fraud.py train
+fi
 
 say "Producing $EVENTS events to $ORDERS_TOPIC on $KAFKA_BOOTSTRAP"
 "$BIN/sluice-bench" generate "$ORDERS_TOPIC" --count "$EVENTS"
@@ -62,4 +71,6 @@ if [ -n "$EXAMPLE" ]; then
   echo "one of them, as \`$BIN/sluice features get pipelines/orders.toml $EXAMPLE\` shows it:"
   "$BIN/sluice" features get pipelines/orders.toml "$EXAMPLE"
 fi
+echo "fraud scores (model \"fraud\", models/fraud) went to topic $FRAUD_TOPIC, feedback to $FRAUD_FEEDBACK_TOPIC:"
+"$BIN/sluice-bench" predictions "$FRAUD_TOPIC" --field fraud_score
 echo "Parquet files are in $OUTPUT; the pipeline's log is $WORK/sluice.log"

@@ -30,6 +30,16 @@ if ! python3 -c 'import pyarrow, duckdb, pytz, moto, boto3' 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check -r "$(dirname "${BASH_SOURCE[0]}")/../integration-tests/requirements.txt"
 fi
 
+# libtorch for the tch crate (scoring): PyTorch 2.13.0 from PyPI, which tch 0.26 is built
+# against (about 5 GB with its CUDA libraries; it runs on the CPU where there is no GPU). The
+# build links it through this Python (LIBTORCH_USE_PYTORCH) and gives the binaries an rpath to
+# it, so they run without LD_LIBRARY_PATH.
+if ! python3 -c 'import sys, torch; sys.exit(not torch.__version__.startswith("2.13.0"))' 2>/dev/null; then
+  say "Installing PyTorch 2.13.0 (libtorch for sluice's models; about 5 GB, a few minutes)"
+  python3 -m pip install -q --disable-pip-version-check torch==2.13.0
+fi
+export LIBTORCH_USE_PYTORCH=1
+
 # A Kafka-protocol broker: tansu, built once from crates.io (15-20 minutes on 2 cores).
 export TANSU_BIN="${TANSU_BIN:-$SLUICE_CACHE/tansu/bin/tansu}"
 if [ -z "${KAFKA_BOOTSTRAP:-}" ] && [ ! -x "$TANSU_BIN" ]; then

@@ -27,6 +27,7 @@ pub mod config;
 pub mod decode;
 pub mod pipeline;
 pub mod schema;
+pub mod score;
 pub mod sink;
 pub mod source;
 pub mod telemetry;

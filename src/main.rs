@@ -95,6 +95,10 @@ fn main() -> ExitCode {
                 .expect("building the tokio runtime");
             match runtime.block_on(run(pipelines, &listen, grace_period)) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.chain().any(|c| c.is::<sluice::score::ModelRefused>()) => {
+                    error!("{e:#}");
+                    ExitCode::from(2)
+                }
                 Err(e) => {
                     error!("{e:#}");
                     ExitCode::from(1)
@@ -170,6 +174,19 @@ fn validate(files: &[PathBuf]) -> ExitCode {
         Ok(p) => p,
         Err(code) => return code,
     };
+    // Models are loaded and warmed up as `run` would, so a bad file fails here too.
+    let mut refused = false;
+    for p in &pipelines {
+        for (i, m) in p.models.iter().enumerate() {
+            if let Err(reason) = sluice::score::load_newest(m) {
+                eprintln!("{}: model[{i}] ({:?}): {reason}", p.file.display(), m.name);
+                refused = true;
+            }
+        }
+    }
+    if refused {
+        return ExitCode::from(2);
+    }
     for p in &pipelines {
         println!("{}: pipeline {:?} is valid", p.file.display(), p.name);
         println!(
@@ -218,6 +235,24 @@ fn validate(files: &[PathBuf]) -> ExitCode {
                     v.name, v.fields, v.ttl
                 );
             }
+        }
+        for m in &p.models {
+            let version = sluice::score::model::newest(&m.source)
+                .map(|c| c.version)
+                .unwrap_or_default();
+            println!(
+                "  model {:?}: {} version {version}, {:?}, {} features, output {:?} to {:?}{}",
+                m.name,
+                m.source.path().display(),
+                m.device,
+                m.features(),
+                m.output,
+                m.output_topic,
+                m.feedback_topic
+                    .as_ref()
+                    .map(|t| format!(", feedback to {t:?}"))
+                    .unwrap_or_default()
+            );
         }
         if let Some(pq) = &p.parquet {
             println!(

@@ -84,6 +84,14 @@ enum Command {
         #[arg(long)]
         elapsed: Option<f64>,
     },
+    /// Summarize a predictions topic: how many, by model version, the score distribution, one
+    /// example.
+    Predictions {
+        topic: String,
+        /// The output field to histogram.
+        #[arg(long, default_value = "score")]
+        field: String,
+    },
     /// Wait until a consumer group has committed every partition's end offset.
     WaitCommitted {
         topic: String,
@@ -134,6 +142,7 @@ fn main() -> anyhow::Result<()> {
             &group,
             elapsed,
         ),
+        Command::Predictions { topic, field } => predictions(&cli.bootstrap, &topic, &field),
         Command::WaitCommitted {
             topic,
             group,
@@ -444,6 +453,76 @@ fn wait_committed(
     }
 }
 
+/// Reads a whole topic until it is quiet for 3 s, handing each message to `each`.
+fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("sluice-bench-reader-{}", std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let marks = high_watermarks(&consumer, topic).unwrap_or_default();
+    let mut tpl = TopicPartitionList::new();
+    for (p, _, _) in &marks {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    loop {
+        match consumer.poll(Duration::from_secs(3)) {
+            Some(Ok(m)) => each(&m),
+            Some(Err(e)) => bail!("reading {topic}: {e}"),
+            None => return Ok(()),
+        }
+    }
+}
+
+fn predictions(bootstrap: &str, topic: &str, field: &str) -> anyhow::Result<()> {
+    let mut versions: BTreeMap<String, u64> = BTreeMap::new();
+    let mut buckets = [0u64; 10];
+    let mut example = None;
+    let mut n = 0u64;
+    read_topic(bootstrap, topic, |m| {
+        let Some(v) = m
+            .payload()
+            .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+        else {
+            return;
+        };
+        n += 1;
+        let version = v["model_version"].as_str().unwrap_or("?").to_owned();
+        *versions.entry(version).or_default() += 1;
+        if let Some(score) = v["outputs"][field].as_f64() {
+            buckets[((score * 10.0) as usize).min(9)] += 1;
+        }
+        example.get_or_insert(v);
+    })?;
+    println!("predictions in {topic}: {n}");
+    for (v, count) in &versions {
+        println!("    model version {v}: {count}");
+    }
+    println!("distribution of outputs.{field}:");
+    let max = buckets.iter().copied().max().unwrap_or(1).max(1);
+    for (i, count) in buckets.iter().enumerate() {
+        println!(
+            "    {:.1}-{:.1} {:>8} {}",
+            i as f64 / 10.0,
+            (i + 1) as f64 / 10.0,
+            count,
+            "#".repeat((count * 40).div_ceil(max) as usize)
+        );
+    }
+    if let Some(e) = example {
+        println!("one prediction: {e}");
+    }
+    Ok(())
+}
+
 fn summary(
     bootstrap: &str,
     output: &std::path::Path,
@@ -479,37 +558,18 @@ fn summary(
         rows += reader.metadata().file_metadata().num_rows() as usize;
     }
     // Dead letters by reason.
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set(
-            "group.id",
-            format!("sluice-bench-summary-{}", std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .create()?;
-    // Read until the topic is quiet: some brokers' high watermarks are not reliable.
     let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
-    let marks = high_watermarks(&consumer, dlq).unwrap_or_default();
-    let mut tpl = TopicPartitionList::new();
-    for (p, _, _) in &marks {
-        tpl.add_partition_offset(dlq, *p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    loop {
-        match consumer.poll(Duration::from_secs(3)) {
-            Some(Ok(m)) => {
-                let reason = m
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == "sluice.reason"))
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_else(|| "?".into());
-                *reasons.entry(reason).or_default() += 1;
-            }
-            Some(Err(e)) => bail!("reading dead letters: {e}"),
-            None => break,
-        }
-    }
+    read_topic(bootstrap, dlq, |m| {
+        let header = |key: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|h| h.key == key))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_else(|| "?".into())
+        };
+        let reason = format!("{}/{}", header("sluice.stage"), header("sluice.reason"));
+        *reasons.entry(reason).or_default() += 1;
+    })?;
     let offsets = committed(&group_reader(bootstrap, group)?, topic)?;
     let events: i64 = offsets.iter().map(|(_, _, at)| at.unwrap_or(0)).sum();
     println!("events committed:      {events}");
@@ -527,7 +587,7 @@ fn summary(
     }
     println!("dead letters:          {}", reasons.values().sum::<u64>());
     for (r, n) in &reasons {
-        println!("    {r:<18} {n}");
+        println!("    {r:<28} {n}");
     }
     for (p, _, at) in &offsets {
         println!(

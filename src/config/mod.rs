@@ -5,6 +5,7 @@
 //! with its key path, e.g. `sink.parquet.max_file_size: expected a size like "128MiB", got "big"`.
 
 mod env;
+mod model;
 mod raw;
 mod redis;
 pub mod units;
@@ -20,7 +21,10 @@ use std::{
 use parquet::basic::{Compression, GzipLevel, ZstdLevel};
 
 use self::raw::{Properties, RawParquet, RawPipeline, Setting};
-pub use self::redis::{redact, KeyPart, RedisSpec, ViewSpec};
+pub use self::{
+    model::{DeviceChoice, Encoding, InputSpec, ModelSource, ModelSpec, OutputSpec, TimePart},
+    redis::{redact, KeyPart, RedisSpec, ViewSpec},
+};
 use crate::schema::{EventSchema, Kind};
 
 /// A validated pipeline.
@@ -36,6 +40,8 @@ pub struct Pipeline {
     pub errors: ErrorSpec,
     pub parquet: Option<ParquetSpec>,
     pub redis: Option<RedisSpec>,
+    /// Models that score every valid event; empty when none.
+    pub models: Vec<ModelSpec>,
 }
 
 #[derive(Debug, Clone)]
@@ -424,10 +430,19 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
     let redis = sinks
         .and_then(|s| s.redis.as_ref())
         .map(|r| redis::build_redis(r, base, schema.as_deref(), p));
-    if parquet.is_none() && redis.is_none() {
+    let mut topics: Vec<String> = source
+        .as_ref()
+        .map(|s| s.topics.clone())
+        .unwrap_or_default();
+    if let Some(ErrorPolicy::DeadLetter { topic, .. }) = &policy {
+        topics.push(topic.clone());
+    }
+    let models = raw.model.as_deref().unwrap_or_default();
+    let models = model::build_models(models, base, schema.as_deref(), &topics, p);
+    if parquet.is_none() && redis.is_none() && models.as_ref().is_some_and(Vec::is_empty) {
         p.push(
             "sink",
-            "at least one sink is required (sink.parquet, sink.redis)",
+            "at least one sink is required (sink.parquet, sink.redis, or a [[model]])",
         );
     }
 
@@ -456,6 +471,7 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
             Some(spec) => Some(spec?),
             None => None,
         },
+        models: models?,
     })
 }
 

@@ -71,6 +71,8 @@ pub struct RawPipeline {
     pub batch: Option<RawBatch>,
     pub errors: Option<RawErrors>,
     pub sink: Option<RawSinks>,
+    /// `[[model]]` sections: TorchScript models that score every valid event.
+    pub model: Option<Vec<RawModel>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -182,4 +184,69 @@ pub struct RawParquet {
     pub spool_dir: Option<Setting<String>>,
     /// `object_store` options such as `aws_endpoint`, `aws_region`, `aws_allow_http`.
     pub storage_options: Option<Setting<Properties>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawModel {
+    /// Model name; letters, digits, `_`, `-`. Used in predictions, headers and metrics.
+    pub name: Option<Setting<String>>,
+    /// A model repository (`<path>/<version>/model.pt`, the highest version is served) or one
+    /// TorchScript file (relative to this file).
+    pub path: Option<Setting<String>>,
+    /// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available, else CPU).
+    pub device: Option<Setting<String>>,
+    /// Threads that run the model (default 1); each runs one batch at a time.
+    pub threads: Option<Setting<usize>>,
+    /// libtorch intra-op threads (process-wide: the largest value of all models; default 1).
+    pub intra_op_threads: Option<Setting<usize>>,
+    /// Rows per forward pass at most (default 256).
+    pub max_batch: Option<Setting<usize>>,
+    /// How long a model thread waits for more rows to fill a batch (default "2ms").
+    pub max_delay: Option<Setting<HumanDuration>>,
+    /// Rows admitted and not yet scored at most; when full, intake waits (default 20000).
+    pub queue_rows: Option<Setting<usize>>,
+    /// How often the repository or file is checked for a new version ("0s": never; default "5s").
+    pub reload_interval: Option<Setting<HumanDuration>>,
+    /// The feature vector, in order.
+    pub inputs: Option<Vec<RawInput>>,
+    /// What the model returns.
+    pub output: Option<RawOutput>,
+    /// Topic of the predictions.
+    pub output_topic: Option<Setting<String>>,
+    /// Topic of the feedback records (features as fed, outputs, version); optional.
+    pub feedback_topic: Option<Setting<String>>,
+    /// Message key of predictions and feedback: a template like `{customer_id}`.
+    pub key: Option<Setting<String>>,
+    /// The column that identifies an event (`event_id` in predictions).
+    pub id_column: Option<Setting<String>>,
+    /// Columns copied into each prediction as they are.
+    pub pass_through: Option<Setting<Vec<String>>>,
+    /// Raw librdkafka properties for the predictions producer.
+    pub producer_properties: Option<Setting<Properties>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawInput {
+    /// The column the feature(s) come from.
+    pub column: Option<Setting<String>>,
+    /// Value used when the column is null or absent; without it, such an event is a dead
+    /// letter (stage `inference`, reason `null_input`).
+    pub null: Option<Setting<f64>>,
+    /// Categorical: one feature per value, 1.0 for the event's value (unknown, null: all 0).
+    pub one_hot: Option<Setting<Vec<String>>>,
+    /// Categorical: one feature, the value's position in this list (unknown, null: its length).
+    pub index: Option<Setting<Vec<String>>>,
+    /// From a date-time: `hour` (0-23, UTC), `day_of_week` (0 = Monday) or `epoch_seconds`.
+    pub extract: Option<Setting<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawOutput {
+    /// `score` (one value per event), `probabilities` (one per class) or `label` (the class
+    /// with the highest value, and that value).
+    pub kind: Option<Setting<String>>,
+    /// Name of the score (default "score").
+    pub name: Option<Setting<String>>,
+    /// Class names, in the order of the model's output columns.
+    pub classes: Option<Setting<Vec<String>>>,
 }

@@ -121,7 +121,23 @@ pub fn parse_key(template: &str) -> Result<Vec<KeyPart>, String> {
     Ok(parts)
 }
 
-fn scalar(kind: &Kind) -> bool {
+/// Every column of a key template must be a required, non-nullable scalar field.
+pub(super) fn check_key(parts: &[KeyPart], at: &str, schema: &EventSchema, p: &mut Problems) {
+    for part in parts {
+        if let KeyPart::Column(c) = part {
+            match schema.field(c) {
+                None => p.push(at, format!("`{c}` is not a field of the schema")),
+                Some(f) if !f.required || f.nullable || !scalar(&f.kind) => p.push(
+                    at,
+                    format!("`{c}` must be a required, non-nullable scalar field"),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+pub(super) fn scalar(kind: &Kind) -> bool {
     !matches!(kind, Kind::Object(_) | Kind::Array(_))
 }
 
@@ -254,21 +270,7 @@ fn build_view(
             }
         });
     if let (Some(parts), Some(schema)) = (&key, schema) {
-        for part in parts {
-            if let KeyPart::Column(c) = part {
-                match schema.field(c) {
-                    None => p.push(
-                        &format!("{at}.key"),
-                        format!("`{c}` is not a field of the schema"),
-                    ),
-                    Some(f) if !f.required || f.nullable || !scalar(&f.kind) => p.push(
-                        &format!("{at}.key"),
-                        format!("`{c}` must be a required, non-nullable scalar field"),
-                    ),
-                    Some(_) => {}
-                }
-            }
-        }
+        check_key(parts, &format!("{at}.key"), schema, p);
     }
     let columns = p.required(&format!("{at}.columns"), &raw.columns);
     let renames = p.get(

@@ -4,14 +4,17 @@
 //! - the **source thread** ([`crate::source`]) polls Kafka and copies micro-batches;
 //! - the **pipeline task** (this module, one tokio task) receives them in order through a
 //!   bounded channel (the backpressure: when it is full, the source pauses its partitions),
-//!   decodes them into Arrow, sends rejected events to the dead-letter topic, writes features
-//!   to Redis and rows into the Parquet segments (CPU work runs under `block_in_place`),
-//!   finishes segments, and commits offsets.
+//!   decodes them into Arrow, sends rejected events to the dead-letter topic, submits the
+//!   rows to each model ([`crate::score`]; the model threads and the prediction producer work
+//!   while the task goes on), writes features to Redis and rows into the Parquet segments (CPU
+//!   work runs under `block_in_place`), finishes segments, and commits offsets;
+//! - the **model threads** of each model, behind a queue with admission in rows.
 //!
 //! The order in which things become durable, per partition:
 //! 0. a batch's features are acknowledged by Redis before its rows enter a Parquet segment;
-//! 1. dead letters are acknowledged by the broker (all pending ones, before any segment is
-//!    finished, because a finished segment's manifest is also a resume position);
+//! 1. dead letters and predictions are acknowledged by the broker (all pending ones, before
+//!    any segment is finished, because a finished segment's manifest is also a resume
+//!    position);
 //! 2. the segment's files are finished and published ([`crate::sink::parquet`]);
 //! 3. the offset is committed: the contiguous watermark of [`offsets::Offsets`].
 //!
@@ -40,6 +43,7 @@ use self::offsets::Offsets;
 use crate::{
     config::{ErrorPolicy, Pipeline},
     decode::{Decoder, Limits},
+    score::{Scored, Scorer},
     sink::{
         dead_letter::DeadLetters,
         parquet::{ParquetSink, Roll},
@@ -51,8 +55,15 @@ use crate::{
     },
 };
 
-/// At most this many dead letters may await acknowledgement before intake waits for them.
-const MAX_PENDING_DEAD_LETTERS: usize = 10_000;
+/// At most this many dead letters (and scored batches) may await acknowledgement before
+/// intake waits for them.
+const MAX_PENDING: usize = 10_000;
+
+/// Something the broker acknowledged.
+enum Done {
+    DeadLetter(Rejected),
+    Scored(Scored),
+}
 
 /// What the HTTP endpoints report about a pipeline.
 #[derive(Debug, Default)]
@@ -123,6 +134,13 @@ async fn run_inner(
         ),
         _ => None,
     };
+    if let Some(n) = spec.models.iter().map(|m| m.intra_op_threads).max() {
+        tch::set_num_threads(n as i32);
+    }
+    let mut scorers = Vec::with_capacity(spec.models.len());
+    for m in &spec.models {
+        scorers.push(Scorer::open(&spec.name, &spec.source.bootstrap_servers, m).await?);
+    }
     let decoder = Decoder::new(
         spec.schema.clone(),
         Limits {
@@ -151,6 +169,7 @@ async fn run_inner(
         sink,
         redis,
         dead_letters,
+        scorers,
         pending: FuturesUnordered::new(),
         offsets: Offsets::default(),
     };
@@ -191,8 +210,9 @@ struct Runner {
     sink: Option<ParquetSink>,
     redis: Option<RedisSink>,
     dead_letters: Option<DeadLetters>,
-    /// Dead letters awaiting the broker's acknowledgement.
-    pending: FuturesUnordered<BoxFuture<'static, Rejected>>,
+    scorers: Vec<Scorer>,
+    /// Dead letters and scored batches awaiting the broker's acknowledgement.
+    pending: FuturesUnordered<BoxFuture<'static, Done>>,
     offsets: Offsets,
 }
 
@@ -210,7 +230,7 @@ impl Runner {
         loop {
             tokio::select! {
                 biased;
-                Some(done) = self.pending.next(), if !self.pending.is_empty() => self.acked(&done),
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => self.acked(done)?,
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = ticker.tick() => {
                     ready.store(joined.load(Ordering::Acquire), Ordering::Release);
@@ -221,7 +241,8 @@ impl Runner {
                     None => return Err(anyhow!("the Kafka source stopped")),
                                         Some(SourceEvent::Batch(raw)) => {
                         let decoder = &mut self.decoder;
-                        let batch = tokio::task::block_in_place(|| raw.decode(decoder));
+                        let keep = !self.scorers.is_empty();
+                        let batch = tokio::task::block_in_place(|| raw.decode(decoder, keep));
                         if !self.batch(batch, shutdown).await? {
                             return Ok(());
                         }
@@ -248,12 +269,60 @@ impl Runner {
         }
     }
 
-    fn acked(&mut self, r: &Rejected) {
-        self.offsets
-            .dead_letter_acked(&(r.topic.clone(), r.partition), r.offset);
-        metrics::counter!("sluice_dead_letters_total", "pipeline" => self.labels.clone(),
-            "reason" => r.error.reason())
-        .increment(1);
+    fn acked(&mut self, done: Done) -> anyhow::Result<()> {
+        match done {
+            Done::DeadLetter(r) => {
+                self.offsets
+                    .release(&(r.topic.clone(), r.partition), r.offset);
+                metrics::counter!("sluice_dead_letters_total", "pipeline" => self.labels.clone(),
+                    "stage" => r.error.stage(), "reason" => r.error.reason())
+                .increment(1);
+            }
+            Done::Scored(scored) => {
+                // The events that were not scored take their own holds before the batch's
+                // hold goes.
+                for r in scored.rejected {
+                    self.reject(r)?;
+                }
+                for (tp, offset) in &scored.holds {
+                    self.offsets.release(tp, *offset);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the error policy to one rejected event.
+    fn reject(&mut self, r: Rejected) -> anyhow::Result<()> {
+        let tp = (r.topic.clone(), r.partition);
+        if !self.offsets.owns(&tp) {
+            return Ok(());
+        }
+        match (&self.policy, &self.dead_letters) {
+            (ErrorPolicy::Fail, _) => Err(anyhow!(
+                "event {}/{}@{} rejected at stage {} ({}) and errors.policy is \"fail\"",
+                r.topic,
+                r.partition,
+                r.offset,
+                r.error.stage(),
+                r.error
+            )),
+            (ErrorPolicy::DeadLetter { .. }, Some(dlq)) => {
+                debug!(topic = %r.topic, partition = r.partition, offset = r.offset,
+                       stage = r.error.stage(), reason = r.error.reason(), "Dead letter.");
+                self.offsets.hold(&tp, r.offset);
+                let sent = dlq.send(r);
+                self.pending
+                    .push(Box::pin(async move { Done::DeadLetter(sent.await) }));
+                Ok(())
+            }
+            _ => {
+                metrics::counter!("sluice_events_skipped_total", "pipeline" => self.labels.clone(),
+                    "stage" => r.error.stage(), "reason" => r.error.reason())
+                .increment(1);
+                Ok(())
+            }
+        }
     }
 
     /// Handles one micro-batch; false if shutdown interrupted it (its offsets then stay
@@ -272,31 +341,7 @@ impl Runner {
             .increment(batch.payload_bytes as u64);
         metrics::histogram!("sluice_batch_rows", &labels).record(batch.events() as f64);
         for r in batch.rejected {
-            let tp = (r.topic.clone(), r.partition);
-            if !self.offsets.owns(&tp) {
-                continue;
-            }
-            match (&self.policy, &self.dead_letters) {
-                (ErrorPolicy::Fail, _) => {
-                    return Err(anyhow!(
-                        "event {}/{}@{} rejected ({}) and errors.policy is \"fail\"",
-                        r.topic,
-                        r.partition,
-                        r.offset,
-                        r.error
-                    ))
-                }
-                (ErrorPolicy::DeadLetter { .. }, Some(dlq)) => {
-                    debug!(topic = %r.topic, partition = r.partition, offset = r.offset,
-                           reason = r.error.reason(), "Dead letter.");
-                    self.offsets.dead_letter_sent(&tp, r.offset);
-                    self.pending.push(dlq.send(r, "decode"));
-                }
-                _ => {
-                    metrics::counter!("sluice_events_skipped_total", "pipeline" => self.labels.clone(),
-                        "reason" => r.error.reason()).increment(1);
-                }
-            }
+            self.reject(r)?;
         }
         // Rows of partitions revoked since the batch was made are dropped: their new owner
         // consumes them again from the committed position.
@@ -306,6 +351,32 @@ impl Runner {
             let owned: Vec<TopicPartition> = self.offsets.owned();
             filter_partitions(&batch.rows, &owned)?
         };
+        // Scoring runs beside the writes below; its holds keep the batch's offsets (and the
+        // segments that contain them) from becoming a resume position before its predictions
+        // are delivered.
+        if !self.scorers.is_empty() && rows.num_rows() > 0 {
+            let holds: Vec<(TopicPartition, i64)> = batch
+                .spans
+                .iter()
+                .filter(|(tp, _)| self.offsets.owns(tp))
+                .map(|(tp, span)| (tp.clone(), span.first))
+                .collect();
+            for scorer in &self.scorers {
+                for (tp, offset) in &holds {
+                    self.offsets.hold(tp, *offset);
+                }
+                let scored = scorer
+                    .submit(
+                        rows.clone(),
+                        batch.originals.clone(),
+                        holds.clone(),
+                        batch.consumed_at,
+                    )
+                    .await;
+                self.pending
+                    .push(Box::pin(async move { Done::Scored(scored.await) }));
+            }
+        }
         // Redis first: a finished Parquet segment is a resume position, so its rows must already
         // be in Redis.
         if let Some(redis) = &mut self.redis {
@@ -319,9 +390,9 @@ impl Runner {
         for (tp, span) in &batch.spans {
             self.offsets.processed(tp, *span);
         }
-        while self.pending.len() > MAX_PENDING_DEAD_LETTERS {
+        while self.pending.len() > MAX_PENDING {
             if let Some(done) = self.pending.next().await {
-                self.acked(&done);
+                self.acked(done)?;
             }
         }
         metrics::histogram!("sluice_batch_seconds", &labels)
@@ -348,17 +419,18 @@ impl Runner {
         self.sink.as_ref().and_then(|s| s.open_first(tp))
     }
 
-    /// Waits until every dead letter sent so far is acknowledged.
-    async fn flush_dead_letters(&mut self) {
+    /// Waits until every dead letter and prediction sent so far is acknowledged.
+    async fn flush_pending(&mut self) -> anyhow::Result<()> {
         while let Some(done) = self.pending.next().await {
-            self.acked(&done);
+            self.acked(done)?;
         }
+        Ok(())
     }
 
     async fn roll(&mut self, tp: &TopicPartition, why: Roll) -> anyhow::Result<()> {
-        // A finished segment is also a resume position, so every dead letter below its end
-        // must be acknowledged first.
-        self.flush_dead_letters().await;
+        // A finished segment is also a resume position, so every dead letter and prediction
+        // below its end must be acknowledged first.
+        self.flush_pending().await?;
         if let Some(sink) = &mut self.sink {
             sink.finish(tp, why)
                 .await
@@ -379,7 +451,7 @@ impl Runner {
         &mut self,
         partitions: &[TopicPartition],
     ) -> anyhow::Result<Vec<(TopicPartition, i64)>> {
-        self.flush_dead_letters().await;
+        self.flush_pending().await?;
         let mut commits = Vec::new();
         for tp in partitions {
             self.roll(tp, Roll::Revoke).await?;
@@ -431,7 +503,7 @@ impl Runner {
 
     /// Shutdown: finish everything, wait for dead letters, commit.
     async fn drain(&mut self) -> anyhow::Result<()> {
-        self.flush_dead_letters().await;
+        self.flush_pending().await?;
         let open = self
             .sink
             .as_ref()

@@ -1,8 +1,9 @@
 //! Per-partition offset tracking: the contiguous durability watermark.
 //!
 //! The committed offset of a partition is the smallest offset that is not yet durable:
-//! min(first offset of the open Parquet segment, oldest unacknowledged dead letter, one past
-//! the last processed offset). Every offset below it is in a finished file, acknowledged by the
+//! min(first offset of the open Parquet segment, oldest hold (an unacknowledged dead letter,
+//! or the first offset of a batch whose predictions are not acknowledged), one past the last
+//! processed offset). Every offset below it is in a finished file, acknowledged by the
 //! dead-letter topic, or deliberately skipped. A later acknowledgement never moves the
 //! watermark past an earlier offset that is still pending.
 
@@ -16,7 +17,7 @@ struct Partition {
     next: Option<i64>,
     /// Last offset committed (or known committed).
     committed: Option<i64>,
-    /// Dead letters sent but not acknowledged: offset → count.
+    /// Holds: offset → count (dead letters and predictions not yet acknowledged).
     pending: BTreeMap<i64, u32>,
 }
 
@@ -52,13 +53,14 @@ impl Offsets {
         }
     }
 
-    pub fn dead_letter_sent(&mut self, tp: &TopicPartition, offset: i64) {
+    /// Nothing at or after `offset` may be committed until [`Offsets::release`].
+    pub fn hold(&mut self, tp: &TopicPartition, offset: i64) {
         if let Some(p) = self.partitions.get_mut(tp) {
             *p.pending.entry(offset).or_default() += 1;
         }
     }
 
-    pub fn dead_letter_acked(&mut self, tp: &TopicPartition, offset: i64) {
+    pub fn release(&mut self, tp: &TopicPartition, offset: i64) {
         if let Some(p) = self.partitions.get_mut(tp) {
             if let Some(n) = p.pending.get_mut(&offset) {
                 *n -= 1;
@@ -103,16 +105,16 @@ mod tests {
         o.assign(tp());
         assert_eq!(o.committable(&tp(), None), None, "nothing processed yet");
         o.processed(&tp(), Span { first: 0, next: 10 });
-        o.dead_letter_sent(&tp(), 3);
-        o.dead_letter_sent(&tp(), 7);
+        o.hold(&tp(), 3);
+        o.hold(&tp(), 7);
         // Rows 0..10 are in an open segment starting at 0.
         assert_eq!(o.committable(&tp(), Some(0)), Some(0));
         // The segment is finished; dead letter 3 is still pending.
         assert_eq!(o.committable(&tp(), None), Some(3));
         // A later acknowledgement does not jump over the pending earlier one.
-        o.dead_letter_acked(&tp(), 7);
+        o.release(&tp(), 7);
         assert_eq!(o.committable(&tp(), None), Some(3));
-        o.dead_letter_acked(&tp(), 3);
+        o.release(&tp(), 3);
         assert_eq!(o.committable(&tp(), None), Some(10));
         o.mark_committed(&tp(), 10);
         assert_eq!(o.committable(&tp(), None), None, "already committed");

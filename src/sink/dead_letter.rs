@@ -26,12 +26,15 @@ pub mod headers {
     /// Kafka timestamp of the original message, milliseconds since the epoch (empty if none).
     pub const TIMESTAMP: &str = "sluice.timestamp";
     pub const PIPELINE: &str = "sluice.pipeline";
-    /// The stage that rejected the event (`decode`).
+    /// The stage that rejected the event (`decode` or `inference`).
     pub const STAGE: &str = "sluice.stage";
     /// Stable short code, e.g. `missing_field`.
     pub const REASON: &str = "sluice.reason";
     /// Human-readable error.
     pub const ERROR: &str = "sluice.error";
+    /// On predictions and feedback records: the model's name and the version that scored.
+    pub const MODEL: &str = "sluice.model";
+    pub const MODEL_VERSION: &str = "sluice.model_version";
 }
 
 /// Produces rejected events to the dead-letter topic.
@@ -65,12 +68,12 @@ impl DeadLetters {
 
     /// Sends one dead letter; the future resolves once the broker has acknowledged it,
     /// retrying failed deliveries with backoff.
-    pub fn send(&self, rejected: Rejected, stage: &'static str) -> BoxFuture<'static, Rejected> {
+    pub fn send(&self, rejected: Rejected) -> BoxFuture<'static, Rejected> {
         let this = self.clone();
         Box::pin(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match this.send_once(&rejected, stage).await {
+                match this.send_once(&rejected).await {
                     Ok(()) => return rejected,
                     Err(error) => {
                         warn!(%error, topic = %rejected.topic, partition = rejected.partition,
@@ -86,7 +89,7 @@ impl DeadLetters {
         })
     }
 
-    async fn send_once(&self, r: &Rejected, stage: &str) -> Result<(), KafkaError> {
+    async fn send_once(&self, r: &Rejected) -> Result<(), KafkaError> {
         let (partition, offset) = (r.partition.to_string(), r.offset.to_string());
         let timestamp = r.timestamp.map(|t| t.to_string()).unwrap_or_default();
         let error = r.error.to_string();
@@ -103,7 +106,7 @@ impl DeadLetters {
             (headers::OFFSET, &offset),
             (headers::TIMESTAMP, &timestamp),
             (headers::PIPELINE, &self.pipeline),
-            (headers::STAGE, stage),
+            (headers::STAGE, r.error.stage()),
             (headers::REASON, r.error.reason()),
             (headers::ERROR, &error),
         ] {

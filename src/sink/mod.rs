@@ -5,7 +5,9 @@
 //!   each partition is durable, which is also where a partition resumes after a crash.
 //! - [`redis`]: the online feature store, replay-safe per entity.
 //! - [`dead_letter`]: rejected events to a Kafka topic, at least once.
+//! - [`predictions`]: model outputs and feedback records to Kafka, at least once.
 
 pub mod dead_letter;
 pub mod parquet;
+pub mod predictions;
 pub mod redis;

@@ -449,7 +449,8 @@ async fn send_with_retry(
     }
 }
 
-fn render_key(parts: &[KeyPart], batch: &RecordBatch, row: usize) -> String {
+/// A key template filled with the row's values.
+pub fn render_key(parts: &[KeyPart], batch: &RecordBatch, row: usize) -> String {
     let mut key = String::new();
     for part in parts {
         match part {

@@ -14,6 +14,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use crate::{
     config::BatchSpec,
     decode::{DecodeError, Decoder, Origin},
+    score::InferenceError,
 };
 
 /// One message of a [`RawBatch`]; its bytes live in the batch's buffer.
@@ -36,6 +37,8 @@ pub struct RawBatch {
     bytes: Vec<u8>,
     spans: Vec<(TopicPartition, Span)>,
     payload_bytes: usize,
+    /// When its first message was polled.
+    consumed_at: Option<Instant>,
 }
 
 impl RawBatch {
@@ -49,9 +52,11 @@ impl RawBatch {
     }
 
     /// Decodes and validates every event: valid ones become rows, the others [`Rejected`]
-    /// with their original key, bytes and headers. CPU-heavy.
-    pub fn decode(self, decoder: &mut Decoder) -> SourceBatch {
+    /// with their original key, bytes and headers. With `keep_originals`, the valid events'
+    /// bytes stay available too (for later stages that may still reject them). CPU-heavy.
+    pub fn decode(self, decoder: &mut Decoder, keep_originals: bool) -> SourceBatch {
         let mut rejected = Vec::new();
+        let mut kept = Vec::new();
         for m in self.messages {
             let payload = m.payload.clone().map(|r| &self.bytes[r]);
             let origin = Origin {
@@ -69,15 +74,99 @@ impl RawBatch {
                     offset: m.offset,
                     timestamp: m.timestamp,
                     headers: m.headers,
-                    error,
+                    error: Failure::Decode(error),
                 });
+            } else if keep_originals {
+                kept.push(m);
             }
         }
+        let originals = keep_originals.then(|| {
+            Arc::new(Originals {
+                index: kept
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| ((m.partition, m.offset), i))
+                    .collect(),
+                messages: kept,
+                bytes: self.bytes,
+            })
+        });
         SourceBatch {
             rows: decoder.finish(),
             rejected,
             spans: self.spans,
             payload_bytes: self.payload_bytes,
+            originals,
+            consumed_at: self.consumed_at.unwrap_or_else(Instant::now),
+        }
+    }
+}
+
+/// The original key, bytes and headers of a batch's valid events.
+#[derive(Debug)]
+pub struct Originals {
+    messages: Vec<RawMessage>,
+    bytes: Vec<u8>,
+    /// (partition, offset) → message.
+    index: HashMap<(i32, i64), usize>,
+}
+
+impl Originals {
+    /// The event at `topic`/`partition`@`offset`, rejected for `error`.
+    pub fn rejected(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        error: Failure,
+    ) -> Option<Rejected> {
+        let m = &self.messages[*self.index.get(&(partition, offset))?];
+        (*m.topic == *topic).then(|| Rejected {
+            key: m.key.clone().map(|r| self.bytes[r].to_vec()),
+            payload: m.payload.clone().map(|r| self.bytes[r].to_vec()),
+            topic: m.topic.clone(),
+            partition,
+            offset,
+            timestamp: m.timestamp,
+            headers: m.headers.clone(),
+            error,
+        })
+    }
+}
+
+/// Why an event was rejected, and by which stage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    Decode(DecodeError),
+    Inference {
+        model: Arc<str>,
+        error: InferenceError,
+    },
+}
+
+impl Failure {
+    /// The stage that rejected the event: `decode` or `inference`.
+    pub fn stage(&self) -> &'static str {
+        match self {
+            Self::Decode(_) => "decode",
+            Self::Inference { .. } => "inference",
+        }
+    }
+
+    /// Stable short code (the `sluice.reason` header).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Decode(e) => e.reason(),
+            Self::Inference { error, .. } => error.reason(),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Decode(e) => e.fmt(f),
+            Self::Inference { model, error } => write!(f, "model {model}: {error}"),
         }
     }
 }
@@ -97,7 +186,7 @@ pub struct Rejected {
     pub payload: Option<Vec<u8>>,
     /// The original headers, in order.
     pub headers: Vec<(String, Option<Vec<u8>>)>,
-    pub error: DecodeError,
+    pub error: Failure,
 }
 
 /// The offsets a batch covers in one partition.
@@ -116,6 +205,10 @@ pub struct SourceBatch {
     /// Every offset in each span is either a row or a rejected event.
     pub spans: Vec<(TopicPartition, Span)>,
     pub payload_bytes: usize,
+    /// The valid events' original bytes, when asked for.
+    pub originals: Option<Arc<Originals>>,
+    /// When the batch's first event was consumed.
+    pub consumed_at: Instant,
 }
 
 impl SourceBatch {
@@ -209,9 +302,11 @@ impl Batcher {
 
     /// Closes the open batch, if it has any event.
     pub fn take(&mut self) -> Option<RawBatch> {
-        self.started.take()?;
+        self.started?;
+        let started = self.started.take();
         let mut batch = std::mem::take(&mut self.open);
         batch.spans = self.spans.drain().collect();
+        batch.consumed_at = started;
         // The next batch will be about as big.
         self.open.messages.reserve(batch.messages.len());
         self.open.bytes.reserve(batch.bytes.len());

@@ -36,7 +36,9 @@ use rdkafka::{
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-pub use self::batch::{Batcher, RawBatch, Rejected, SourceBatch, Span, TopicPartition};
+pub use self::batch::{
+    Batcher, Failure, Originals, RawBatch, Rejected, SourceBatch, Span, TopicPartition,
+};
 use crate::config::{SourceSpec, StartFrom};
 
 /// What the source tells the pipeline, in the order it happened.

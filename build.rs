@@ -1,0 +1,10 @@
+//! Gives every binary an rpath to the libtorch that torch-sys linked against (with
+//! `LIBTORCH_USE_PYTORCH=1`, the `torch/lib` folder of the Python install), so `sluice` runs
+//! without LD_LIBRARY_PATH.
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
+    }
+}

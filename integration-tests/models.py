@@ -1,0 +1,84 @@
+"""TorchScript models for the scoring tests, and the PyTorch reference they are checked against.
+
+    python3 models.py linear OUT.pt --seed N      a small MLP: 4 features -> one score
+    python3 models.py faulty OUT.pt               raises, returns NaN or the wrong shape on cue
+    python3 models.py reference MODEL.pt EVENTS   one line per event: {"id":..,"score":..}
+
+The features are those of the test pipelines ([[model.inputs]]): amount, currency one-hot over
+["EUR", "USD"] (unknown and null: zeros), hour of `at` (UTC). They are computed here from the
+JSON events, independently of sluice.
+"""
+
+import json
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+
+
+def features(event):
+    currency = event.get("currency")
+    hour = int(event["at"][11:13])
+    return [float(event["amount"]), float(currency == "EUR"), float(currency == "USD"), float(hour)]
+
+
+class Linear(torch.nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a = torch.nn.Linear(4, 8)
+        self.b = torch.nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.cat([x[:, 0:1] / 500.0, x[:, 1:3], x[:, 3:4] / 24.0], dim=1)
+        return torch.sigmoid(self.b(torch.tanh(self.a(z))))
+
+
+class Faulty(torch.nn.Module):
+    """amount 13.5 raises for the whole batch; 17.5 gives NaN for its row; 19.5 makes the
+    batch's output one row short."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        amount = x[:, 0]
+        if bool((amount == 13.5).any()):
+            raise RuntimeError("amount 13.5 is not allowed")
+        out = torch.sigmoid(amount / 100.0).unsqueeze(1)
+        out = torch.where((amount == 17.5).unsqueeze(1), torch.full_like(out, float("nan")), out)
+        if bool((amount == 19.5).any()):
+            out = out[1:]
+        return out
+
+
+def save(module, path):
+    scripted = torch.jit.script(module)
+    scripted.save(path + ".tmp")
+    import os
+
+    os.replace(path + ".tmp", path)
+
+
+def main(argv):
+    command = argv[0]
+    if command == "linear":
+        seed = int(argv[argv.index("--seed") + 1]) if "--seed" in argv else 1
+        save(Linear(seed).eval(), argv[1])
+    elif command == "faulty":
+        save(Faulty().eval(), argv[1])
+    elif command == "reference":
+        model = torch.jit.load(argv[1])
+        model.eval()
+        events = [json.loads(line) for line in open(argv[2]) if line.strip()]
+        with torch.no_grad():
+            for i in range(0, len(events), 256):
+                chunk = events[i : i + 256]
+                x = torch.tensor([features(e) for e in chunk], dtype=torch.float32)
+                y = model(x).reshape(-1)
+                for e, v in zip(chunk, y.tolist()):
+                    print(json.dumps({"id": e["id"], "score": v, "features": features(e)}))
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

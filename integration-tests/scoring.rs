@@ -1,0 +1,437 @@
+//! Scoring with real TorchScript files (written by PyTorch in `models.py`), a real broker and
+//! the real `sluice` binary; predictions are checked against PyTorch's own output.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+const DRAIN: Duration = Duration::from_secs(180);
+const SESSION_TIMEOUT: Duration = Duration::from_millis(6_500);
+
+fn models_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("integration-tests/models.py")
+}
+
+/// Runs `models.py` with `args`.
+fn python(args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(models_py())
+        .args(args)
+        .output()
+        .expect("python3 with torch (the test command installs it)");
+    assert!(
+        out.status.success(),
+        "models.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Writes a model version into a repository, as a trainer would (write, then rename).
+fn publish(repo: &Path, version: u32, kind: &str, seed: u32) -> PathBuf {
+    let dir = repo.join(version.to_string());
+    fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.pt");
+    python(&[kind, path.to_str().unwrap(), "--seed", &seed.to_string()]);
+    path
+}
+
+/// A scoring pipeline on the test schema: Parquet, dead letters, and one model.
+struct Scoring {
+    p: TestPipeline,
+    repo: PathBuf,
+    predictions: String,
+    feedback: String,
+}
+
+fn scoring(broker: &Broker, kind: &str) -> Scoring {
+    let predictions = unique("predictions");
+    let feedback = format!("{predictions}.feedback");
+    broker.create_topic(&predictions, 2);
+    broker.create_topic(&feedback, 1);
+    let p = TestPipeline::new(
+        broker,
+        3,
+        &format!(
+            r#"idle_flush = "300ms"
+[[model]]
+name = "risk"
+path = "models/risk"
+device = "auto"
+max_batch = 64
+max_delay = "1ms"
+queue_rows = 2000
+reload_interval = "200ms"
+output_topic = "{predictions}"
+feedback_topic = "{feedback}"
+key = "{{customer}}"
+id_column = "id"
+pass_through = ["customer", "amount"]
+inputs = [
+  {{ column = "amount" }},
+  {{ column = "currency", one_hot = ["EUR", "USD"] }},
+  {{ column = "at", extract = "hour" }},
+]
+output = {{ kind = "score" }}
+"#
+        ),
+    );
+    let repo = p.dir.path().join("models/risk");
+    publish(&repo, 1, kind, 1);
+    Scoring {
+        p,
+        repo,
+        predictions,
+        feedback,
+    }
+}
+
+/// Event `n` as JSON, if it is valid.
+fn valid_json(n: u64) -> Option<Value> {
+    let e = event(n);
+    e.invalid
+        .is_none()
+        .then(|| serde_json::from_slice(&e.payload).unwrap())
+}
+
+/// PyTorch's scores and features for events, keyed by id.
+fn reference(model: &Path, events: &[Value], dir: &Path) -> HashMap<String, (f64, Vec<f64>)> {
+    let file = dir.join(format!("events-{}.jsonl", unique("ref")));
+    let lines: Vec<String> = events.iter().map(Value::to_string).collect();
+    fs::write(&file, lines.join("\n")).unwrap();
+    python(&["reference", model.to_str().unwrap(), file.to_str().unwrap()])
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let features = v["features"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_f64().unwrap())
+                .collect();
+            (
+                v["id"].as_str().unwrap().to_owned(),
+                (v["score"].as_f64().unwrap(), features),
+            )
+        })
+        .collect()
+}
+
+/// Prediction records by event id.
+fn by_id(records: &[Record]) -> BTreeMap<String, Vec<(Value, &Record)>> {
+    let mut out: BTreeMap<String, Vec<(Value, &Record)>> = BTreeMap::new();
+    for r in records {
+        let v: Value = serde_json::from_slice(&r.payload).unwrap();
+        out.entry(v["event_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push((v, r));
+    }
+    out
+}
+
+fn wait_for_log(p: &TestPipeline, log: &str, needle: &str) {
+    let started = Instant::now();
+    while !p.log(log).contains(needle) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no {needle:?} in the log:\n{}",
+            p.log(log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every valid event gets exactly one prediction equal to PyTorch's output for the version
+/// that made it; version 2 published during the run takes over; a corrupt version 3 is
+/// refused and version 2 keeps serving.
+#[test]
+fn predictions_match_pytorch_across_hot_reloads() {
+    let broker = Broker::start();
+    let s = scoring(&broker, "linear");
+    let port = free_port();
+    let mut sluice = s.p.spawn_listening("run.log", &format!("127.0.0.1:{port}"));
+    produce(&broker, &s.p.topic, 0..1_500);
+    s.p.wait_drained(&broker, DRAIN);
+
+    let v2 = publish(&s.repo, 2, "linear", 2);
+    wait_for_log(&s.p, "run.log", "Model version swapped in");
+    produce(&broker, &s.p.topic, 1_500..3_000);
+    s.p.wait_drained(&broker, DRAIN);
+
+    let corrupt = s.repo.join("3/model.pt");
+    fs::create_dir_all(corrupt.parent().unwrap()).unwrap();
+    fs::write(&corrupt, b"PK\x03\x04 this is not a TorchScript archive").unwrap();
+    wait_for_log(&s.p, "run.log", "Model version refused");
+    produce(&broker, &s.p.topic, 3_000..4_500);
+    s.p.wait_drained(&broker, DRAIN);
+
+    let metrics = http_get(port, "/metrics").1;
+    let reloads = |result: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("sluice_model_reloads_total")
+                    && l.contains(&format!("result=\"{result}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!(reloads("loaded"), Some(1.0), "{metrics}");
+    assert_eq!(reloads("refused"), Some(1.0), "{metrics}");
+    assert!(
+        metrics.contains("sluice_model_inference_seconds"),
+        "{metrics}"
+    );
+    s.p.stop(&mut sluice, "run.log");
+    assert!(
+        s.p.log("run.log").contains("3/model.pt"),
+        "the refusal names the file"
+    );
+
+    // Parquet and the DLQ are still exactly once.
+    check_oracle(&broker, &s.p);
+
+    let predictions = broker.read_all(&s.predictions);
+    let predicted = by_id(&predictions);
+    let v1 = s.repo.join("1/model.pt");
+    let phase1: Vec<Value> = (0..1_500).filter_map(valid_json).collect();
+    let later: Vec<Value> = (1_500..4_500).filter_map(valid_json).collect();
+    let mut expected = reference(&v1, &phase1, s.p.dir.path());
+    let expected_v2 = reference(&v2, &later, s.p.dir.path());
+    let versions: HashMap<String, &str> = expected
+        .keys()
+        .map(|k| (k.clone(), "1"))
+        .chain(expected_v2.keys().map(|k| (k.clone(), "2")))
+        .collect();
+    expected.extend(expected_v2);
+    assert_eq!(
+        predicted.len(),
+        expected.len(),
+        "one prediction per valid event"
+    );
+    let mut worst = 0f64;
+    for (id, (score, _)) in &expected {
+        let found = predicted
+            .get(id)
+            .unwrap_or_else(|| panic!("no prediction for {id}"));
+        assert_eq!(found.len(), 1, "{id} predicted {} times", found.len());
+        let (v, record) = &found[0];
+        assert_eq!(v["model"], "risk");
+        assert_eq!(v["model_version"], versions[id], "version of {id}");
+        let got = v["outputs"]["score"].as_f64().unwrap();
+        worst = worst.max((got - score).abs());
+        assert!(
+            (got - score).abs() <= 1e-5,
+            "{id}: sluice {got}, PyTorch {score}"
+        );
+        // Provenance in the value and the headers; the key is the entity.
+        let n: u64 = id.trim_start_matches("e-").parse().unwrap();
+        assert_eq!(
+            record.key.as_deref(),
+            Some(format!("c-{}", n % 97).as_bytes())
+        );
+        assert_eq!(v["columns"]["customer"], format!("c-{}", n % 97));
+        assert_eq!(v["source"]["topic"], s.p.topic.as_str());
+        assert_eq!(record.header("sluice.topic"), Some(s.p.topic.as_str()));
+        assert_eq!(
+            record.header("sluice.offset"),
+            Some(v["source"]["offset"].to_string().as_str())
+        );
+        assert_eq!(
+            record.header("sluice.partition"),
+            Some(v["source"]["partition"].to_string().as_str())
+        );
+        assert_eq!(record.header("sluice.model_version"), Some(versions[id]));
+    }
+    eprintln!(
+        "{} predictions, largest difference from PyTorch {worst:e}",
+        expected.len()
+    );
+
+    // Feedback: the features exactly as PyTorch computes them from the event, and the output.
+    let feedback = broker.read_all(&s.feedback);
+    let fed = by_id(&feedback);
+    assert_eq!(
+        fed.len(),
+        expected.len(),
+        "one feedback record per prediction"
+    );
+    for (id, (score, features)) in &expected {
+        let (v, _) = &fed[id][0];
+        let got: Vec<f64> = v["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_f64().unwrap())
+            .collect();
+        assert_eq!(&got, features, "features of {id}");
+        assert!((v["outputs"][0].as_f64().unwrap() - score).abs() <= 1e-5);
+        assert_eq!(v["model_version"], versions[id]);
+    }
+}
+
+/// A model that raises, returns NaN or the wrong shape: exactly those events become dead
+/// letters (stage `inference`) with their original bytes; every other event is scored.
+#[test]
+fn a_failing_model_dead_letters_only_its_events() {
+    let broker = Broker::start();
+    let s = scoring(&broker, "faulty");
+    produce(&broker, &s.p.topic, 0..2_100);
+    let mut sluice = s.p.spawn("run.log");
+    s.p.wait_drained(&broker, DRAIN);
+    s.p.stop(&mut sluice, "run.log");
+    check_oracle(&broker, &s.p);
+
+    let mut expected_failures = BTreeMap::new();
+    let mut scored = BTreeSet::new();
+    for n in 0..2_100u64 {
+        let Some(v) = valid_json(n) else { continue };
+        // The cues of models.py's Faulty model.
+        let amount = v["amount"].as_f64().unwrap();
+        let reason = [
+            (13.5, "model_error"),
+            (17.5, "non_finite_output"),
+            (19.5, "wrong_output_shape"),
+        ]
+        .into_iter()
+        .find(|(cue, _)| *cue == amount)
+        .map(|(_, r)| r);
+        match reason {
+            Some(r) => {
+                expected_failures.insert(format!("e-{n}"), (r, event(n).payload));
+            }
+            None => {
+                scored.insert(format!("e-{n}"));
+            }
+        }
+    }
+    assert!(expected_failures.len() >= 4, "{expected_failures:?}");
+
+    let dead = broker.read_all(&s.p.dlq);
+    let mut failures = BTreeMap::new();
+    for d in dead
+        .iter()
+        .filter(|d| d.header("sluice.stage") == Some("inference"))
+    {
+        let v: Value = serde_json::from_slice(&d.payload).expect("original bytes");
+        let id = v["id"].as_str().unwrap().to_owned();
+        assert!(
+            d.header("sluice.error").unwrap().contains("model risk"),
+            "{:?}",
+            d.header("sluice.error")
+        );
+        assert!(d.header("sluice.offset").is_some());
+        failures.insert(
+            id,
+            (
+                d.header("sluice.reason").unwrap().to_owned(),
+                d.payload.clone(),
+            ),
+        );
+    }
+    let want: BTreeMap<String, (String, Vec<u8>)> = expected_failures
+        .into_iter()
+        .map(|(id, (r, p))| (id, (r.to_owned(), p)))
+        .collect();
+    assert_eq!(failures, want, "inference dead letters");
+
+    let predictions = broker.read_all(&s.predictions);
+    let predicted = by_id(&predictions);
+    let got: BTreeSet<String> = predicted.keys().cloned().collect();
+    assert_eq!(got, scored, "every other valid event is scored");
+    assert!(predicted.values().all(|v| v.len() == 1));
+}
+
+/// kill -9 at random moments: every valid event still gets at least one prediction, each
+/// with its model version, and Parquet stays exactly once.
+#[test]
+fn kill_9_loses_no_prediction() {
+    let broker = Broker::start();
+    let s = scoring(&broker, "linear");
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
+    produce(&broker, &s.p.topic, 0..2_000);
+    let mut next = 2_000;
+    for round in 0..3 {
+        let log = format!("run-{round}.log");
+        let mut sluice = s.p.spawn(&log);
+        // Killed while predictions are flowing: once more of them exist than before.
+        let before: i64 = broker.end_offsets(&s.predictions).values().sum();
+        let started = Instant::now();
+        while broker.end_offsets(&s.predictions).values().sum::<i64>() <= before {
+            assert!(
+                started.elapsed() < DRAIN,
+                "no predictions:\n{}",
+                s.p.log(&log)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..400)));
+        sigkill(&mut sluice.0);
+        produce(&broker, &s.p.topic, next..next + 500);
+        next += 500;
+        std::thread::sleep(SESSION_TIMEOUT);
+    }
+    let mut sluice = s.p.spawn("final.log");
+    s.p.wait_drained(&broker, DRAIN);
+    s.p.stop(&mut sluice, "final.log");
+    check_oracle(&broker, &s.p);
+
+    let predictions = broker.read_all(&s.predictions);
+    let predicted = by_id(&predictions);
+    let valid: Vec<String> = (0..next)
+        .filter(|n| valid_json(*n).is_some())
+        .map(|n| format!("e-{n}"))
+        .collect();
+    for id in &valid {
+        let p = predicted
+            .get(id)
+            .unwrap_or_else(|| panic!("no prediction for {id}"));
+        assert!(p.iter().all(|(v, _)| v["model_version"] == "1"));
+    }
+    assert_eq!(
+        predicted.len(),
+        valid.len(),
+        "no prediction for an unknown event"
+    );
+    let again = predicted.values().filter(|v| v.len() > 1).count();
+    eprintln!(
+        "{} events, {} predictions, {again} events predicted more than once after kills",
+        valid.len(),
+        predictions.len()
+    );
+}
+
+/// A corrupt model file at start is a configuration error: `validate` and `run` exit 2 and
+/// say which file and why.
+#[test]
+fn a_corrupt_model_at_start_is_a_configuration_error() {
+    let broker = Broker::start();
+    let s = scoring(&broker, "linear");
+    fs::write(s.repo.join("1/model.pt"), b"garbage").unwrap();
+    for command in ["validate", "run"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([command, s.p.file.to_str().unwrap()])
+            .args(if command == "run" {
+                &["--listen", "off"][..]
+            } else {
+                &[]
+            })
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains("1/model.pt") && stderr.contains("not a loadable TorchScript file"),
+            "{command}: {stderr}"
+        );
+    }
+}

@@ -1,0 +1,490 @@
+//! `[[model]]`: TorchScript models that score every valid event.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use super::{
+    properties,
+    raw::{RawInput, RawModel, RawOutput},
+    redis::{check_key, parse_key, scalar},
+    valid_name, KeyPart, Problems,
+};
+use crate::schema::{EventSchema, Kind};
+
+/// A validated model section.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub name: String,
+    pub source: ModelSource,
+    pub device: DeviceChoice,
+    pub threads: usize,
+    pub intra_op_threads: usize,
+    pub max_batch: usize,
+    pub max_delay: Duration,
+    pub queue_rows: usize,
+    /// `None`: never reload.
+    pub reload_interval: Option<Duration>,
+    pub inputs: Vec<InputSpec>,
+    pub output: OutputSpec,
+    pub output_topic: String,
+    pub feedback_topic: Option<String>,
+    pub key: Vec<KeyPart>,
+    pub id_column: Option<String>,
+    pub pass_through: Vec<String>,
+    pub producer_properties: BTreeMap<String, String>,
+}
+
+impl ModelSpec {
+    /// Width of the feature vector.
+    pub fn features(&self) -> usize {
+        self.inputs.iter().map(InputSpec::width).sum()
+    }
+}
+
+/// Where versions of a model come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// `<dir>/<version>/model.pt`, the highest numbered version served.
+    Repository(PathBuf),
+    /// One TorchScript file; its version is a digest of its bytes.
+    File(PathBuf),
+}
+
+impl ModelSource {
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Repository(p) | Self::File(p) => p,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    /// A CUDA device by index.
+    Cuda(usize),
+    /// CUDA device 0 when available, else the CPU.
+    Auto,
+}
+
+/// One input of the feature vector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSpec {
+    pub column: String,
+    pub encoding: Encoding,
+    /// Fill value for a null number; `None`: the event is a dead letter.
+    pub null: Option<f32>,
+}
+
+impl InputSpec {
+    /// Features this input produces.
+    pub fn width(&self) -> usize {
+        match &self.encoding {
+            Encoding::OneHot(v) => v.len(),
+            _ => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Encoding {
+    /// An integer, number or boolean (1.0/0.0) as is.
+    Number,
+    /// One feature per value; unknown and null values are all zeros.
+    OneHot(Vec<String>),
+    /// The value's position; unknown and null values are the vocabulary's length.
+    Index(Vec<String>),
+    /// A part of a date-time or date.
+    Extract(TimePart),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimePart {
+    /// 0-23, UTC.
+    Hour,
+    /// 0 = Monday.
+    DayOfWeek,
+    EpochSeconds,
+}
+
+/// What the model returns, per event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputSpec {
+    /// One value, `[batch]` or `[batch, 1]`.
+    Score { name: String },
+    /// One value per class, `[batch, classes]`.
+    Probabilities { classes: Vec<String> },
+    /// The class with the highest value, and that value.
+    Label { classes: Vec<String> },
+}
+
+impl OutputSpec {
+    /// Values per event.
+    pub fn width(&self) -> usize {
+        match self {
+            Self::Score { .. } => 1,
+            Self::Probabilities { classes } | Self::Label { classes } => classes.len(),
+        }
+    }
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    match s {
+        "cpu" => Ok(DeviceChoice::Cpu),
+        "auto" => Ok(DeviceChoice::Auto),
+        "cuda" => Ok(DeviceChoice::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceChoice::Cuda)
+            .ok_or_else(|| {
+                format!("expected \"cpu\", \"cuda\", \"cuda:N\" or \"auto\", got {s:?}")
+            }),
+    }
+}
+
+/// Every model section; `topics` are the topics already in use (source, dead letters).
+pub(super) fn build_models(
+    raw: &[RawModel],
+    base: &Path,
+    schema: Option<&EventSchema>,
+    topics: &[String],
+    p: &mut Problems,
+) -> Option<Vec<ModelSpec>> {
+    let mut models = Vec::new();
+    let mut used: Vec<String> = topics.to_vec();
+    let mut ok = true;
+    for (i, m) in raw.iter().enumerate() {
+        let at = format!("model[{i}]");
+        match build_model(m, &at, base, schema, p) {
+            Some(spec) => {
+                if models.iter().any(|o: &ModelSpec| o.name == spec.name) {
+                    p.push(
+                        &format!("{at}.name"),
+                        format!("{:?} is used twice", spec.name),
+                    );
+                }
+                let outs = [
+                    ("output_topic", Some(&spec.output_topic)),
+                    ("feedback_topic", spec.feedback_topic.as_ref()),
+                ];
+                for (key, topic) in outs {
+                    if let Some(t) = topic {
+                        if used.contains(t) {
+                            p.push(
+                                &format!("{at}.{key}"),
+                                format!("{t:?} is already used by this pipeline"),
+                            );
+                        }
+                        used.push(t.clone());
+                    }
+                }
+                models.push(spec);
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(models)
+}
+
+fn build_model(
+    raw: &RawModel,
+    at: &str,
+    base: &Path,
+    schema: Option<&EventSchema>,
+    p: &mut Problems,
+) -> Option<ModelSpec> {
+    let key_path = |k: &str| format!("{at}.{k}");
+    let name = p.required(&key_path("name"), &raw.name);
+    if let Some(n) = name
+        .as_deref()
+        .filter(|n| !valid_name(n) || n.contains('.'))
+    {
+        p.push(
+            &key_path("name"),
+            format!("{n:?} may only use letters, digits, `_` and `-`"),
+        );
+    }
+    let source = p.required(&key_path("path"), &raw.path).and_then(|path| {
+        let path = base.join(path);
+        if path.is_dir() {
+            Some(ModelSource::Repository(path))
+        } else if path.is_file() {
+            Some(ModelSource::File(path))
+        } else {
+            p.push(
+                &key_path("path"),
+                format!(
+                    "{} is neither a model repository nor a file",
+                    path.display()
+                ),
+            );
+            None
+        }
+    });
+    let device = p
+        .get(&key_path("device"), &raw.device, "auto".into())
+        .and_then(|d| match parse_device(&d) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                p.push(&key_path("device"), e);
+                None
+            }
+        });
+    let threads = p.get(&key_path("threads"), &raw.threads, 1);
+    let threads = p.positive(&key_path("threads"), threads);
+    let intra = p.get(&key_path("intra_op_threads"), &raw.intra_op_threads, 1);
+    let intra = p.positive(&key_path("intra_op_threads"), intra);
+    let max_batch = p.get(&key_path("max_batch"), &raw.max_batch, 256);
+    let max_batch = p.positive(&key_path("max_batch"), max_batch);
+    let max_delay = p
+        .get(
+            &key_path("max_delay"),
+            &raw.max_delay,
+            super::units::HumanDuration(Duration::from_millis(2)),
+        )
+        .map(|d| d.0);
+    let queue_rows = p.get(&key_path("queue_rows"), &raw.queue_rows, 20_000);
+    let queue_rows = p.positive(&key_path("queue_rows"), queue_rows);
+    if let (Some(q), Some(b)) = (queue_rows, max_batch) {
+        if q < b {
+            p.push(
+                &key_path("queue_rows"),
+                format!("must be at least max_batch ({b})"),
+            );
+        }
+    }
+    let reload = p
+        .get(
+            &key_path("reload_interval"),
+            &raw.reload_interval,
+            super::units::HumanDuration(Duration::from_secs(5)),
+        )
+        .map(|d| (!d.0.is_zero()).then_some(d.0));
+
+    let raw_inputs = raw.inputs.as_deref().unwrap_or_default();
+    if raw_inputs.is_empty() {
+        p.push(&key_path("inputs"), "at least one input is required");
+    }
+    let inputs: Vec<Option<InputSpec>> = raw_inputs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| build_input(r, &format!("{at}.inputs[{i}]"), schema, p))
+        .collect();
+    let output = match &raw.output {
+        Some(o) => build_output(o, &key_path("output"), p),
+        None => {
+            p.push(&key_path("output"), "is required");
+            None
+        }
+    };
+
+    let topic = |p: &mut Problems, key: &str, s| -> Option<Option<String>> {
+        let t = p.read(&key_path(key), s).ok()?;
+        if let Some(t) = t.as_deref().filter(|t| !valid_name(t) || t.len() > 249) {
+            p.push(&key_path(key), format!("{t:?} is not a valid topic name"));
+        }
+        Some(t)
+    };
+    let output_topic = topic(p, "output_topic", &raw.output_topic);
+    if matches!(output_topic, Some(None)) {
+        p.push(&key_path("output_topic"), "is required");
+    }
+    let feedback_topic = topic(p, "feedback_topic", &raw.feedback_topic);
+    let key = p
+        .required(&key_path("key"), &raw.key)
+        .and_then(|k| match parse_key(&k) {
+            Ok(parts) => Some(parts),
+            Err(e) => {
+                p.push(&key_path("key"), e);
+                None
+            }
+        });
+    if let (Some(parts), Some(schema)) = (&key, schema) {
+        check_key(parts, &key_path("key"), schema, p);
+    }
+    let id_column = p.read(&key_path("id_column"), &raw.id_column).ok()?;
+    let pass_through = p.get(&key_path("pass_through"), &raw.pass_through, vec![]);
+    if let Some(schema) = schema {
+        let columns = id_column
+            .iter()
+            .map(|c| ("id_column", c))
+            .chain(pass_through.iter().flatten().map(|c| ("pass_through", c)));
+        for (k, c) in columns {
+            match schema.field(c) {
+                None => p.push(&key_path(k), format!("`{c}` is not a field of the schema")),
+                Some(f) if !scalar(&f.kind) => p.push(
+                    &key_path(k),
+                    format!("`{c}` is an object or array; only scalar fields can be copied"),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+    let producer_properties = properties(
+        p,
+        &key_path("producer_properties"),
+        &raw.producer_properties,
+    );
+
+    Some(ModelSpec {
+        name: name?,
+        source: source?,
+        device: device?,
+        threads: threads?,
+        intra_op_threads: intra?,
+        max_batch: max_batch?,
+        max_delay: max_delay?,
+        queue_rows: queue_rows?,
+        reload_interval: reload?,
+        inputs: inputs.into_iter().collect::<Option<_>>()?,
+        output: output?,
+        output_topic: output_topic??,
+        feedback_topic: feedback_topic?,
+        key: key?,
+        id_column,
+        pass_through: pass_through?,
+        producer_properties,
+    })
+}
+
+fn build_input(
+    raw: &RawInput,
+    at: &str,
+    schema: Option<&EventSchema>,
+    p: &mut Problems,
+) -> Option<InputSpec> {
+    let column = p.required(&format!("{at}.column"), &raw.column);
+    let null = p.read(&format!("{at}.null"), &raw.null).ok()?;
+    let one_hot = p.read(&format!("{at}.one_hot"), &raw.one_hot).ok()?;
+    let index = p.read(&format!("{at}.index"), &raw.index).ok()?;
+    let extract = p.read(&format!("{at}.extract"), &raw.extract).ok()?;
+    let encoding = match (one_hot, index, extract) {
+        (None, None, None) => Encoding::Number,
+        (Some(v), None, None) => Encoding::OneHot(v),
+        (None, Some(v), None) => Encoding::Index(v),
+        (None, None, Some(e)) => {
+            Encoding::Extract(match e.as_str() {
+                "hour" => TimePart::Hour,
+                "day_of_week" => TimePart::DayOfWeek,
+                "epoch_seconds" => TimePart::EpochSeconds,
+                other => {
+                    p.push(
+                    &format!("{at}.extract"),
+                    format!("expected \"hour\", \"day_of_week\" or \"epoch_seconds\", got {other:?}"),
+                );
+                    return None;
+                }
+            })
+        }
+        _ => {
+            p.push(at, "set at most one of `one_hot`, `index` and `extract`");
+            return None;
+        }
+    };
+    if let Encoding::OneHot(v) | Encoding::Index(v) = &encoding {
+        if v.is_empty() {
+            p.push(at, "the vocabulary must not be empty");
+        }
+        if null.is_some() {
+            p.push(
+                &format!("{at}.null"),
+                "is not used by categorical inputs (null encodes as an unknown value)",
+            );
+        }
+    }
+    if let (Some(c), Some(schema)) = (&column, schema) {
+        match schema.field(c).map(|f| &f.kind) {
+            None => p.push(
+                &format!("{at}.column"),
+                format!("`{c}` is not a field of the schema"),
+            ),
+            Some(kind) => {
+                let fits = match (&encoding, kind) {
+                    (
+                        Encoding::Number,
+                        Kind::Integer { .. } | Kind::Number { .. } | Kind::Boolean,
+                    ) => true,
+                    (Encoding::OneHot(_) | Encoding::Index(_), Kind::String { .. }) => true,
+                    (Encoding::Extract(TimePart::Hour), k) => matches!(k, Kind::DateTime),
+                    (Encoding::Extract(_), k) => matches!(k, Kind::DateTime | Kind::Date),
+                    _ => false,
+                };
+                if !fits {
+                    p.push(
+                        &format!("{at}.column"),
+                        format!(
+                            "`{c}` cannot be encoded this way: numbers and booleans are used as \
+                             they are, strings need `one_hot` or `index`, date-times `extract`"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    Some(InputSpec {
+        column: column?,
+        encoding,
+        null: null.map(|v| v as f32),
+    })
+}
+
+fn build_output(raw: &RawOutput, at: &str, p: &mut Problems) -> Option<OutputSpec> {
+    let kind = p.get(&format!("{at}.kind"), &raw.kind, "score".into())?;
+    let name = p.read(&format!("{at}.name"), &raw.name).ok()?;
+    let classes = p.read(&format!("{at}.classes"), &raw.classes).ok()?;
+    match (kind.as_str(), classes) {
+        ("score", None) => Some(OutputSpec::Score {
+            name: name.unwrap_or_else(|| "score".into()),
+        }),
+        ("score", Some(_)) => {
+            p.push(
+                &format!("{at}.classes"),
+                "is only used with kind \"probabilities\" or \"label\"",
+            );
+            None
+        }
+        ("probabilities" | "label", None) => {
+            p.push(&format!("{at}.classes"), "is required for this kind");
+            None
+        }
+        ("probabilities" | "label", Some(classes)) => {
+            if name.is_some() {
+                p.push(&format!("{at}.name"), "is only used with kind \"score\"");
+            }
+            if classes.len() < 2 {
+                p.push(&format!("{at}.classes"), "name at least two classes");
+            }
+            Some(if kind == "label" {
+                OutputSpec::Label { classes }
+            } else {
+                OutputSpec::Probabilities { classes }
+            })
+        }
+        (other, _) => {
+            p.push(
+                &format!("{at}.kind"),
+                format!("expected \"score\", \"probabilities\" or \"label\", got {other:?}"),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices() {
+        assert_eq!(parse_device("cpu"), Ok(DeviceChoice::Cpu));
+        assert_eq!(parse_device("cuda"), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!(parse_device("cuda:3"), Ok(DeviceChoice::Cuda(3)));
+        assert_eq!(parse_device("auto"), Ok(DeviceChoice::Auto));
+        assert!(parse_device("gpu").is_err());
+        assert!(parse_device("cuda:x").is_err());
+    }
+}

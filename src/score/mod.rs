@@ -1,0 +1,558 @@
+//! The scoring stage: TorchScript models ([`tch`]) run on every valid event, in batches, on
+//! their own threads; predictions and feedback go to Kafka.
+//!
+//! Per micro-batch, on the pipeline task: the rows are encoded into a feature matrix straight
+//! from the Arrow columns ([`features`]), admitted into the model's queue (waiting while
+//! `queue_rows` rows are already in flight: backpressure), and a future is returned. The
+//! future, polled by the pipeline beside its other acknowledgements, waits for the model
+//! threads ([`runtime`]), produces one prediction per scored event to `output_topic` and one
+//! feedback record to `feedback_topic` ([`crate::sink::predictions`]), and resolves when the
+//! broker has acknowledged them all, with the events that could not be scored (they become
+//! dead letters with stage `inference`). Until it resolves, the batch's offsets are held:
+//! nothing at or after them is committed, and no Parquet segment containing them is finished.
+//!
+//! Versions ([`model`]): the newest version is loaded and warmed up at start (a failure is a
+//! configuration error); a reloader checks the repository every `reload_interval`, loads a new
+//! or replaced version off the hot path, warms it up, and swaps it in atomically. A version
+//! that fails is refused with a log line and `sluice_model_reloads_total{result="refused"}`,
+//! and the current one keeps serving.
+
+pub mod features;
+pub mod model;
+pub mod runtime;
+
+use std::{sync::Arc, time::Instant};
+
+use anyhow::Context as _;
+use arrow::{
+    array::{Array, ArrayRef, AsArray},
+    datatypes::DataType,
+    record_batch::RecordBatch,
+};
+use futures::future::BoxFuture;
+use rdkafka::message::{Header, OwnedHeaders};
+use serde::ser::{SerializeMap, Serializer};
+use thiserror::Error;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use self::{
+    features::FeatureEncoder,
+    model::{LoadedModel, Shape},
+    runtime::{Runtime, RuntimeSpec},
+};
+use crate::{
+    config::{KeyPart, ModelSpec, OutputSpec},
+    sink::{
+        dead_letter::headers,
+        predictions::{Predictions, Record},
+        redis::{encode as text, render_key},
+    },
+    source::{Failure, Originals, Rejected},
+};
+
+/// Why an event was not scored. [`InferenceError::reason`] is the `sluice.reason` header.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum InferenceError {
+    #[error("input column `{column}` is null and the input has no `null` value")]
+    NullInput { column: String },
+    #[error("the model raised an error: {0}")]
+    Raised(String),
+    #[error("the model returned shape {got:?}, expected {expected}")]
+    WrongShape { got: Vec<i64>, expected: String },
+    #[error("the model returned {value}")]
+    NonFinite { value: f32 },
+}
+
+impl InferenceError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NullInput { .. } => "null_input",
+            Self::Raised(_) => "model_error",
+            Self::WrongShape { .. } => "wrong_output_shape",
+            Self::NonFinite { .. } => "non_finite_output",
+        }
+    }
+}
+
+/// A model version that cannot serve at start: a configuration error (exit code 2).
+#[derive(Debug, Error)]
+#[error("model {model:?} cannot serve: {reason}")]
+pub struct ModelRefused {
+    pub model: String,
+    pub reason: String,
+}
+
+/// The outcome of one submitted batch, once every prediction is acknowledged.
+#[derive(Debug)]
+pub struct Scored {
+    pub model: Arc<str>,
+    /// The holds taken at submission, to release.
+    pub holds: Vec<(crate::source::TopicPartition, i64)>,
+    /// Events that could not be scored.
+    pub rejected: Vec<Rejected>,
+    pub predictions: usize,
+}
+
+/// Loads the newest version of a model and checks it; the error says why it cannot serve.
+pub fn load_newest(spec: &ModelSpec) -> Result<LoadedModel, String> {
+    let device = model::device(spec.device)?;
+    let candidate = model::newest(&spec.source)?;
+    let path = candidate.path.display().to_string();
+    LoadedModel::load(candidate, device, shape(spec)).map_err(|e| format!("{path}: {e}"))
+}
+
+fn shape(spec: &ModelSpec) -> Shape {
+    Shape {
+        features: spec.features(),
+        outputs: spec.output.width(),
+        max_batch: spec.max_batch,
+    }
+}
+
+/// One model of a pipeline: encoder, threads, reloader and producer.
+pub struct Scorer {
+    spec: Arc<ModelSpec>,
+    name: Arc<str>,
+    encoder: FeatureEncoder,
+    runtime: Runtime,
+    out: Predictions,
+    output_topic: Arc<str>,
+    feedback_topic: Option<Arc<str>>,
+    pipeline: Arc<str>,
+    reloader: Option<JoinHandle<()>>,
+}
+
+impl Scorer {
+    /// Loads the newest version (blocking the caller for the warm-up) and starts the threads.
+    pub async fn open(pipeline: &str, bootstrap: &str, spec: &ModelSpec) -> anyhow::Result<Self> {
+        let spec = Arc::new(spec.clone());
+        let s = spec.clone();
+        let loaded = tokio::task::spawn_blocking(move || load_newest(&s))
+            .await?
+            .map_err(|reason| ModelRefused {
+                model: spec.name.clone(),
+                reason,
+            })?;
+        if spec.device == crate::config::DeviceChoice::Auto && loaded.device == tch::Device::Cpu {
+            info!(model = %spec.name, "No CUDA device available; the model runs on the CPU.");
+        }
+        info!(model = %spec.name, version = %loaded.version, device = ?loaded.device,
+              path = %loaded.candidate.path.display(), "Model loaded.");
+        set_version_metrics(&spec.name, &loaded, None);
+        let runtime = Runtime::start(
+            RuntimeSpec {
+                model: spec.name.clone(),
+                threads: spec.threads,
+                max_batch: spec.max_batch,
+                max_delay: spec.max_delay,
+                queue_rows: spec.queue_rows,
+                features: spec.features(),
+                outputs: spec.output.width(),
+            },
+            loaded,
+        );
+        let reloader = spec
+            .reload_interval
+            .map(|every| tokio::spawn(reload(spec.clone(), runtime.current.clone(), every)));
+        Ok(Self {
+            name: Arc::from(spec.name.as_str()),
+            encoder: FeatureEncoder::new(&spec.inputs),
+            out: Predictions::new(pipeline, bootstrap, &spec.producer_properties)
+                .context("creating the predictions producer")?,
+            output_topic: Arc::from(spec.output_topic.as_str()),
+            feedback_topic: spec.feedback_topic.as_deref().map(Arc::from),
+            pipeline: Arc::from(pipeline),
+            runtime,
+            reloader,
+            spec,
+        })
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Encodes `rows` and queues them, waiting for admission; the future resolves once every
+    /// prediction is acknowledged. `holds` are returned in [`Scored::holds`] unchanged.
+    pub async fn submit(
+        &self,
+        rows: RecordBatch,
+        originals: Option<Arc<Originals>>,
+        holds: Vec<(crate::source::TopicPartition, i64)>,
+        consumed_at: Instant,
+    ) -> BoxFuture<'static, Scored> {
+        let mut encoded = tokio::task::block_in_place(|| self.encoder.encode(&rows));
+        let admitted = encoded.rows.len().min(self.spec.queue_rows);
+        let values = Arc::new(std::mem::take(&mut encoded.values));
+        let (permit, replies) = self.runtime.submit(values.clone(), admitted).await;
+        let ctx = Context {
+            spec: self.spec.clone(),
+            name: self.name.clone(),
+            output_topic: self.output_topic.clone(),
+            feedback_topic: self.feedback_topic.clone(),
+            pipeline: self.pipeline.clone(),
+            width: self.encoder.width(),
+        };
+        let out = self.out.clone();
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(replies.len());
+            for r in replies {
+                // A closed channel means the threads stopped (shutdown): nothing is scored,
+                // so the holds are never released and nothing is committed past them.
+                match r.await {
+                    Ok(result) => results.push(result),
+                    Err(_) => return futures::future::pending().await,
+                }
+            }
+            let built = tokio::task::block_in_place(|| {
+                ctx.records(&rows, &encoded.rows, &values, &results)
+            });
+            out.deliver(&built.records).await;
+            drop(permit);
+            metrics::histogram!("sluice_prediction_latency_seconds", "model" => ctx.name.to_string())
+                .record(consumed_at.elapsed().as_secs_f64());
+            metrics::counter!("sluice_predictions_total", "model" => ctx.name.to_string())
+                .increment(built.predictions as u64);
+            let (topic, partition, offset) = crate::schema::provenance(&rows);
+            let failures = encoded
+                .rejected
+                .into_iter()
+                .chain(built.failed)
+                .filter_map(|(row, error)| {
+                    let found = originals.as_ref().and_then(|o| {
+                        o.rejected(
+                            topic.value(row),
+                            partition.value(row),
+                            offset.value(row),
+                            Failure::Inference {
+                                model: ctx.name.clone(),
+                                error: error.clone(),
+                            },
+                        )
+                    });
+                    if found.is_none() {
+                        error!(model = %ctx.name, %error, "An event that was not scored has no original bytes.");
+                    }
+                    found
+                })
+                .collect();
+            Scored {
+                model: ctx.name,
+                holds,
+                rejected: failures,
+                predictions: built.predictions,
+            }
+        })
+    }
+}
+
+impl Drop for Scorer {
+    fn drop(&mut self) {
+        if let Some(r) = self.reloader.take() {
+            r.abort();
+        }
+    }
+}
+
+/// What the completion of a batch needs, detached from the [`Scorer`].
+struct Context {
+    spec: Arc<ModelSpec>,
+    name: Arc<str>,
+    output_topic: Arc<str>,
+    feedback_topic: Option<Arc<str>>,
+    pipeline: Arc<str>,
+    width: usize,
+}
+
+struct Built {
+    records: Vec<Record>,
+    predictions: usize,
+    /// Batch rows the model failed on.
+    failed: Vec<(usize, InferenceError)>,
+}
+
+impl Context {
+    /// Prediction and feedback records of every scored row.
+    fn records(
+        &self,
+        batch: &RecordBatch,
+        rows: &[usize],
+        features: &[f32],
+        results: &[runtime::JobResult],
+    ) -> Built {
+        let w = self.spec.output.width();
+        let mut built = Built {
+            records: Vec::with_capacity(
+                rows.len() * (1 + usize::from(self.feedback_topic.is_some())),
+            ),
+            predictions: 0,
+            failed: Vec::new(),
+        };
+        let (topics, partitions, offsets) = crate::schema::provenance(batch);
+        let timestamps = batch.column_by_name("_timestamp").map(|c| {
+            c.as_primitive::<arrow::datatypes::TimestampMillisecondType>()
+                .clone()
+        });
+        let id = self
+            .spec
+            .id_column
+            .as_ref()
+            .and_then(|c| batch.column_by_name(c));
+        let pass: Vec<(&str, &ArrayRef)> = self
+            .spec
+            .pass_through
+            .iter()
+            .filter_map(|c| Some((c.as_str(), batch.column_by_name(c)?)))
+            .collect();
+        let mut m = 0; // matrix row
+        for result in results {
+            let mut failed = result.failed.iter().peekable();
+            for j in 0..result.outputs.len() / w.max(1) {
+                let row = rows[m];
+                let x = &features[m * self.width..(m + 1) * self.width];
+                m += 1;
+                if failed.peek().is_some_and(|(r, _)| *r == j) {
+                    let (_, e) = failed.next().expect("peeked");
+                    built.failed.push((row, e.clone()));
+                    continue;
+                }
+                let y = &result.outputs[j * w..(j + 1) * w];
+                let source = Source {
+                    topic: topics.value(row),
+                    partition: partitions.value(row),
+                    offset: offsets.value(row),
+                };
+                let event_id = id.and_then(|c| text(c, row));
+                let key = key_bytes(&self.spec.key, batch, row);
+                let timestamp = timestamps
+                    .as_ref()
+                    .filter(|t| t.is_valid(row))
+                    .map(|t| t.value(row));
+                let prediction = Prediction {
+                    event_id: event_id.as_deref(),
+                    model: &self.name,
+                    model_version: &result.version,
+                    outputs: Outputs(&self.spec.output, y),
+                    columns: Columns(&pass, row),
+                    source: &source,
+                };
+                built.records.push(Record {
+                    topic: self.output_topic.clone(),
+                    key: key.clone(),
+                    payload: serde_json::to_vec(&prediction).expect("serializable"),
+                    headers: self.headers(&source, &result.version),
+                    timestamp,
+                });
+                if let Some(topic) = &self.feedback_topic {
+                    let feedback = Feedback {
+                        event_id: event_id.as_deref(),
+                        model: &self.name,
+                        model_version: &result.version,
+                        features: x,
+                        outputs: y,
+                        source: &source,
+                    };
+                    built.records.push(Record {
+                        topic: topic.clone(),
+                        key,
+                        payload: serde_json::to_vec(&feedback).expect("serializable"),
+                        headers: self.headers(&source, &result.version),
+                        timestamp,
+                    });
+                }
+                built.predictions += 1;
+            }
+        }
+        built
+    }
+
+    fn headers(&self, source: &Source<'_>, version: &str) -> OwnedHeaders {
+        let (partition, offset) = (source.partition.to_string(), source.offset.to_string());
+        let mut hs = OwnedHeaders::new_with_capacity(6);
+        for (key, value) in [
+            (headers::TOPIC, source.topic),
+            (headers::PARTITION, &partition),
+            (headers::OFFSET, &offset),
+            (headers::PIPELINE, &self.pipeline),
+            (headers::MODEL, &self.name),
+            (headers::MODEL_VERSION, version),
+        ] {
+            hs = hs.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        hs
+    }
+}
+
+fn key_bytes(parts: &[KeyPart], batch: &RecordBatch, row: usize) -> Vec<u8> {
+    render_key(parts, batch, row).into_bytes()
+}
+
+#[derive(serde::Serialize)]
+struct Source<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+}
+
+/// The value of a prediction record.
+#[derive(serde::Serialize)]
+struct Prediction<'a> {
+    event_id: Option<&'a str>,
+    model: &'a str,
+    model_version: &'a str,
+    outputs: Outputs<'a>,
+    columns: Columns<'a>,
+    source: &'a Source<'a>,
+}
+
+/// The value of a feedback record: the features exactly as fed to the model.
+#[derive(serde::Serialize)]
+struct Feedback<'a> {
+    event_id: Option<&'a str>,
+    model: &'a str,
+    model_version: &'a str,
+    features: &'a [f32],
+    outputs: &'a [f32],
+    source: &'a Source<'a>,
+}
+
+/// `{"score": 0.93}`, `{"a": 0.1, "b": 0.9}` or `{"label": "b", "confidence": 0.9}`.
+struct Outputs<'a>(&'a OutputSpec, &'a [f32]);
+
+impl serde::Serialize for Outputs<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            OutputSpec::Score { name } => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry(name, &self.1[0])?;
+                m.end()
+            }
+            OutputSpec::Probabilities { classes } => {
+                let mut m = s.serialize_map(Some(classes.len()))?;
+                for (c, v) in classes.iter().zip(self.1) {
+                    m.serialize_entry(c, v)?;
+                }
+                m.end()
+            }
+            OutputSpec::Label { classes } => {
+                let (best, value) =
+                    self.1
+                        .iter()
+                        .enumerate()
+                        .fold((0, f32::NEG_INFINITY), |acc, (i, v)| {
+                            if *v > acc.1 {
+                                (i, *v)
+                            } else {
+                                acc
+                            }
+                        });
+                let mut m = s.serialize_map(Some(2))?;
+                m.serialize_entry("label", &classes[best])?;
+                m.serialize_entry("confidence", &value)?;
+                m.end()
+            }
+        }
+    }
+}
+
+/// Pass-through columns of one row: numbers and booleans as JSON values, the rest as text.
+struct Columns<'a>(&'a [(&'a str, &'a ArrayRef)], usize);
+
+impl serde::Serialize for Columns<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let row = self.1;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (name, column) in self.0 {
+            if column.is_null(row) {
+                m.serialize_entry(name, &())?;
+                continue;
+            }
+            match column.data_type() {
+                DataType::Int64 => m.serialize_entry(
+                    name,
+                    &column
+                        .as_primitive::<arrow::datatypes::Int64Type>()
+                        .value(row),
+                )?,
+                DataType::Float64 => m.serialize_entry(
+                    name,
+                    &column
+                        .as_primitive::<arrow::datatypes::Float64Type>()
+                        .value(row),
+                )?,
+                DataType::Boolean => m.serialize_entry(name, &column.as_boolean().value(row))?,
+                _ => m.serialize_entry(name, &text(column, row))?,
+            }
+        }
+        m.end()
+    }
+}
+
+fn set_version_metrics(model: &str, new: &LoadedModel, old: Option<&LoadedModel>) {
+    if let Some(old) = old {
+        metrics::gauge!("sluice_model_info", "model" => model.to_owned(),
+            "version" => old.version.to_string(), "device" => format!("{:?}", old.device))
+        .set(0.0);
+    }
+    metrics::gauge!("sluice_model_info", "model" => model.to_owned(),
+        "version" => new.version.to_string(), "device" => format!("{:?}", new.device))
+    .set(1.0);
+    if let Ok(v) = new.version.parse::<f64>() {
+        metrics::gauge!("sluice_model_version", "model" => model.to_owned()).set(v);
+    }
+}
+
+/// Checks for a new version every `every`; loads, warms up and swaps it in, or refuses it.
+async fn reload(spec: Arc<ModelSpec>, current: runtime::Current, every: std::time::Duration) {
+    let mut refused: Option<model::Candidate> = None;
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let serving = current.read().expect("never poisoned").clone();
+        let s = spec.clone();
+        let serving_candidate = serving.candidate.clone();
+        let seen = refused.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let candidate = model::newest(&s.source).map_err(|e| (None, e))?;
+            if candidate == serving_candidate || Some(&candidate) == seen.as_ref() {
+                return Ok(None);
+            }
+            let device = serving.device;
+            LoadedModel::load(candidate.clone(), device, shape(&s))
+                .map(Some)
+                .map_err(|e| (Some(candidate), e))
+        })
+        .await;
+        match outcome {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(loaded))) => {
+                let old = current.read().expect("never poisoned").clone();
+                set_version_metrics(&spec.name, &loaded, Some(&old));
+                metrics::counter!("sluice_model_reloads_total", "model" => spec.name.clone(),
+                    "result" => "loaded")
+                .increment(1);
+                runtime::swap(&current, loaded, &spec.name);
+                refused = None;
+            }
+            Ok(Err((candidate, reason))) => {
+                if let Some(c) = &candidate {
+                    error!(model = %spec.name, version = %c.version, path = %c.path.display(),
+                           %reason, "Model version refused; the current version keeps serving.");
+                    metrics::counter!("sluice_model_reloads_total", "model" => spec.name.clone(),
+                        "result" => "refused")
+                    .increment(1);
+                } else {
+                    warn!(model = %spec.name, %reason, "Cannot read the model repository.");
+                }
+                refused = candidate;
+            }
+            Err(e) => warn!(model = %spec.name, error = %e, "Model reload task failed."),
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! Loading TorchScript versions: where they are, whether they changed, and whether they work.
+//!
+//! A version is only served after it has loaded on its device and passed a warm-up: forward
+//! passes of zeros with one row and with `max_batch` rows that must return finite `f32`-able
+//! values of the configured output shape. Anything else is refused with the reason.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use sha2::{Digest, Sha256};
+use tch::{CModule, Device, Kind, Tensor};
+
+use super::InferenceError;
+use crate::config::{DeviceChoice, ModelSource};
+
+/// A version found in the repository (or the file), not yet loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub path: PathBuf,
+    /// The directory number, or for a single file a digest of its bytes.
+    pub version: String,
+    /// Changes when the file is replaced.
+    pub stamp: Stamp,
+}
+
+/// Size and modification time of a model file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub len: u64,
+    pub modified: Option<SystemTime>,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        let m = std::fs::metadata(path)?;
+        Ok(Self {
+            len: m.len(),
+            modified: m.modified().ok(),
+        })
+    }
+}
+
+/// The version that should be served now: the highest numbered `<dir>/<n>/model.pt`, or the
+/// single file.
+pub fn newest(source: &ModelSource) -> Result<Candidate, String> {
+    match source {
+        ModelSource::File(path) => {
+            let stamp = Stamp::of(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let digest = Sha256::digest(&bytes);
+            let version: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+            Ok(Candidate {
+                path: path.clone(),
+                version,
+                stamp,
+            })
+        }
+        ModelSource::Repository(dir) => {
+            let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let best = entries
+                .flatten()
+                .filter_map(|e| {
+                    let n: u64 = e.file_name().to_str()?.parse().ok()?;
+                    let file = e.path().join("model.pt");
+                    file.is_file().then_some((n, file))
+                })
+                .max_by_key(|(n, _)| *n);
+            let (n, path) = best.ok_or_else(|| {
+                format!(
+                    "{} holds no version (expected <version>/model.pt, e.g. 1/model.pt)",
+                    dir.display()
+                )
+            })?;
+            let stamp = Stamp::of(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(Candidate {
+                path,
+                version: n.to_string(),
+                stamp,
+            })
+        }
+    }
+}
+
+/// Resolves the configured device; `cuda` on a machine without CUDA is an error, `auto`
+/// falls back to the CPU.
+pub fn device(choice: DeviceChoice) -> Result<Device, String> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+        DeviceChoice::Cuda(i) => {
+            let n = tch::Cuda::device_count();
+            if !tch::Cuda::is_available() || i as i64 >= n {
+                Err(format!(
+                    "CUDA device {i} is not available (CUDA devices: {n}); use device = \"cpu\" \
+                     or \"auto\""
+                ))
+            } else {
+                Ok(Device::Cuda(i))
+            }
+        }
+    }
+}
+
+/// How a model's tensors must look.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Features per row.
+    pub features: usize,
+    /// Values per row returned.
+    pub outputs: usize,
+    /// Rows of the warm-up's large batch.
+    pub max_batch: usize,
+}
+
+/// A loaded, warmed-up version.
+pub struct LoadedModel {
+    module: CModule,
+    pub version: Arc<str>,
+    pub device: Device,
+    pub candidate: Candidate,
+    shape: Shape,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("version", &self.version)
+            .field("device", &self.device)
+            .field("path", &self.candidate.path)
+            .finish()
+    }
+}
+
+impl LoadedModel {
+    /// Loads `candidate` on `device` and warms it up. Blocking; seconds for large models.
+    pub fn load(candidate: Candidate, device: Device, shape: Shape) -> Result<Self, String> {
+        let mut module = CModule::load_on_device(&candidate.path, device)
+            .map_err(|e| format!("not a loadable TorchScript file: {}", first_line(&e)))?;
+        module.set_eval();
+        let this = Self {
+            module,
+            version: Arc::from(candidate.version.as_str()),
+            device,
+            candidate,
+            shape,
+        };
+        for rows in [1, shape.max_batch] {
+            let zeros = vec![0f32; rows * shape.features];
+            let out = this
+                .forward(&zeros, rows)
+                .map_err(|e| format!("warm-up with {rows} row(s) failed: {e}"))?;
+            if let Some(bad) = out.iter().find(|v| !v.is_finite()) {
+                return Err(format!(
+                    "warm-up with {rows} row(s) returned {bad} for an input of zeros"
+                ));
+            }
+        }
+        Ok(this)
+    }
+
+    /// One forward pass over `rows` rows of `x` (row-major); `rows × outputs` values.
+    pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>, InferenceError> {
+        let _no_grad = tch::no_grad_guard();
+        let (n, f) = (rows as i64, self.shape.features as i64);
+        let input = Tensor::f_from_slice(x)
+            .and_then(|t| t.f_view([n, f]))
+            .and_then(|t| t.f_to_device(self.device))
+            .map_err(|e| InferenceError::Raised(first_line(&e)))?;
+        let out = self
+            .module
+            .forward_ts(&[input])
+            .map_err(|e| InferenceError::Raised(first_line(&e)))?;
+        let size = out.size();
+        let w = self.shape.outputs as i64;
+        let fits = match size.as_slice() {
+            [m] => *m == n && w == 1,
+            [m, k] => *m == n && *k == w,
+            _ => false,
+        };
+        if !fits {
+            return Err(InferenceError::WrongShape {
+                got: size,
+                expected: if w == 1 {
+                    format!("[{n}] or [{n}, 1]")
+                } else {
+                    format!("[{n}, {w}]")
+                },
+            });
+        }
+        let out = out
+            .f_to_device(Device::Cpu)
+            .and_then(|t| t.f_to_kind(Kind::Float))
+            .and_then(|t| t.f_contiguous())
+            .and_then(|t| t.f_view([-1]))
+            .map_err(|e| InferenceError::Raised(first_line(&e)))?;
+        Vec::<f32>::try_from(&out).map_err(|e| InferenceError::Raised(first_line(&e)))
+    }
+}
+
+/// libtorch errors carry a C++ backtrace; the first line says what went wrong.
+fn first_line(e: &impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let first = lines.next().unwrap_or_default().trim().to_owned();
+    // TorchScript exceptions put the Python-level message on a later line.
+    match text
+        .lines()
+        .find(|l| l.contains("Exception:") || l.contains("Error:"))
+    {
+        Some(detail) if !first.contains(detail.trim()) => format!("{first} {}", detail.trim()),
+        _ => first,
+    }
+}

@@ -1,0 +1,300 @@
+//! Model threads: a bounded queue (admission counted in rows), dynamic batching, and the
+//! version in service.
+//!
+//! The pipeline task splits each micro-batch into jobs of at most `max_batch` rows and waits
+//! for admission (a semaphore of `queue_rows` permits); that wait is the backpressure from the
+//! model to the source. Each model thread takes a job, then more jobs until `max_batch` rows or
+//! `max_delay` (as Triton's dynamic batcher does), runs one forward pass without gradients and
+//! answers each job on its own channel. Threads never run on the async workers.
+//!
+//! A forward pass that raises or returns the wrong shape is retried on halves of the batch
+//! until the failing rows are alone, so one bad event fails only itself; a non-finite output
+//! fails only its row.
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, RwLock,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info};
+
+use super::{model::LoadedModel, InferenceError};
+
+/// The answer to one job.
+#[derive(Debug)]
+pub struct JobResult {
+    pub version: Arc<str>,
+    /// `rows × outputs` values; the rows in `failed` hold zeros.
+    pub outputs: Vec<f32>,
+    /// Rows of the job (0-based) that could not be scored.
+    pub failed: Vec<(usize, InferenceError)>,
+}
+
+struct Job {
+    /// The whole submission's matrix; this job is rows `start..start + rows`.
+    values: Arc<Vec<f32>>,
+    start: usize,
+    rows: usize,
+    reply: oneshot::Sender<JobResult>,
+}
+
+/// The version being served, swapped atomically by the reloader.
+pub type Current = Arc<RwLock<Arc<LoadedModel>>>;
+
+/// Settings of the model threads.
+#[derive(Debug, Clone)]
+pub struct RuntimeSpec {
+    pub model: String,
+    pub threads: usize,
+    pub max_batch: usize,
+    pub max_delay: Duration,
+    pub queue_rows: usize,
+    pub features: usize,
+    pub outputs: usize,
+}
+
+/// The model threads of one model.
+pub struct Runtime {
+    spec: RuntimeSpec,
+    queue: Option<Sender<Job>>,
+    admission: Arc<Semaphore>,
+    /// Rows queued for the threads and not yet taken.
+    queued: Arc<AtomicUsize>,
+    pub current: Current,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Runtime {
+    pub fn start(spec: RuntimeSpec, model: LoadedModel) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let current: Current = Arc::new(RwLock::new(Arc::new(model)));
+        let admission = Arc::new(Semaphore::new(spec.queue_rows));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let threads = (0..spec.threads)
+            .map(|i| {
+                let (rx, current, spec, queued) =
+                    (rx.clone(), current.clone(), spec.clone(), queued.clone());
+                std::thread::Builder::new()
+                    .name(format!("model-{}-{i}", spec.model))
+                    .spawn(move || worker(&spec, &rx, &current, &queued))
+                    .expect("spawning a model thread")
+            })
+            .collect();
+        Self {
+            spec,
+            queue: Some(tx),
+            admission,
+            queued,
+            current,
+            threads,
+        }
+    }
+
+    /// Waits for admission of `admitted` rows (at most `queue_rows`), then queues every row
+    /// of `values` (`rows × features`). The permit is the admission: hold it until the rows'
+    /// predictions are delivered. The receivers answer in order, one per job of at most
+    /// `max_batch` rows.
+    pub async fn submit(
+        &self,
+        values: Arc<Vec<f32>>,
+        admitted: usize,
+    ) -> (OwnedSemaphorePermit, Vec<oneshot::Receiver<JobResult>>) {
+        let permit = self
+            .admission
+            .clone()
+            .acquire_many_owned(admitted.min(self.spec.queue_rows) as u32)
+            .await
+            .expect("the admission semaphore is never closed");
+        let rows = values.len() / self.spec.features.max(1);
+        let mut replies = Vec::with_capacity(rows.div_ceil(self.spec.max_batch));
+        let mut start = 0;
+        while start < rows {
+            let n = self.spec.max_batch.min(rows - start);
+            let (reply, rx) = oneshot::channel();
+            let job = Job {
+                values: values.clone(),
+                start,
+                rows: n,
+                reply,
+            };
+            self.queued.fetch_add(n, Ordering::Relaxed);
+            if let Some(q) = &self.queue {
+                let _ = q.send(job);
+            }
+            replies.push(rx);
+            start += n;
+        }
+        metrics::gauge!("sluice_model_queue_rows", "model" => self.spec.model.clone())
+            .set(self.queued.load(Ordering::Relaxed) as f64);
+        (permit, replies)
+    }
+
+    /// Rows admitted whose predictions are not yet delivered.
+    pub fn in_flight(&self) -> usize {
+        self.spec.queue_rows - self.admission.available_permits()
+    }
+
+    pub fn version(&self) -> Arc<LoadedModel> {
+        self.current.read().expect("never poisoned").clone()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        // Closing the queue ends the threads once they have answered what they hold.
+        self.queue.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn worker(spec: &RuntimeSpec, rx: &Receiver<Job>, current: &Current, queued: &AtomicUsize) {
+    let labels = [("model", spec.model.clone())];
+    let mut carry: Option<Job> = None;
+    loop {
+        let first = match carry.take() {
+            Some(job) => job,
+            None => match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
+        let mut rows = first.rows;
+        let mut jobs = vec![first];
+        let deadline = Instant::now() + spec.max_delay;
+        while rows < spec.max_batch {
+            let next = match rx.try_recv() {
+                Ok(job) => job,
+                Err(_) => match rx.recv_deadline(deadline) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                },
+            };
+            if rows + next.rows > spec.max_batch {
+                carry = Some(next);
+                break;
+            }
+            rows += next.rows;
+            jobs.push(next);
+        }
+
+        queued.fetch_sub(rows, Ordering::Relaxed);
+        metrics::gauge!("sluice_model_queue_rows", &labels)
+            .set(queued.load(Ordering::Relaxed) as f64);
+        let model = current.read().expect("never poisoned").clone();
+        let f = spec.features;
+        let input: std::borrow::Cow<'_, [f32]> = if jobs.len() == 1 {
+            let j = &jobs[0];
+            (&j.values[j.start * f..(j.start + j.rows) * f]).into()
+        } else {
+            jobs.iter()
+                .flat_map(|j| &j.values[j.start * f..(j.start + j.rows) * f])
+                .copied()
+                .collect::<Vec<f32>>()
+                .into()
+        };
+        let started = Instant::now();
+        let mut outputs = vec![0f32; rows * spec.outputs];
+        let mut failed = Vec::new();
+        score(
+            &model,
+            &input,
+            rows,
+            f,
+            spec.outputs,
+            0,
+            &mut outputs,
+            &mut failed,
+        );
+        let device = format!("{:?}", model.device).to_lowercase();
+        metrics::histogram!("sluice_model_inference_seconds", "model" => spec.model.clone(),
+            "device" => device.clone())
+        .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("sluice_model_batch_rows", &labels).record(rows as f64);
+        metrics::counter!("sluice_model_rows_total", "model" => spec.model.clone(),
+            "device" => device)
+        .increment(rows as u64);
+        if !failed.is_empty() {
+            debug!(model = %spec.model, failed = failed.len(), rows, "Rows not scored.");
+        }
+
+        // Hand each job its rows.
+        let mut at = 0;
+        let mut failed = failed.into_iter().peekable();
+        for job in jobs {
+            let mut mine = Vec::new();
+            while let Some((row, _)) = failed.peek() {
+                if *row >= at + job.rows {
+                    break;
+                }
+                let (row, e) = failed.next().expect("peeked");
+                mine.push((row - at, e));
+            }
+            let result = JobResult {
+                version: model.version.clone(),
+                outputs: outputs[at * spec.outputs..(at + job.rows) * spec.outputs].to_vec(),
+                failed: mine,
+            };
+            at += job.rows;
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+/// Scores `rows` rows of `x` into `out`, isolating failing rows by bisection; `base` is the
+/// index of `x`'s first row in the whole batch (for `failed`).
+#[allow(clippy::too_many_arguments)]
+fn score(
+    model: &LoadedModel,
+    x: &[f32],
+    rows: usize,
+    features: usize,
+    outputs: usize,
+    base: usize,
+    out: &mut [f32],
+    failed: &mut Vec<(usize, InferenceError)>,
+) {
+    match model.forward(x, rows) {
+        Ok(values) => {
+            for (r, row) in values.chunks_exact(outputs).enumerate() {
+                if let Some(v) = row.iter().find(|v| !v.is_finite()) {
+                    failed.push((base + r, InferenceError::NonFinite { value: *v }));
+                } else {
+                    out[r * outputs..(r + 1) * outputs].copy_from_slice(row);
+                }
+            }
+        }
+        Err(e) if rows == 1 => failed.push((base, e)),
+        Err(e) => {
+            debug!(error = %e, rows, "Forward pass failed; retrying on halves.");
+            let half = rows / 2;
+            let (xa, xb) = x.split_at(half * features);
+            let (oa, ob) = out.split_at_mut(half * outputs);
+            score(model, xa, half, features, outputs, base, oa, failed);
+            score(
+                model,
+                xb,
+                rows - half,
+                features,
+                outputs,
+                base + half,
+                ob,
+                failed,
+            );
+        }
+    }
+}
+
+/// Swaps in a new version; the next batch of every thread uses it.
+pub fn swap(current: &Current, model: LoadedModel, name: &str) {
+    let new = Arc::new(model);
+    let old = std::mem::replace(&mut *current.write().expect("never poisoned"), new.clone());
+    info!(model = name, from = %old.version, to = %new.version, "Model version swapped in.");
+}
