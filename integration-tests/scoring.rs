@@ -349,6 +349,49 @@ fn a_failing_model_dead_letters_only_its_events() {
     let got: BTreeSet<String> = predicted.keys().cloned().collect();
     assert_eq!(got, scored, "every other valid event is scored");
     assert!(predicted.values().all(|v| v.len() == 1));
+
+    // The feedback records as training data: pipelines/fraud_feedback.toml keeps them in
+    // Parquet, one row per scored event.
+    let out = s.p.dir.path().join("feedback-parquet");
+    let dlq = format!("{}.dlq", s.feedback);
+    broker.create_topic(&dlq, 1);
+    let group = unique("feedback");
+    let log = fs::File::create(s.p.dir.path().join("feedback.log")).unwrap();
+    let mut feedback = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("run")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/fraud_feedback.toml"))
+            .args(["--listen", "off"])
+            .env("KAFKA_BOOTSTRAP", &broker.bootstrap)
+            .env("FRAUD_FEEDBACK_TOPIC", &s.feedback)
+            .env("FEEDBACK_GROUP", &group)
+            .env("FEEDBACK_DLQ", &dlq)
+            .env("FEEDBACK_OUTPUT", &out)
+            .env("FEEDBACK_IDLE_FLUSH", "300ms")
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    broker
+        .wait_committed(&s.feedback, &group, DRAIN)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.p.log("feedback.log")));
+    sigterm(&feedback.0);
+    assert!(wait_exit(&mut feedback.0, Duration::from_secs(30)).success());
+    let count = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, pyarrow.dataset as ds; \
+             print(ds.dataset(sys.argv[1], format='parquet').count_rows())",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&count.stdout).trim(),
+        scored.len().to_string(),
+        "{}",
+        String::from_utf8_lossy(&count.stderr)
+    );
 }
 
 /// kill -9 at random moments: every valid event still gets at least one prediction, each

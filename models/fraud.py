@@ -2,16 +2,21 @@
 the feature encoding that `pipelines/orders.toml` declares, training, and TorchScript export.
 
     python3 models/fraud.py train [--out models/fraud] [--version 1] [--seed 7]
+    python3 models/fraud.py bench MODEL.pt [--rows 200000] [--batch 256]
 
-writes OUT/VERSION/model.pt (a Triton-style model repository that sluice watches) and prints
-the held-out accuracy. Imported by the integration tests as the reference encoding.
+`train` writes OUT/VERSION/model.pt (a Triton-style model repository that sluice watches) and
+prints the held-out accuracy. `bench` scores events the way a Python service would (dicts ->
+features -> tensor -> TorchScript forward, in batches, one intra-op thread) and prints rows/s,
+with and without the encoding; scripts/bench-scoring.sh runs it beside sluice's stage.
 """
 
 import argparse
+import json
 import math
 import os
 import random
 import sys
+import time
 
 import torch
 
@@ -128,6 +133,31 @@ def train(out, version, seed, samples=60000, epochs=6):
           f"(majority class {base:.3f}), fraud rate {y.mean().item():.3f}")
 
 
+def bench(model_path, rows, batch):
+    rng = random.Random(7)
+    events = [synthetic_event(rng)[0] for _ in range(rows)]
+    model = torch.jit.load(model_path)
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(batch, len(FEATURES)))  # warm-up, as sluice does
+        started = time.perf_counter()
+        for i in range(0, rows, batch):
+            x = torch.tensor([encode(e) for e in events[i : i + batch]], dtype=torch.float32)
+            model(x).tolist()
+        with_encoding = time.perf_counter() - started
+        tensors = [
+            torch.tensor([encode(e) for e in events[i : i + batch]], dtype=torch.float32)
+            for i in range(0, rows, batch)
+        ]
+        started = time.perf_counter()
+        for x in tensors:
+            model(x).tolist()
+        forward_only = time.perf_counter() - started
+    print(json.dumps({"rows": rows, "batch": batch, "torch": torch.__version__,
+                      "rows_per_second": rows / with_encoding,
+                      "forward_only_rows_per_second": rows / forward_only}))
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,9 +165,16 @@ def main(argv):
     t.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "fraud"))
     t.add_argument("--version", type=int, default=1)
     t.add_argument("--seed", type=int, default=7)
+    b = sub.add_parser("bench", help="score events as a Python service would, and time it")
+    b.add_argument("model")
+    b.add_argument("--rows", type=int, default=200000)
+    b.add_argument("--batch", type=int, default=256)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    train(args.out, args.version, args.seed)
+    if args.command == "train":
+        train(args.out, args.version, args.seed)
+    else:
+        bench(args.model, args.rows, args.batch)
 
 
 if __name__ == "__main__":

@@ -468,10 +468,11 @@ time_field = "at"
         self.spawn_listening(log, "off")
     }
 
-    /// Starts `sluice run` with its HTTP listener on `listen`.
+    /// Starts `sluice run` with its HTTP listener on `listen`, and waits until it listens.
     pub fn spawn_listening(&self, log: &str, listen: &str) -> KillOnDrop {
+        let name = log;
         let log = fs::File::create(self.dir.path().join(log)).unwrap();
-        KillOnDrop(
+        let child = KillOnDrop(
             Command::new(env!("CARGO_BIN_EXE_sluice"))
                 .args([
                     "run",
@@ -486,7 +487,21 @@ time_field = "at"
                 .stderr(log)
                 .spawn()
                 .unwrap(),
-        )
+        );
+        if let Some(addr) = listen.strip_prefix("127.0.0.1:") {
+            // The binary maps libtorch at start, which takes a moment on a busy machine.
+            let port: u16 = addr.parse().unwrap();
+            let started = Instant::now();
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "sluice never listened on {port}:\n{}",
+                    self.log(name)
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        child
     }
 
     /// SIGTERM, then a clean exit within 30 s, or fails with the log `log`.

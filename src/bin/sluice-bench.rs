@@ -61,6 +61,17 @@ enum Command {
         customers: u32,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Events per second at most (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// Measure a pipeline's first model as sluice runs it: demo events decoded into Arrow,
+    /// encoded into features and scored by the model threads in batches of max_batch.
+    Score {
+        /// A pipeline file with a [[model]].
+        pipeline: PathBuf,
+        #[arg(long, default_value_t = 200_000)]
+        rows: usize,
     },
     /// Drain a topic from the beginning with a bare consumer that only counts; print the rate.
     Drain {
@@ -119,6 +130,7 @@ fn main() -> anyhow::Result<()> {
             invalid_ratio,
             customers,
             seed,
+            rate,
         } => generate(
             &cli.bootstrap,
             &topic,
@@ -126,7 +138,9 @@ fn main() -> anyhow::Result<()> {
             invalid_ratio,
             customers,
             seed,
+            rate,
         ),
+        Command::Score { pipeline, rows } => score(&pipeline, rows),
         Command::Drain { topic, expect } => drain(&cli.bootstrap, &topic, expect),
         Command::Summary {
             output,
@@ -295,6 +309,7 @@ fn generate(
     invalid_ratio: f64,
     customers: u32,
     seed: u64,
+    rate: Option<f64>,
 ) -> anyhow::Result<()> {
     let producer: BaseProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -329,6 +344,12 @@ fn generate(
         }
         if i % 1000 == 0 {
             producer.poll(Duration::ZERO);
+        }
+        if let Some(rate) = rate {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                producer.poll(wait);
+            }
         }
     }
     producer.flush(Duration::from_secs(120))?;
@@ -451,6 +472,100 @@ fn wait_committed(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+fn score(pipeline: &std::path::Path, rows: usize) -> anyhow::Result<()> {
+    use sluice::{
+        decode::{Decoder, Limits, Origin},
+        score::{
+            features::FeatureEncoder,
+            runtime::{Runtime, RuntimeSpec},
+        },
+    };
+    let spec = sluice::config::load(pipeline)?;
+    let model = spec
+        .models
+        .first()
+        .context("the pipeline has no [[model]]")?;
+    tch::set_num_threads(model.intra_op_threads as i32);
+    let loaded = sluice::score::load_newest(model).map_err(anyhow::Error::msg)?;
+    let device = format!("{:?}", loaded.device);
+    let version = loaded.version.clone();
+    // Demo events, decoded into Arrow batches of 10,000 rows as the pipeline would.
+    let mut rng = SmallRng::seed_from_u64(7);
+    let mut decoder = Decoder::new(
+        spec.schema.clone(),
+        Limits {
+            max_event_size: 1 << 20,
+            max_depth: 32,
+        },
+    );
+    let mut batches = Vec::new();
+    for i in 0..rows {
+        let (_, event) = valid_event(&mut rng, i as u64, 5_000, 1_795_000_000_000);
+        let origin = Origin {
+            topic: "bench",
+            partition: 0,
+            offset: i as i64,
+            timestamp: None,
+        };
+        decoder
+            .push(origin, Some(event.to_string().as_bytes()))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if decoder.rows() == 10_000 {
+            batches.push(decoder.finish());
+        }
+    }
+    if decoder.rows() > 0 {
+        batches.push(decoder.finish());
+    }
+    let encoder = FeatureEncoder::new(&model.inputs);
+    let runtime = Runtime::start(
+        RuntimeSpec {
+            model: model.name.clone(),
+            threads: model.threads,
+            max_batch: model.max_batch,
+            max_delay: model.max_delay,
+            queue_rows: model.queue_rows,
+            features: model.features(),
+            outputs: model.output.width(),
+        },
+        loaded,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let started = Instant::now();
+    let width = model.output.width();
+    let scored = rt.block_on(async {
+        let mut answers = tokio::task::JoinSet::new();
+        for b in &batches {
+            let encoded = encoder.encode(b);
+            let n = encoded.rows.len();
+            let (permit, replies) = runtime.submit(std::sync::Arc::new(encoded.values), n).await;
+            answers.spawn(async move {
+                let mut scored = 0;
+                for r in replies {
+                    let r = r.await.expect("answered");
+                    scored += r.outputs.len() / width - r.failed.len();
+                }
+                drop(permit);
+                scored
+            });
+        }
+        let mut scored = 0usize;
+        while let Some(n) = answers.join_next().await {
+            scored += n.expect("no panic");
+        }
+        scored
+    });
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"model": model.name, "version": &*version, "device": device,
+               "rows": scored, "max_batch": model.max_batch, "threads": model.threads,
+               "intra_op_threads": model.intra_op_threads, "seconds": secs,
+               "rows_per_second": scored as f64 / secs})
+    );
+    Ok(())
 }
 
 /// Reads a whole topic until it is quiet for 3 s, handing each message to `each`.

@@ -34,7 +34,8 @@ pub fn init_logs(json: bool) {
 /// Installs the global metrics recorder.
 pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     let seconds = [
-        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.5,
+        2.0, 3.0, 5.0, 10.0, 30.0,
     ];
     let rows = [1.0, 10.0, 100.0, 1000.0, 5000.0, 10000.0, 50000.0, 100000.0];
     let handle = PrometheusBuilder::new()
