@@ -556,3 +556,36 @@ async fn reload(spec: Arc<ModelSpec>, current: runtime::Current, every: std::tim
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_follow_the_configured_kind() {
+        let json = |spec: &OutputSpec, v: &[f32]| serde_json::to_string(&Outputs(spec, v)).unwrap();
+        let classes = vec!["ok".to_string(), "review".into(), "block".into()];
+        assert_eq!(
+            json(
+                &OutputSpec::Score {
+                    name: "fraud".into()
+                },
+                &[0.25]
+            ),
+            r#"{"fraud":0.25}"#
+        );
+        assert_eq!(
+            json(
+                &OutputSpec::Probabilities {
+                    classes: classes.clone()
+                },
+                &[0.5, 0.25, 0.25]
+            ),
+            r#"{"ok":0.5,"review":0.25,"block":0.25}"#
+        );
+        assert_eq!(
+            json(&OutputSpec::Label { classes }, &[0.125, 0.75, 0.125]),
+            r#"{"label":"review","confidence":0.75}"#
+        );
+    }
+}
