@@ -237,7 +237,7 @@ fn validate(files: &[PathBuf]) -> ExitCode {
             }
         }
         for m in &p.models {
-            let version = sluice::score::model::newest(&m.source)
+            let version = sluice::score::model::newest(&m.source, &[])
                 .map(|c| c.version)
                 .unwrap_or_default();
             println!(

@@ -97,7 +97,7 @@ pub struct Scored {
 /// Loads the newest version of a model and checks it; the error says why it cannot serve.
 pub fn load_newest(spec: &ModelSpec) -> Result<LoadedModel, String> {
     let device = model::device(spec.device)?;
-    let candidate = model::newest(&spec.source)?;
+    let candidate = model::newest(&spec.source, &[])?;
     let path = candidate.path.display().to_string();
     LoadedModel::load(candidate, device, shape(spec)).map_err(|e| format!("{path}: {e}"))
 }
@@ -519,7 +519,10 @@ async fn reload(spec: Arc<ModelSpec>, current: runtime::Current, every: std::tim
         let serving_candidate = serving.candidate.clone();
         let seen = refused.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let candidate = model::newest(&s.source).map_err(|e| (None, e))?;
+            let known: Vec<&model::Candidate> = std::iter::once(&serving_candidate)
+                .chain(seen.as_ref())
+                .collect();
+            let candidate = model::newest(&s.source, &known).map_err(|e| (None, e))?;
             if candidate == serving_candidate || Some(&candidate) == seen.as_ref() {
                 return Ok(None);
             }

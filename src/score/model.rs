@@ -44,11 +44,15 @@ impl Stamp {
 }
 
 /// The version that should be served now: the highest numbered `<dir>/<n>/model.pt`, or the
-/// single file.
-pub fn newest(source: &ModelSource) -> Result<Candidate, String> {
+/// single file. A single file is read for its digest only when its size or modification time
+/// differs from every candidate in `known` (the reloader checks every few seconds).
+pub fn newest(source: &ModelSource, known: &[&Candidate]) -> Result<Candidate, String> {
     match source {
         ModelSource::File(path) => {
             let stamp = Stamp::of(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            if let Some(same) = known.iter().find(|c| c.path == *path && c.stamp == stamp) {
+                return Ok((*same).clone());
+            }
             let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
             let digest = Sha256::digest(&bytes);
             let version: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
@@ -212,5 +216,35 @@ fn first_line(e: &impl std::fmt::Display) -> String {
     {
         Some(detail) if !first.contains(detail.trim()) => format!("{first} {}", detail.trim()),
         _ => first,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_come_from_the_repository_or_the_file_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        for v in ["1", "10", "2", "notes"] {
+            std::fs::create_dir_all(dir.path().join(v)).unwrap();
+            std::fs::write(dir.path().join(v).join("model.pt"), v).unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("11")).unwrap(); // no model.pt yet
+        let repo = ModelSource::Repository(dir.path().to_owned());
+        assert_eq!(newest(&repo, &[]).unwrap().version, "10");
+
+        let file = dir.path().join("one.pt");
+        std::fs::write(&file, b"first").unwrap();
+        let source = ModelSource::File(file.clone());
+        let first = newest(&source, &[]).unwrap();
+        assert_eq!(first.version.len(), 12);
+        assert_eq!(newest(&source, &[&first]).unwrap(), first);
+        std::fs::write(&file, b"second, longer").unwrap();
+        let second = newest(&source, &[&first]).unwrap();
+        assert_ne!(
+            second.version, first.version,
+            "a replaced file is a new version"
+        );
     }
 }
