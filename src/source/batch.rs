@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -82,13 +82,9 @@ impl RawBatch {
         }
         let originals = keep_originals.then(|| {
             Arc::new(Originals {
-                index: kept
-                    .iter()
-                    .enumerate()
-                    .map(|(i, m)| ((m.partition, m.offset), i))
-                    .collect(),
                 messages: kept,
                 bytes: self.bytes,
+                index: OnceLock::new(),
             })
         });
         SourceBatch {
@@ -107,8 +103,8 @@ impl RawBatch {
 pub struct Originals {
     messages: Vec<RawMessage>,
     bytes: Vec<u8>,
-    /// (partition, offset) → message.
-    index: HashMap<(i32, i64), usize>,
+    /// (partition, offset) → message; built on the first lookup (failures are rare).
+    index: OnceLock<HashMap<(i32, i64), usize>>,
 }
 
 impl Originals {
@@ -120,7 +116,14 @@ impl Originals {
         offset: i64,
         error: Failure,
     ) -> Option<Rejected> {
-        let m = &self.messages[*self.index.get(&(partition, offset))?];
+        let index = self.index.get_or_init(|| {
+            self.messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| ((m.partition, m.offset), i))
+                .collect()
+        });
+        let m = &self.messages[*index.get(&(partition, offset))?];
         (*m.topic == *topic).then(|| Rejected {
             key: m.key.clone().map(|r| self.bytes[r].to_vec()),
             payload: m.payload.clone().map(|r| self.bytes[r].to_vec()),
