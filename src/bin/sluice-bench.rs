@@ -520,18 +520,7 @@ fn score(pipeline: &std::path::Path, rows: usize) -> anyhow::Result<()> {
         batches.push(decoder.finish());
     }
     let encoder = FeatureEncoder::new(&model.inputs);
-    let runtime = Runtime::start(
-        RuntimeSpec {
-            model: model.name.clone(),
-            threads: model.threads,
-            max_batch: model.max_batch,
-            max_delay: model.max_delay,
-            queue_rows: model.queue_rows,
-            features: model.features(),
-            outputs: model.output.width(),
-        },
-        loaded,
-    );
+    let runtime = Runtime::start(RuntimeSpec::from(model), loaded);
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
     let started = Instant::now();
     let width = model.output.width();

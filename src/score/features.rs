@@ -33,11 +33,9 @@ pub struct FeatureEncoder {
 
 #[derive(Debug)]
 struct Input {
-    column: String,
-    encoding: Encoding,
+    spec: InputSpec,
     /// Value → position, for categorical inputs.
     vocabulary: HashMap<String, usize>,
-    null: Option<f32>,
 }
 
 /// A batch's features: the matrix of the rows that could be encoded, and why the others not.
@@ -56,18 +54,16 @@ impl FeatureEncoder {
         let inputs: Vec<Input> = inputs
             .iter()
             .map(|i| Input {
-                column: i.column.clone(),
                 vocabulary: match &i.encoding {
                     Encoding::OneHot(v) | Encoding::Index(v) => {
                         v.iter().enumerate().map(|(n, s)| (s.clone(), n)).collect()
                     }
                     _ => HashMap::new(),
                 },
-                encoding: i.encoding.clone(),
-                null: i.null,
+                spec: i.clone(),
             })
             .collect();
-        let width = inputs_width(&inputs);
+        let width = inputs.iter().map(|i| i.spec.width()).sum();
         Self { inputs, width }
     }
 
@@ -83,7 +79,7 @@ impl FeatureEncoder {
         let mut bad: Vec<Option<InferenceError>> = vec![None; n];
         let mut at = 0;
         for input in &self.inputs {
-            match batch.column_by_name(&input.column) {
+            match batch.column_by_name(&input.spec.column) {
                 Some(array) => input.fill(array, &mut matrix, self.width, at, &mut bad),
                 // A column the schema has but no row in this batch set (cannot happen with
                 // the decoder, which writes every column): every row is null.
@@ -92,7 +88,7 @@ impl FeatureEncoder {
                     input.fill(&nulls, &mut matrix, self.width, at, &mut bad)
                 }
             }
-            at += input.width();
+            at += input.spec.width();
         }
         if bad.iter().all(Option::is_none) {
             return Encoded {
@@ -116,18 +112,7 @@ impl FeatureEncoder {
     }
 }
 
-fn inputs_width(inputs: &[Input]) -> usize {
-    inputs.iter().map(Input::width).sum()
-}
-
 impl Input {
-    fn width(&self) -> usize {
-        match &self.encoding {
-            Encoding::OneHot(_) => self.vocabulary.len(),
-            _ => 1,
-        }
-    }
-
     /// Writes this input's features of every row at column `at` of the matrix.
     fn fill(
         &self,
@@ -140,9 +125,9 @@ impl Input {
         let cells = matrix
             .chunks_exact_mut(width)
             .map(move |row| &mut row[at..]);
-        match &self.encoding {
+        match &self.spec.encoding {
             Encoding::OneHot(_) | Encoding::Index(_) => {
-                let one_hot = matches!(self.encoding, Encoding::OneHot(_));
+                let one_hot = matches!(self.spec.encoding, Encoding::OneHot(_));
                 let unknown = self.vocabulary.len();
                 let strings = array.as_string_opt::<i32>();
                 for (row, cell) in cells.enumerate() {
@@ -159,11 +144,11 @@ impl Input {
             Encoding::Number | Encoding::Extract(_) => {
                 let value = self.numeric(array);
                 for (row, cell) in cells.enumerate() {
-                    match value(row).or(self.null) {
+                    match value(row).or(self.spec.null) {
                         Some(v) => cell[0] = v,
                         None => {
                             bad[row].get_or_insert_with(|| InferenceError::NullInput {
-                                column: self.column.clone(),
+                                column: self.spec.column.clone(),
                             });
                         }
                     }
@@ -177,7 +162,7 @@ impl Input {
         fn valid<A: Array>(a: &A, i: usize) -> bool {
             a.is_valid(i)
         }
-        let part = match self.encoding {
+        let part = match self.spec.encoding {
             Encoding::Extract(p) => Some(p),
             _ => None,
         };

@@ -42,7 +42,7 @@ use self::{
     runtime::{Runtime, RuntimeSpec},
 };
 use crate::{
-    config::{KeyPart, ModelSpec, OutputSpec},
+    config::{ModelSpec, OutputSpec},
     sink::{
         dead_letter::headers,
         predictions::{Predictions, Record},
@@ -86,12 +86,10 @@ pub struct ModelRefused {
 /// The outcome of one submitted batch, once every prediction is acknowledged.
 #[derive(Debug)]
 pub struct Scored {
-    pub model: Arc<str>,
     /// The holds taken at submission, to release.
     pub holds: Vec<(crate::source::TopicPartition, i64)>,
     /// Events that could not be scored.
     pub rejected: Vec<Rejected>,
-    pub predictions: usize,
 }
 
 /// Loads the newest version of a model and checks it; the error says why it cannot serve.
@@ -140,18 +138,7 @@ impl Scorer {
         info!(model = %spec.name, version = %loaded.version, device = ?loaded.device,
               path = %loaded.candidate.path.display(), "Model loaded.");
         set_version_metrics(&spec.name, &loaded, None);
-        let runtime = Runtime::start(
-            RuntimeSpec {
-                model: spec.name.clone(),
-                threads: spec.threads,
-                max_batch: spec.max_batch,
-                max_delay: spec.max_delay,
-                queue_rows: spec.queue_rows,
-                features: spec.features(),
-                outputs: spec.output.width(),
-            },
-            loaded,
-        );
+        let runtime = Runtime::start(RuntimeSpec::from(&*spec), loaded);
         let reloader = spec
             .reload_interval
             .map(|every| tokio::spawn(reload(spec.clone(), runtime.current.clone(), every)));
@@ -167,10 +154,6 @@ impl Scorer {
             reloader,
             spec,
         })
-    }
-
-    pub fn name(&self) -> &Arc<str> {
-        &self.name
     }
 
     /// Encodes `rows` and queues them, waiting for admission; the future resolves once every
@@ -238,10 +221,8 @@ impl Scorer {
                 })
                 .collect();
             Scored {
-                model: ctx.name,
                 holds,
                 rejected: failures,
-                predictions: built.predictions,
             }
         })
     }
@@ -324,7 +305,8 @@ impl Context {
                     offset: offsets.value(row),
                 };
                 let event_id = id.and_then(|c| text(c, row));
-                let key = key_bytes(&self.spec.key, batch, row);
+                let key = render_key(&self.spec.key, batch, row).into_bytes();
+                let headers = self.headers(&source, &result.version);
                 let timestamp = timestamps
                     .as_ref()
                     .filter(|t| t.is_valid(row))
@@ -341,7 +323,7 @@ impl Context {
                     topic: self.output_topic.clone(),
                     key: key.clone(),
                     payload: serde_json::to_vec(&prediction).expect("serializable"),
-                    headers: self.headers(&source, &result.version),
+                    headers: headers.clone(),
                     timestamp,
                 });
                 if let Some(topic) = &self.feedback_topic {
@@ -357,7 +339,7 @@ impl Context {
                         topic: topic.clone(),
                         key,
                         payload: serde_json::to_vec(&feedback).expect("serializable"),
-                        headers: self.headers(&source, &result.version),
+                        headers,
                         timestamp,
                     });
                 }
@@ -385,10 +367,6 @@ impl Context {
         }
         hs
     }
-}
-
-fn key_bytes(parts: &[KeyPart], batch: &RecordBatch, row: usize) -> Vec<u8> {
-    render_key(parts, batch, row).into_bytes()
 }
 
 #[derive(serde::Serialize)]

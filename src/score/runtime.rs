@@ -25,6 +25,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info};
 
 use super::{model::LoadedModel, InferenceError};
+use crate::config::ModelSpec;
 
 /// The answer to one job.
 #[derive(Debug)]
@@ -57,6 +58,20 @@ pub struct RuntimeSpec {
     pub queue_rows: usize,
     pub features: usize,
     pub outputs: usize,
+}
+
+impl From<&ModelSpec> for RuntimeSpec {
+    fn from(spec: &ModelSpec) -> Self {
+        Self {
+            model: spec.name.clone(),
+            threads: spec.threads,
+            max_batch: spec.max_batch,
+            max_delay: spec.max_delay,
+            queue_rows: spec.queue_rows,
+            features: spec.features(),
+            outputs: spec.output.width(),
+        }
+    }
 }
 
 /// The model threads of one model.
@@ -133,15 +148,6 @@ impl Runtime {
         metrics::gauge!("sluice_model_queue_rows", "model" => self.spec.model.clone())
             .set(self.queued.load(Ordering::Relaxed) as f64);
         (permit, replies)
-    }
-
-    /// Rows admitted whose predictions are not yet delivered.
-    pub fn in_flight(&self) -> usize {
-        self.spec.queue_rows - self.admission.available_permits()
-    }
-
-    pub fn version(&self) -> Arc<LoadedModel> {
-        self.current.read().expect("never poisoned").clone()
     }
 }
 
