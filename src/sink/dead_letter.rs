@@ -9,7 +9,6 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
 use rdkafka::{
-    config::ClientConfig,
     error::KafkaError,
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
@@ -53,14 +52,9 @@ impl DeadLetters {
         topic: &str,
         properties: &BTreeMap<String, String>,
     ) -> Result<Self, KafkaError> {
-        let mut config = ClientConfig::new();
-        config.set("acks", "all").set("linger.ms", "5");
-        for (k, v) in properties {
-            config.set(k, v);
-        }
-        config.set("bootstrap.servers", bootstrap_servers);
+        let defaults = [("acks", "all"), ("linger.ms", "5")];
         Ok(Self {
-            producer: config.create()?,
+            producer: super::producer(bootstrap_servers, &defaults, properties)?,
             topic: Arc::from(topic),
             pipeline: Arc::from(pipeline),
         })

@@ -7,7 +7,29 @@
 //! - [`dead_letter`]: rejected events to a Kafka topic, at least once.
 //! - [`predictions`]: model outputs and feedback records to Kafka, at least once.
 
+use std::collections::BTreeMap;
+
+use rdkafka::{config::ClientConfig, error::KafkaError, producer::FutureProducer};
+
 pub mod dead_letter;
 pub mod parquet;
 pub mod predictions;
 pub mod redis;
+
+/// A producer with sluice's `defaults`, then the user's `properties`, then the source's
+/// bootstrap servers (which the properties may not override).
+fn producer(
+    bootstrap_servers: &str,
+    defaults: &[(&str, &str)],
+    properties: &BTreeMap<String, String>,
+) -> Result<FutureProducer, KafkaError> {
+    let mut config = ClientConfig::new();
+    for (k, v) in defaults {
+        config.set(*k, *v);
+    }
+    for (k, v) in properties {
+        config.set(k, v);
+    }
+    config.set("bootstrap.servers", bootstrap_servers);
+    config.create()
+}

@@ -8,7 +8,6 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use rdkafka::{
-    config::ClientConfig,
     error::KafkaError,
     message::OwnedHeaders,
     producer::{FutureProducer, FutureRecord},
@@ -40,18 +39,14 @@ impl Predictions {
         bootstrap_servers: &str,
         properties: &BTreeMap<String, String>,
     ) -> Result<Self, KafkaError> {
-        let mut config = ClientConfig::new();
-        config
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set("compression.type", "lz4");
-        for (k, v) in properties {
-            config.set(k, v);
-        }
-        config.set("bootstrap.servers", bootstrap_servers);
+        let defaults = [
+            ("acks", "all"),
+            ("enable.idempotence", "true"),
+            ("linger.ms", "5"),
+            ("compression.type", "lz4"),
+        ];
         Ok(Self {
-            producer: config.create()?,
+            producer: super::producer(bootstrap_servers, &defaults, properties)?,
             pipeline: Arc::from(pipeline),
         })
     }
