@@ -333,16 +333,12 @@ fn features_in_a_redis_cluster() {
         .iter()
         .map(|n| format!("127.0.0.1:{}", n.port))
         .collect();
-    let out = Command::new("redis-cli")
-        .args(["--cluster", "create"])
-        .args(&addrs)
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
-        .output()
-        .expect("redis-cli (installed with redis-server)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+    let created = run_ok(
+        Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"]),
+        "redis-cli --cluster create",
     );
     // Wait until every node agrees the cluster is up.
     let started = Instant::now();
@@ -352,8 +348,7 @@ fn features_in_a_redis_cluster() {
     {
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "cluster did not form: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
+            "cluster did not form: {created}\n{}",
             nodes[0].cluster_info()
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -390,15 +385,9 @@ fn features_over_tls_with_a_private_ca() {
     let certs = tempfile::tempdir().unwrap();
     let dir = certs.path();
     let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new("openssl").args(args).current_dir(dir),
+            &format!("openssl {args:?}"),
         );
     };
     openssl(&[

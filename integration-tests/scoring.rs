@@ -24,17 +24,10 @@ fn models_py() -> PathBuf {
 
 /// Runs `models.py` with `args`.
 fn python(args: &[&str]) -> String {
-    let out = Command::new("python3")
-        .arg(models_py())
-        .args(args)
-        .output()
-        .expect("python3 with torch (the test command installs it)");
-    assert!(
-        out.status.success(),
-        "models.py {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    run_ok(
+        Command::new("python3").arg(models_py()).args(args),
+        &format!("models.py {args:?} (python3 with torch)"),
+    )
 }
 
 /// Writes a model version into a repository, as a trainer would (write, then rename).
@@ -377,21 +370,17 @@ fn a_failing_model_dead_letters_only_its_events() {
         .unwrap_or_else(|e| panic!("{e}\n{}", s.p.log("feedback.log")));
     sigterm(&feedback.0);
     assert!(wait_exit(&mut feedback.0, Duration::from_secs(30)).success());
-    let count = Command::new("python3")
-        .args([
-            "-c",
-            "import sys, pyarrow.dataset as ds; \
-             print(ds.dataset(sys.argv[1], format='parquet').count_rows())",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&count.stdout).trim(),
-        scored.len().to_string(),
-        "{}",
-        String::from_utf8_lossy(&count.stderr)
+    let count = run_ok(
+        Command::new("python3")
+            .args([
+                "-c",
+                "import sys, pyarrow.dataset as ds; \
+                 print(ds.dataset(sys.argv[1], format='parquet').count_rows())",
+            ])
+            .arg(&out),
+        "pyarrow",
     );
+    assert_eq!(count.trim(), scored.len().to_string());
 }
 
 /// kill -9 at random moments: every valid event still gets at least one prediction, each

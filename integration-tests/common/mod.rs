@@ -536,6 +536,21 @@ time_field = "at"
     }
 }
 
+/// Runs a helper program (`what` names it in messages); fails the test with its output unless
+/// it succeeds. Returns its standard output.
+pub fn run_ok(command: &mut Command, what: &str) -> String {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what} could not start: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A plain HTTP/1.0 GET on loopback: (status code, body).
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
@@ -832,17 +847,12 @@ pub fn check_oracle(broker: &Broker, p: &TestPipeline) -> (usize, usize) {
             );
         }
     }
-    let out = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("integration-tests/read_parquet.py"))
-        .arg(&p.output)
-        .output()
-        .expect("python3 with pyarrow and duckdb (the test command installs them)");
-    assert!(
-        out.status.success(),
-        "O5: independent readers failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let counts = run_ok(
+        Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("integration-tests/read_parquet.py"))
+            .arg(&p.output),
+        "O5: independent readers (python3 with pyarrow and DuckDB)",
     );
-    let counts = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         counts.trim(),
         format!("{} {}", rows.len(), rows.len()),
