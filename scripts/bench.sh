@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
-# Benchmark, on one pre-loaded topic, back to back in the same run:
-#   1. a bare rdkafka consumer that only counts (the client's own limit here);
-#   2. sluice, Kafka -> Parquet (zstd) + dead letters;
-#   3. sluice, Kafka -> Parquet + dead letters + features in Redis;
-#   4. sluice, the whole of pipelines/orders.toml: Parquet + DLQ + Redis + fraud scores
-#      (TorchScript) with predictions and feedback on Kafka;
-#   5. redis-benchmark, pipelined HSET on the same Redis (the server's own limit here);
-#   6. the scoring stage alone: sluice (`sluice-bench score`: Arrow -> features -> model
-#      threads) against PyTorch in Python (models/fraud.py bench), same model, batch size and
-#      rows, one intra-op thread each;
-#   7. latency of predictions (consumption of a batch's first event -> prediction acknowledged
-#      by the broker) with events produced live at half the rate of run 4.
-# Prints events/s, CPU seconds per million events, peak RSS and ratios; asserts nothing.
+# The benchmark: sluice against what users would run instead, on the same machine, broker and
+# Redis, back to back in one run. Pre-loads BENCH_EVENTS demo events (3% broken) and drains them
+# with, each in a fresh consumer group:
+#   (c) a bare rdkafka consumer that joins the group, counts and commits (the client's limit);
+#   (b) sluice, Parquet (zstd, dt/hour partitions) + dead letters;
+#   (a) sluice, the whole of pipelines/orders.toml: Parquet + dead letters + Redis features +
+#       fraud scores (TorchScript) with predictions and feedback on Kafka;
+#   (d) benches/python_pipeline.py: the same job in Python (confluent-kafka, orjson, pyarrow,
+#       redis-py, torch), same model, Redis layout, topics and Parquet layout.
+# Every run is timed from its process's start to the moment the broker holds its commit of the
+# last event, the same way for all four; CPU seconds and peak RSS come from the kernel (wait4).
+# Then (a) drains a backlog BENCH_MEMORY_FACTOR times larger, to compare peak RSS. Prints one
+# table, the ratios, and sluice's per-stage profile (its sluice_stage_seconds metrics and the
+# CPU of its threads). Asserts nothing.
 #
-#   BENCH_EVENTS  events to pre-load (default 300000)
-#   KAFKA_BOOTSTRAP  use this broker instead of starting one
+#   BENCH_EVENTS         events to pre-load (default 1000000)
+#   BENCH_MEMORY_FACTOR  size of the memory run's backlog, in BENCH_EVENTS (default 5; 0 skips it)
+#   BENCH_EXTRA=1        also: the scoring stage alone against PyTorch in Python, and prediction
+#                        latency with events produced live at half the rate of (a)
+#   KAFKA_BOOTSTRAP / REDIS_URL  use this broker / Redis instead of starting one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
+if ! python3 -c 'import confluent_kafka, orjson, redis' 2>/dev/null; then
+  say "Installing the Python baseline's packages (benches/requirements.txt)"
+  python3 -m pip install -q --disable-pip-version-check -r benches/requirements.txt
+fi
 
-EVENTS="${BENCH_EVENTS:-300000}"
+EVENTS="${BENCH_EVENTS:-1000000}"
+FACTOR="${BENCH_MEMORY_FACTOR:-5}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")"
 cleanup() {
-  [ -n "${SLUICE_PID:-}" ] && kill "$SLUICE_PID" 2>/dev/null || true
+  [ -n "${RUN_PID:-}" ] && kill "$RUN_PID" 2>/dev/null || true
   [ -n "${TANSU_PID:-}" ] && kill "$TANSU_PID" 2>/dev/null || true
   [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
   wait 2>/dev/null || true
@@ -39,129 +48,99 @@ BIN="$CARGO_TARGET_DIR/release"
 start_broker "$WORK/broker" "memory://tansu/"
 start_redis "$WORK/redis"
 RUN_ID="$(date +%s)"
-export ORDERS_TOPIC="bench-$RUN_ID" ORDERS_DLQ="bench-$RUN_ID.dlq" ORDERS_IDLE_FLUSH="250ms"
+export ORDERS_DLQ="bench-$RUN_ID.dlq" ORDERS_IDLE_FLUSH="250ms"
 export FRAUD_TOPIC="bench-$RUN_ID.fraud" FRAUD_FEEDBACK_TOPIC="bench-$RUN_ID.fraud.feedback"
-"$BIN/sluice-bench" create-topic "$ORDERS_TOPIC" --partitions 4
-"$BIN/sluice-bench" create-topic "$ORDERS_DLQ" --partitions 1
-"$BIN/sluice-bench" create-topic "$FRAUD_TOPIC" --partitions 4
-"$BIN/sluice-bench" create-topic "$FRAUD_FEEDBACK_TOPIC" --partitions 4
-say "Pre-loading $EVENTS events"
-"$BIN/sluice-bench" generate "$ORDERS_TOPIC" --count "$EVENTS" >"$WORK/generate.json"
-
-say "1. bare rdkafka consumer that only counts"
-"$BIN/sluice-bench" drain "$ORDERS_TOPIC" --expect "$EVENTS" | tee "$WORK/drain.json"
-
-# Runs sluice on pipeline $1 with a fresh group until every event is committed; writes
-# "seconds cpu_ticks peak_kib" to $WORK/$2.run and the final metrics to $WORK/$2.metrics.
-run_sluice() {
-  local pipeline="$1" name="$2" port
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  export ORDERS_GROUP="bench-$RUN_ID-$name" ORDERS_OUTPUT="$WORK/out-$name"
-  local start end
-  start=$(date +%s.%N)
-  "$BIN/sluice" run "$pipeline" --listen "127.0.0.1:$port" 2>"$WORK/$name.log" &
-  SLUICE_PID=$!
-  "$BIN/sluice-bench" wait-committed "$ORDERS_TOPIC" --group "$ORDERS_GROUP" --total "${3:-$EVENTS}" --timeout-secs 1800
-  end=$(date +%s.%N)
-  curl -s "127.0.0.1:$port/metrics" >"$WORK/$name.metrics"
-  echo "$(python3 -c "print($end - $start)") $(awk '{print $14 + $15}' "/proc/$SLUICE_PID/stat") \
-$(awk '/VmHWM/ {print $2}' "/proc/$SLUICE_PID/status")" >"$WORK/$name.run"
-  kill -TERM "$SLUICE_PID"; wait "$SLUICE_PID"; SLUICE_PID=""
-}
-
-say "2. sluice: Kafka -> decode/validate -> Parquet (zstd) + dead letters"
+for t in "$ORDERS_DLQ:1" "$FRAUD_TOPIC:4" "$FRAUD_FEEDBACK_TOPIC:4"; do
+  "$BIN/sluice-bench" create-topic "${t%:*}" --partitions "${t##*:}"
+done
+# pipelines/orders.toml up to its Redis sink: Parquet and dead letters only.
 sed '/^\[sink.redis\]/,$d' pipelines/orders.toml >"$WORK/parquet-only.toml"
 sed -i "s|^schema = \"../schemas/|schema = \"$PWD/schemas/|" "$WORK/parquet-only.toml"
-run_sluice "$WORK/parquet-only.toml" parquet
 
-say "3. sluice: the same + features in Redis"
-sed '/^# Scoring:/,$d' pipelines/orders.toml >"$WORK/redis.toml"
-sed -i "s|^schema = \"../schemas/|schema = \"$PWD/schemas/|" "$WORK/redis.toml"
-run_sluice "$WORK/redis.toml" redis
+# preload TOPIC COUNT
+preload() {
+  say "Pre-loading $2 events into $1"
+  "$BIN/sluice-bench" create-topic "$1" --partitions 4
+  "$BIN/sluice-bench" generate "$1" --count "$2" >"$WORK/generate-$1.json"
+}
 
-say "4. sluice: the same + fraud scores, predictions and feedback on Kafka"
-run_sluice pipelines/orders.toml scoring
+# measure NAME TOPIC TOTAL CMD...: runs CMD (which consumes TOPIC as group bench-RUN_ID-NAME)
+# until the group has committed TOTAL events. Writes NAME.seconds, NAME.json (CPU, peak RSS),
+# and for sluice NAME.metrics and NAME.threads.
+measure() {
+  local name="$1" topic="$2" total="$3"; shift 3
+  local start end pid
+  start=$(date +%s.%N)
+  python3 benches/measure.py run "$WORK/$name.json" -- "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
+  RUN_PID=$!
+  "$BIN/sluice-bench" wait-committed "$topic" --group "bench-$RUN_ID-$name" --total "$total" \
+    --timeout-secs 3600 --while-running "$RUN_PID"
+  end=$(date +%s.%N)
+  python3 -c "print($end - $start)" >"$WORK/$name.seconds"
+  if [ -n "${METRICS_PORT:-}" ]; then
+    curl -s "127.0.0.1:$METRICS_PORT/metrics" >"$WORK/$name.metrics"
+  fi
+  pid=$(cat "$WORK/$name.json.pid")
+  if [ -d "/proc/$pid" ]; then python3 benches/measure.py threads "$pid" "$WORK/$name.threads"; fi
+  kill -TERM "$RUN_PID" 2>/dev/null || true
+  wait "$RUN_PID" || true
+  RUN_PID=""
+  echo "  $(python3 -c "print(f'{$total / float(open(\"$WORK/$name.seconds\").read()):,.0f}')") events/s" >&2
+}
 
-say "6. the scoring stage: sluice against PyTorch in Python, same model and batch size"
-"$BIN/sluice-bench" score pipelines/orders.toml --rows 200000 | tee "$WORK/score-sluice.json"
-python3 models/fraud.py bench models/fraud/1/model.pt --rows 200000 --batch 256 | tee "$WORK/score-python.json"
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
 
-say "7. latency at half the rate of run 4, events produced live"
-RATE=$(python3 -c "secs=float(open('$WORK/scoring.run').read().split()[0]); print(round($EVENTS / secs / 2))")
-LIVE=$((RATE * 20))
-export ORDERS_TOPIC="bench-$RUN_ID-live"
-"$BIN/sluice-bench" create-topic "$ORDERS_TOPIC" --partitions 4
-"$BIN/sluice-bench" generate "$ORDERS_TOPIC" --count "$LIVE" --rate "$RATE" >"$WORK/live.json" &
-GEN_PID=$!
-run_sluice pipelines/orders.toml live "$LIVE"
-wait "$GEN_PID"
-echo "$RATE" >"$WORK/live.rate"
+# sluice NAME TOPIC TOTAL PIPELINE
+sluice() {
+  METRICS_PORT=$(free_port)
+  ORDERS_TOPIC="$2" ORDERS_GROUP="bench-$RUN_ID-$1" ORDERS_OUTPUT="$WORK/out-$1" \
+    measure "$1" "$2" "$3" "$BIN/sluice" run "$4" --listen "127.0.0.1:$METRICS_PORT"
+  METRICS_PORT=""
+}
 
-say "5. redis-benchmark: pipelined HSET (pipeline of 500), same server"
-PORT="${REDIS_URL##*:}"
-redis-benchmark -p "$PORT" -t hset -n 1000000 -P 500 -r 5000 -q 2>/dev/null | tr '\r' '\n' | grep -i "HSET" | tail -1 | tee "$WORK/redis-benchmark.txt"
+TOPIC="bench-$RUN_ID"
+preload "$TOPIC" "$EVENTS"
 
-python3 - "$WORK" "$EVENTS" "$(getconf CLK_TCK)" <<'PY'
-import json, re, sys
-work, events, tck = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-drain = json.load(open(f"{work}/drain.json"))
-def run(name):
-    secs, ticks, kib = open(f"{work}/{name}.run").read().split()
-    return float(secs), int(ticks) / tck, int(kib) / 1024
-def metric(name, key):
-    total = 0.0
-    for line in open(f"{work}/{name}.metrics"):
-        if line.startswith(key):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-pq, rd, sc = run("parquet"), run("redis"), run("scoring")
-hset = float(re.search(r"([\d.]+) requests per second", open(f"{work}/redis-benchmark.txt").read()).group(1))
-rows = metric("redis", "sluice_redis_rows_total") + metric("redis", "sluice_redis_rows_stale_total")
-write_secs = metric("redis", "sluice_redis_write_seconds_sum")
-print()
-print(f"{'run':<46} {'events/s':>10} {'seconds':>8} {'CPU s/M ev':>11} {'peak RSS':>9}")
-print(f"{'1. bare rdkafka consumer (count only)':<46} {drain['events_per_second']:>10,.0f} {drain['seconds']:>8.1f}")
-for label, (secs, cpu, rss) in [("2. sluice: Parquet zstd + DLQ", pq), ("3. sluice: Parquet + DLQ + Redis features", rd),
-                                 ("4. sluice: Parquet + DLQ + Redis + scoring", sc)]:
-    print(f"{label:<46} {events / secs:>10,.0f} {secs:>8.1f} {cpu / events * 1e6:>11.1f} {rss:>7.0f}MiB")
-print()
-print(f"ratio 2 / 1 (Parquet vs bare consumer):        {events / pq[0] / drain['events_per_second']:.2f}")
-print(f"ratio 3 / 2 (with Redis vs Parquet only):      {pq[0] / rd[0]:.2f}")
-if write_secs > 0:
-    print(f"Redis sink: {rows:,.0f} coalesced writes in {write_secs:.2f} s of write time = {rows / write_secs:,.0f} rows/s")
-print(f"redis-benchmark pipelined HSET:                {hset:,.0f} requests/s")
-if write_secs > 0:
-    print(f"ratio Redis sink / redis-benchmark HSET:       {rows / write_secs / hset:.2f}")
-print(f"ratio 4 / 3 (with scoring vs without):        {rd[0] / sc[0]:.2f}")
-print(f"predictions produced in run 4:                 {metric('scoring', 'sluice_predictions_total'):,.0f}")
-print("(sluice's times include joining the group, the last idle flush and 200 ms commit polling)")
-s_ = json.load(open(f"{work}/score-sluice.json"))
-p_ = json.load(open(f"{work}/score-python.json"))
-print()
-print(f"6. scoring stage, {s_['rows']:,} rows, batch {s_['max_batch']}, model {s_['model']} v{s_['version']} on {s_['device']}:")
-print(f"   sluice (Arrow -> features -> model threads):  {s_['rows_per_second']:>12,.0f} rows/s")
-print(f"   Python (dicts -> features -> TorchScript):    {p_['rows_per_second']:>12,.0f} rows/s")
-print(f"   Python, forward passes only (no encoding):    {p_['forward_only_rows_per_second']:>12,.0f} rows/s")
-print(f"   ratio sluice / Python:                        {s_['rows_per_second'] / p_['rows_per_second']:.2f}")
-# Latency: quantiles interpolated in the histogram's buckets.
-buckets = []
-for line in open(f"{work}/live.metrics"):
-    if line.startswith("sluice_prediction_latency_seconds_bucket"):
-        le = line.split('le="')[1].split('"')[0]
-        buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
-buckets.sort()
-def quantile(q):
-    total = buckets[-1][1]
-    prev_le, prev_n = 0.0, 0.0
-    for le, n in buckets:
-        if n >= q * total:
-            if le == float("inf"):
-                return prev_le
-            return prev_le + (le - prev_le) * (q * total - prev_n) / max(n - prev_n, 1e-9)
-        prev_le, prev_n = le, n
-if buckets:
-    rate = open(f"{work}/live.rate").read().strip()
-    print(f"7. latency at {int(rate):,} events/s (half of run 4), per batch from its first event's consumption")
-    print(f"   to the broker's acknowledgement of its predictions: p50 {quantile(0.5) * 1000:.0f} ms, p99 {quantile(0.99) * 1000:.0f} ms"
-          f" ({buckets[-1][1]:.0f} batches; batch.max_delay is 500 ms)")
-PY
+say "(c) bare rdkafka consumer: join the group, count, commit"
+measure bare "$TOPIC" "$EVENTS" "$BIN/sluice-bench" drain "$TOPIC" --expect "$EVENTS" \
+  --group "bench-$RUN_ID-bare"
+
+say "(b) sluice: Parquet + dead letters"
+sluice parquet "$TOPIC" "$EVENTS" "$WORK/parquet-only.toml"
+
+say "(a) sluice: Parquet + dead letters + Redis + scoring, predictions and feedback"
+sluice full "$TOPIC" "$EVENTS" pipelines/orders.toml
+
+say "(d) Python: confluent-kafka + orjson + pyarrow + redis-py + torch"
+measure python "$TOPIC" "$EVENTS" python3 benches/python_pipeline.py --topic "$TOPIC" \
+  --group "bench-$RUN_ID-python" --dead-letters "$ORDERS_DLQ" --predictions "$FRAUD_TOPIC" \
+  --feedback "$FRAUD_FEEDBACK_TOPIC" --output "$WORK/out-python"
+
+if [ "$FACTOR" -gt 0 ]; then
+  BIG=$((EVENTS * FACTOR))
+  BIG_TOPIC="bench-$RUN_ID-x$FACTOR"
+  preload "$BIG_TOPIC" "$BIG"
+  say "(a) again on a backlog of $BIG events: peak RSS"
+  sluice "full-x$FACTOR" "$BIG_TOPIC" "$BIG" pipelines/orders.toml
+fi
+
+if [ "${BENCH_EXTRA:-0}" = 1 ]; then
+  say "The scoring stage alone: sluice against PyTorch in Python, same model and batch size"
+  "$BIN/sluice-bench" score pipelines/orders.toml --rows 200000 >"$WORK/score-sluice.json"
+  python3 models/fraud.py bench models/fraud/1/model.pt --rows 200000 --batch 256 \
+    >"$WORK/score-python.json"
+  say "Prediction latency at half the rate of (a), events produced live"
+  RATE=$(python3 -c "print(round($EVENTS / float(open('$WORK/full.seconds').read()) / 2))")
+  LIVE_TOPIC="bench-$RUN_ID-live"
+  "$BIN/sluice-bench" create-topic "$LIVE_TOPIC" --partitions 4
+  "$BIN/sluice-bench" generate "$LIVE_TOPIC" --count $((RATE * 20)) --rate "$RATE" \
+    >"$WORK/live.json" &
+  GEN_PID=$!
+  sluice live "$LIVE_TOPIC" $((RATE * 20)) pipelines/orders.toml
+  wait "$GEN_PID"
+  echo "$RATE" >"$WORK/live.rate"
+fi
+
+python3 benches/report.py "$WORK" "$EVENTS" "$FACTOR"

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
@@ -15,7 +15,7 @@ use rand::{rngs::SmallRng, Rng, SeedableRng};
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     config::ClientConfig,
-    consumer::{BaseConsumer, Consumer},
+    consumer::{BaseConsumer, CommitMode, Consumer},
     error::{KafkaError, RDKafkaErrorCode},
     message::{Headers, Message},
     producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext},
@@ -73,12 +73,23 @@ enum Command {
         #[arg(long, default_value_t = 200_000)]
         rows: usize,
     },
+    /// Measure the decode stage alone: demo events (3% broken) validated into Arrow batches
+    /// of 10,000 rows by a pipeline's decoder, on one thread.
+    Decode {
+        pipeline: PathBuf,
+        #[arg(long, default_value_t = 500_000)]
+        rows: usize,
+    },
     /// Drain a topic from the beginning with a bare consumer that only counts; print the rate.
     Drain {
         topic: String,
         /// Stop after this many messages (default: the topic's size at start).
         #[arg(long)]
         expect: Option<u64>,
+        /// Join this consumer group (instead of assigning every partition) and commit at the
+        /// end, so the run's life is that of a pipeline's: join, consume, commit.
+        #[arg(long)]
+        group: Option<String>,
     },
     /// Summarize a pipeline's output: Parquet rows and files, dead letters by reason, offsets.
     Summary {
@@ -115,8 +126,15 @@ enum Command {
         total: Option<i64>,
         #[arg(long, default_value = "600")]
         timeout_secs: u64,
+        /// Give up as soon as this process is gone (the one expected to commit).
+        #[arg(long)]
+        while_running: Option<u32>,
     },
 }
+
+/// The same allocator as the `sluice` binary, so that stage measurements match it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -141,7 +159,12 @@ fn main() -> anyhow::Result<()> {
             rate,
         ),
         Command::Score { pipeline, rows } => score(&pipeline, rows),
-        Command::Drain { topic, expect } => drain(&cli.bootstrap, &topic, expect),
+        Command::Decode { pipeline, rows } => decode(&pipeline, rows),
+        Command::Drain {
+            topic,
+            expect,
+            group,
+        } => drain(&cli.bootstrap, &topic, expect, group.as_deref()),
         Command::Summary {
             output,
             topic,
@@ -162,12 +185,14 @@ fn main() -> anyhow::Result<()> {
             group,
             total,
             timeout_secs,
+            while_running,
         } => wait_committed(
             &cli.bootstrap,
             &topic,
             &group,
             total,
             Duration::from_secs(timeout_secs),
+            while_running,
         ),
     }
 }
@@ -382,37 +407,56 @@ fn high_watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<(
     Ok(out)
 }
 
-fn drain(bootstrap: &str, topic: &str, expect: Option<u64>) -> anyhow::Result<()> {
+fn drain(
+    bootstrap: &str,
+    topic: &str,
+    expect: Option<u64>,
+    group: Option<&str>,
+) -> anyhow::Result<()> {
+    let own_group = format!("sluice-bench-drain-{}", std::process::id());
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set(
-            "group.id",
-            format!("sluice-bench-drain-{}", std::process::id()),
-        )
+        .set("group.id", group.unwrap_or(&own_group))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .create()?;
     let marks = high_watermarks(&consumer, topic)?;
     let total: u64 =
         expect.unwrap_or_else(|| marks.iter().map(|(_, lo, hi)| (hi - lo) as u64).sum());
-    let mut tpl = TopicPartitionList::new();
-    for (p, _, _) in &marks {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+    if group.is_some() {
+        consumer.subscribe(&[topic])?;
+    } else {
+        let mut tpl = TopicPartitionList::new();
+        for (p, _, _) in &marks {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
     }
-    consumer.assign(&tpl)?;
     let (mut n, mut bytes) = (0u64, 0u64);
     let started = Instant::now();
+    let mut last = started;
     while n < total {
-        match consumer.poll(Duration::from_secs(10)) {
+        match consumer.poll(Duration::from_millis(500)) {
             Some(Ok(m)) => {
                 n += 1;
                 bytes += m.payload_len() as u64;
+                last = Instant::now();
             }
             Some(Err(e)) => bail!("consume error: {e}"),
-            None => bail!("no message for 10 s after {n} of {total}"),
+            // None: a timeout, or a rebalance served inside poll. Joining a group may take a
+            // while; after the first message, 10 s of silence is an error.
+            None => {
+                let patience = Duration::from_secs(if n == 0 { 120 } else { 10 });
+                if last.elapsed() > patience {
+                    bail!("no message for {patience:?} after {n} of {total}");
+                }
+            }
         }
     }
     let secs = started.elapsed().as_secs_f64();
+    if group.is_some() {
+        consumer.commit_consumer_state(CommitMode::Sync)?;
+    }
     println!(
         "{}",
         json!({"topic": topic, "messages": n, "bytes": bytes, "seconds": secs,
@@ -454,6 +498,7 @@ fn wait_committed(
     group: &str,
     total: Option<i64>,
     timeout: Duration,
+    while_running: Option<u32>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     // One client for the whole wait: the benchmark measures sluice, not this loop.
@@ -470,8 +515,59 @@ fn wait_committed(
         if started.elapsed() > timeout {
             bail!("not everything committed after {timeout:?}: {c:?}");
         }
+        if let Some(pid) = while_running.filter(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            bail!("process {pid} exited before committing everything: {c:?}");
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+fn decode(pipeline: &Path, rows: usize) -> anyhow::Result<()> {
+    use sluice::decode::{Decoder, Limits, Origin};
+    let spec = sluice::config::load(pipeline)?;
+    let mut rng = SmallRng::seed_from_u64(7);
+    let payloads: Vec<Vec<u8>> = (0..rows)
+        .map(|i| {
+            let (_, event) = valid_event(&mut rng, i as u64, 5_000, 1_795_000_000_000);
+            if rng.random_bool(0.03) {
+                broken_event(&mut rng, event).0
+            } else {
+                event.to_string().into_bytes()
+            }
+        })
+        .collect();
+    let bytes: usize = payloads.iter().map(Vec::len).sum();
+    let mut decoder = Decoder::new(
+        spec.schema.clone(),
+        Limits {
+            max_event_size: spec.errors.max_event_size,
+            max_depth: spec.errors.max_depth,
+        },
+    );
+    let (mut valid, mut batches) = (0usize, 0usize);
+    let started = Instant::now();
+    for (i, payload) in payloads.iter().enumerate() {
+        let origin = Origin {
+            topic: "bench",
+            partition: 0,
+            offset: i as i64,
+            timestamp: Some(1_795_000_000_000),
+        };
+        valid += usize::from(decoder.push(origin, Some(payload)).is_ok());
+        if decoder.rows() == 10_000 {
+            batches += decoder.finish().num_rows().min(1);
+        }
+    }
+    batches += decoder.finish().num_rows().min(1);
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"events": rows, "valid": valid, "batches": batches, "bytes": bytes,
+               "seconds": secs, "events_per_second": rows as f64 / secs,
+               "us_per_event": secs * 1e6 / rows as f64,
+               "mb_per_second": bytes as f64 / secs / 1e6})
+    );
+    Ok(())
 }
 
 fn score(pipeline: &std::path::Path, rows: usize) -> anyhow::Result<()> {

@@ -11,9 +11,11 @@ use arrow::{
     buffer::{NullBuffer, OffsetBuffer},
     datatypes::Fields,
 };
-use serde_json::Value;
 
-use super::time::{parse_date, parse_date_time};
+use super::{
+    json::{member, Json},
+    time::{parse_date, parse_date_time},
+};
 use crate::schema::{arrow_field, FieldDef, Kind};
 
 /// One column under construction.
@@ -66,28 +68,28 @@ impl Column {
     }
 
     /// Appends a validated value; `None` and JSON null append a null.
-    pub fn append(&mut self, def: &FieldDef, value: Option<&Value>) {
+    pub fn append(&mut self, def: &FieldDef, value: Option<&Json<'_>>) {
         let value = value.filter(|v| !v.is_null());
         match (self, &def.kind) {
-            (Self::Utf8(b), _) => b.append_option(value.and_then(Value::as_str)),
+            (Self::Utf8(b), _) => b.append_option(value.and_then(Json::as_str)),
             (Self::Int64(b), _) => b.append_option(value.and_then(as_integer)),
-            (Self::Float64(b), _) => b.append_option(value.and_then(Value::as_f64)),
-            (Self::Boolean(b), _) => b.append_option(value.and_then(Value::as_bool)),
+            (Self::Float64(b), _) => b.append_option(value.and_then(Json::as_f64)),
+            (Self::Boolean(b), _) => b.append_option(value.and_then(Json::as_bool)),
             (Self::DateTime(b), _) => b.append_option(
                 value
-                    .and_then(Value::as_str)
+                    .and_then(Json::as_str)
                     .and_then(|s| parse_date_time(s).ok()),
             ),
             (Self::Date(b), _) => b.append_option(
                 value
-                    .and_then(Value::as_str)
+                    .and_then(Json::as_str)
                     .and_then(|s| parse_date(s).ok()),
             ),
             (Self::Struct { children, valid }, Kind::Object(obj)) => {
-                let map = value.and_then(Value::as_object);
+                let map = value.and_then(Json::as_object);
                 valid.push(map.is_some());
                 for (child, f) in children.iter_mut().zip(&obj.fields) {
-                    child.append(f, map.and_then(|m| m.get(&f.name)));
+                    child.append(f, map.and_then(|m| member(m, &f.name)));
                 }
             }
             (
@@ -98,7 +100,7 @@ impl Column {
                 },
                 Kind::Array(item),
             ) => {
-                let items = value.and_then(Value::as_array);
+                let items = value.and_then(Json::as_array);
                 valid.push(items.is_some());
                 let mut end = *offsets.last().expect("offsets start with 0");
                 for v in items.into_iter().flatten() {
@@ -154,7 +156,7 @@ impl Column {
 }
 
 /// An integer as the schema accepts it: a JSON integer, or a float with no fractional part.
-pub fn as_integer(v: &Value) -> Option<i64> {
+pub fn as_integer(v: &Json<'_>) -> Option<i64> {
     v.as_i64().or_else(|| {
         v.as_f64()
             .filter(|f| f.fract() == 0.0 && *f >= i64::MIN as f64 && *f < i64::MAX as f64)

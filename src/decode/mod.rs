@@ -6,21 +6,25 @@
 
 mod columns;
 mod error;
+mod json;
+pub mod stage;
 mod time;
 
-use std::sync::Arc;
-
-use arrow::{
-    array::{ArrayRef, Int32Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder},
-    record_batch::RecordBatch,
-};
-use serde_json::{Map, Value};
+use std::{borrow::Cow, sync::Arc};
 
 pub use self::error::DecodeError;
 use self::{
     columns::{as_integer, Column},
+    json::{member, Json},
     time::{parse_date, parse_date_time},
 };
+use arrow::{
+    array::{ArrayRef, Int32Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder},
+    record_batch::RecordBatch,
+};
+
+/// An object's members, as parsed.
+type Members<'a> = Vec<(Cow<'a, str>, Json<'a>)>;
 use crate::schema::{EventSchema, FieldDef, Kind, ObjectType};
 
 /// Limits that protect the decoder from hostile payloads.
@@ -84,7 +88,7 @@ impl Decoder {
         let object = self.parse(payload)?;
         validate_object(&self.schema.root, &object, "")?;
         for (column, def) in self.columns.iter_mut().zip(&self.schema.root.fields) {
-            column.append(def, object.get(&def.name));
+            column.append(def, member(&object, &def.name));
         }
         self.topic.append_value(origin.topic);
         self.partition.append_value(origin.partition);
@@ -95,7 +99,7 @@ impl Decoder {
     }
 
     /// Checks a payload's bytes and parses it into a JSON object.
-    fn parse(&self, payload: Option<&[u8]>) -> Result<Map<String, Value>, DecodeError> {
+    fn parse<'p>(&self, payload: Option<&'p [u8]>) -> Result<Members<'p>, DecodeError> {
         let bytes = payload.unwrap_or_default();
         if bytes.is_empty() {
             return Err(DecodeError::Empty);
@@ -114,8 +118,8 @@ impl Decoder {
                 limit: self.limits.max_depth,
             });
         }
-        match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(map)) => Ok(map),
+        match Json::parse(text) {
+            Ok(Json::Object(members)) => Ok(members),
             Ok(other) => Err(DecodeError::NotObject {
                 found: json_type(&other),
             }),
@@ -175,15 +179,15 @@ fn nesting_exceeds(bytes: &[u8], limit: usize) -> bool {
     false
 }
 
-fn json_type(v: &Value) -> &'static str {
+fn json_type(v: &Json<'_>) -> &'static str {
     match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(n) if n.is_f64() => "a number",
-        Value::Number(_) => "an integer",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Float(_) => "a number",
+        Json::Int(_) | Json::UInt(_) => "an integer",
+        Json::Str(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
     }
 }
 
@@ -197,24 +201,25 @@ fn field_path(prefix: &str, name: &str) -> String {
 
 fn validate_object(
     obj: &ObjectType,
-    map: &Map<String, Value>,
+    members: &[(Cow<'_, str>, Json<'_>)],
     prefix: &str,
 ) -> Result<(), DecodeError> {
     for def in &obj.fields {
         let path = || field_path(prefix, &def.name);
-        match map.get(&def.name) {
-            None | Some(Value::Null) if def.required && !def.nullable => {
+        match member(members, &def.name) {
+            None | Some(Json::Null) if def.required && !def.nullable => {
                 return Err(DecodeError::Missing { field: path() })
             }
             None => {}
-            Some(Value::Null) if def.nullable || !def.required => {}
+            Some(Json::Null) if def.nullable || !def.required => {}
             Some(v) => validate_value(def, v, &path())?,
         }
     }
     if obj.deny_unknown {
-        if let Some(name) = map
-            .keys()
-            .find(|k| obj.fields.iter().all(|f| &f.name != *k))
+        if let Some(name) = members
+            .iter()
+            .map(|(k, _)| k)
+            .find(|k| obj.fields.iter().all(|f| f.name != **k))
         {
             return Err(DecodeError::UnexpectedField {
                 field: field_path(prefix, name),
@@ -224,7 +229,7 @@ fn validate_object(
     Ok(())
 }
 
-fn validate_value(def: &FieldDef, v: &Value, path: &str) -> Result<(), DecodeError> {
+fn validate_value(def: &FieldDef, v: &Json<'_>, path: &str) -> Result<(), DecodeError> {
     let wrong = |expected| DecodeError::WrongType {
         field: path.to_owned(),
         expected,

@@ -2,13 +2,17 @@
 //!
 //! Tasks and threads of one pipeline:
 //! - the **source thread** ([`crate::source`]) polls Kafka and copies micro-batches;
-//! - the **pipeline task** (this module, one tokio task) receives them in order through a
-//!   bounded channel (the backpressure: when it is full, the source pauses its partitions),
-//!   decodes them into Arrow, sends rejected events to the dead-letter topic, submits the
-//!   rows to each model ([`crate::score`]; the model threads and the prediction producer work
-//!   while the task goes on), writes features to Redis and rows into the Parquet segments (CPU
-//!   work runs under `block_in_place`), finishes segments, and commits offsets;
-//! - the **model threads** of each model, behind a queue with admission in rows.
+//! - the **decode thread** ([`crate::decode::stage`]) receives them in order through a bounded
+//!   channel (the backpressure: when it is full, the source pauses its partitions), decodes
+//!   them into Arrow and passes them on through a channel of one batch, so it decodes the next
+//!   batch while the pipeline task writes this one;
+//! - the **pipeline task** (this module, one tokio task) sends rejected events to the
+//!   dead-letter topic, submits the rows to each model ([`crate::score`]; the model threads
+//!   and the prediction producer work while the task goes on), writes features to Redis and
+//!   rows into the Parquet segments (CPU work runs under `block_in_place`), finishes segments,
+//!   and commits offsets;
+//! - the **model threads** of each model, behind a queue with admission in rows; prediction
+//!   and feedback records are built on tokio's blocking threads.
 //!
 //! The order in which things become durable, per partition:
 //! 0. a batch's features are acknowledged by Redis before its rows enter a Parquet segment;
@@ -53,6 +57,7 @@ use crate::{
         offsets_list, Batcher, KafkaConsumer, Rejected, Source, SourceBatch, SourceEvent,
         TopicPartition,
     },
+    telemetry,
 };
 
 /// At most this many dead letters (and scored batches) may await acknowledgement before
@@ -148,7 +153,7 @@ async fn run_inner(
             max_depth: spec.errors.max_depth,
         },
     );
-    let (tx, rx) = mpsc::channel(spec.batch.max_in_flight);
+    let (tx, raw) = mpsc::channel(spec.batch.max_in_flight);
     let source = Source::start(
         &spec.name,
         &spec.source,
@@ -156,6 +161,9 @@ async fn run_inner(
         tx,
     )
     .context("creating the Kafka consumer")?;
+    // The decode thread ends by itself when the source or this task lets go of its channels.
+    let (rx, _decode) =
+        crate::decode::stage::spawn(&spec.name, decoder, !scorers.is_empty(), raw, 1);
     status.joined.store(false, Ordering::Release);
     let joined = source.joined.clone();
     let tick = spec.parquet.as_ref().map_or(Duration::from_secs(1), |pq| {
@@ -165,7 +173,6 @@ async fn run_inner(
         labels: spec.name.clone(),
         policy: spec.errors.policy.clone(),
         consumer: source.consumer.clone(),
-        decoder,
         sink,
         redis,
         dead_letters,
@@ -205,8 +212,6 @@ struct Runner {
     labels: String,
     policy: ErrorPolicy,
     consumer: Arc<KafkaConsumer>,
-    /// Builds the Arrow batches; lives here so decoding runs beside, not inside, polling.
-    decoder: Decoder,
     sink: Option<ParquetSink>,
     redis: Option<RedisSink>,
     dead_letters: Option<DeadLetters>,
@@ -219,7 +224,7 @@ struct Runner {
 impl Runner {
     async fn run(
         &mut self,
-        mut rx: mpsc::Receiver<SourceEvent>,
+        mut rx: mpsc::Receiver<SourceEvent<SourceBatch>>,
         shutdown: &CancellationToken,
         tick: Duration,
         joined: &AtomicBool,
@@ -239,10 +244,7 @@ impl Runner {
                 }
                 event = rx.recv() => match event {
                     None => return Err(anyhow!("the Kafka source stopped")),
-                                        Some(SourceEvent::Batch(raw)) => {
-                        let decoder = &mut self.decoder;
-                        let keep = !self.scorers.is_empty();
-                        let batch = tokio::task::block_in_place(|| raw.decode(decoder, keep));
+                    Some(SourceEvent::Batch(batch)) => {
                         if !self.batch(batch, shutdown).await? {
                             return Ok(());
                         }
@@ -251,7 +253,7 @@ impl Runner {
                         let mut resume = Vec::with_capacity(partitions.len());
                         for tp in partitions {
                             self.offsets.assign(tp.clone());
-                                                        let at = match &mut self.sink {
+                            let at = match &mut self.sink {
                                 Some(sink) => sink.recover(&tp).await
                                     .with_context(|| format!("recovering {}/{}", tp.0, tp.1))?,
                                 None => None,
@@ -380,12 +382,16 @@ impl Runner {
         // Redis first: a finished Parquet segment is a resume position, so its rows must already
         // be in Redis.
         if let Some(redis) = &mut self.redis {
+            let started = Instant::now();
             if !redis.write(&rows, shutdown).await {
                 return Ok(false);
             }
+            telemetry::stage(&self.labels, "redis", started);
         }
         if let Some(sink) = &mut self.sink {
+            let started = Instant::now();
             tokio::task::block_in_place(|| sink.write(&rows))?;
+            telemetry::stage(&self.labels, "parquet_write", started);
         }
         for (tp, span) in &batch.spans {
             self.offsets.processed(tp, *span);
@@ -483,8 +489,7 @@ impl Runner {
         let list = offsets_list(&commits);
         let result =
             tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync)).await;
-        metrics::histogram!("sluice_commit_seconds", "pipeline" => self.labels.clone())
-            .record(started.elapsed().as_secs_f64());
+        telemetry::stage(&self.labels, "commit", started);
         match result {
             Ok(Ok(())) => {
                 for (tp, at) in &commits {

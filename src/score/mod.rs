@@ -165,7 +165,9 @@ impl Scorer {
         holds: Vec<(crate::source::TopicPartition, i64)>,
         consumed_at: Instant,
     ) -> BoxFuture<'static, Scored> {
+        let started = Instant::now();
         let mut encoded = tokio::task::block_in_place(|| self.encoder.encode(&rows));
+        crate::telemetry::stage(&self.pipeline, "features", started);
         let admitted = encoded.rows.len().min(self.spec.queue_rows);
         let values = Arc::new(std::mem::take(&mut encoded.values));
         let (permit, replies) = self.runtime.submit(values.clone(), admitted).await;
@@ -188,9 +190,16 @@ impl Scorer {
                     Err(_) => return futures::future::pending().await,
                 }
             }
-            let built = tokio::task::block_in_place(|| {
-                ctx.records(&rows, &encoded.rows, &values, &results)
-            });
+            // On a blocking thread, not in this future: it is polled by the pipeline task, which
+            // meanwhile goes on with the next batch.
+            let (ctx, rows, encoded, built) = tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let built = ctx.records(&rows, &encoded.rows, &values, &results);
+                crate::telemetry::stage(&ctx.pipeline, "records", started);
+                (ctx, rows, encoded, built)
+            })
+            .await
+            .expect("building prediction records does not panic");
             out.deliver(&built.records).await;
             drop(permit);
             metrics::histogram!("sluice_prediction_latency_seconds", "model" => ctx.name.to_string())

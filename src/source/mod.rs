@@ -41,9 +41,10 @@ pub use self::batch::{
 };
 use crate::config::{SourceSpec, StartFrom};
 
-/// What the source tells the pipeline, in the order it happened.
-pub enum SourceEvent {
-    Batch(RawBatch),
+/// What the source tells the pipeline, in the order it happened. The decode stage
+/// ([`crate::decode::stage`]) turns each `RawBatch` into a decoded batch `B` on the way.
+pub enum SourceEvent<B = RawBatch> {
+    Batch(B),
     /// Partitions are about to be assigned. Reply with each partition's resume offset from the
     /// sinks' own records (`None` where they have none).
     Assigned {

@@ -99,6 +99,16 @@ pub async fn serve(
     Ok(())
 }
 
+/// Records the wall time of one pipeline stage since `started` in
+/// `sluice_stage_seconds{pipeline, stage}`. Stages: `decode`, `features` (model inputs),
+/// `records` (prediction and feedback records), `redis`, `parquet_write`, `parquet_finish`,
+/// `commit`; the model's forward passes are in `sluice_model_inference_seconds`. The sums over a
+/// run are the per-stage profile that `scripts/bench.sh` prints.
+pub fn stage(pipeline: &str, stage: &'static str, started: std::time::Instant) {
+    metrics::histogram!("sluice_stage_seconds", "pipeline" => pipeline.to_owned(), "stage" => stage)
+        .record(started.elapsed().as_secs_f64());
+}
+
 /// Parses a listen address such as `127.0.0.1:9898` or `:9898`.
 pub fn parse_listen(addr: &str) -> Result<SocketAddr, String> {
     let full = if addr.starts_with(':') {

@@ -437,8 +437,7 @@ impl ParquetSink {
             .increment(segment.rows);
         metrics::counter!("sluice_parquet_bytes_total", "pipeline" => self.pipeline.clone())
             .increment(bytes);
-        metrics::histogram!("sluice_parquet_finish_seconds", "pipeline" => self.pipeline.clone())
-            .record(started.elapsed().as_secs_f64());
+        crate::telemetry::stage(&self.pipeline, "parquet_finish", started);
         debug!(
             topic,
             partition,

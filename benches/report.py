@@ -1,0 +1,126 @@
+"""Prints scripts/bench.sh's results from the files its runs left in WORK.
+
+    python3 benches/report.py WORK EVENTS MEMORY_FACTOR
+"""
+
+import json
+import os
+import sys
+
+work, events, factor = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+
+def path(name):
+    return os.path.join(work, name)
+
+
+def run(name, total=events):
+    seconds = float(open(path(f"{name}.seconds")).read())
+    usage = json.load(open(path(f"{name}.json")))
+    return {"rate": total / seconds, "seconds": seconds,
+            "cpu_per_m": usage["cpu_seconds"] / total * 1e6, "rss": usage["peak_rss_kib"] / 1024}
+
+
+def metrics(name):
+    """{(metric, labels): value} from a Prometheus text file."""
+    out = {}
+    if not os.path.exists(path(f"{name}.metrics")):
+        return out
+    for line in open(path(f"{name}.metrics")):
+        if line.startswith("#") or not line.strip():
+            continue
+        key, value = line.rsplit(" ", 1)
+        metric, _, labels = key.partition("{")
+        out[(metric, labels.rstrip("}"))] = float(value)
+    return out
+
+
+def metric_sum(m, metric, **labels):
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for (name, ls), v in m.items() if name == metric and all(w in ls for w in want))
+
+
+runs = {"bare": run("bare"), "parquet": run("parquet"), "full": run("full"), "python": run("python")}
+labels = {
+    "bare": "(c) bare rdkafka consumer: join, count, commit",
+    "parquet": "(b) sluice: Parquet + dead letters",
+    "full": "(a) sluice: Parquet + DLQ + Redis + scoring",
+    "python": "(d) Python: same job as (a)",
+}
+print()
+print(f"{events:,} events pre-loaded (3% broken), 4 partitions; {os.cpu_count()} CPUs")
+print(f"{'run':<50} {'events/s':>10} {'seconds':>8} {'CPU s/M ev':>11} {'peak RSS':>10}")
+for key in ("bare", "parquet", "full", "python"):
+    r = runs[key]
+    print(f"{labels[key]:<50} {r['rate']:>10,.0f} {r['seconds']:>8.1f} {r['cpu_per_m']:>11.1f} {r['rss']:>7.0f} MiB")
+print()
+ratio = lambda a, b: runs[a]["rate"] / runs[b]["rate"]
+print(f"(a) / (d)  sluice full job vs Python:       {ratio('full', 'python'):>6.2f}x   (goal: at least 10)")
+print(f"(a) / (c)  sluice full job vs bare consumer: {ratio('full', 'bare'):>6.2f}")
+print(f"(b) / (c)  sluice Parquet vs bare consumer:  {ratio('parquet', 'bare'):>6.2f}    (goal: at least 0.6)")
+print(f"(b) / (d)  sluice Parquet vs Python full job:{ratio('parquet', 'python'):>6.2f}x")
+cpu = lambda a, b: runs[b]["cpu_per_m"] / runs[a]["cpu_per_m"]
+print(f"CPU per event, (d) / (a):                    {cpu('full', 'python'):>6.2f}x")
+
+if factor > 0:
+    big = run(f"full-x{factor}", events * factor)
+    print()
+    print(f"Memory: (a) on {events:,} events: peak RSS {runs['full']['rss']:.0f} MiB; on {events * factor:,} "
+          f"({factor}x): {big['rss']:.0f} MiB ({big['rate']:,.0f} events/s); "
+          f"ratio {big['rss'] / runs['full']['rss']:.2f} (goal: independent of the backlog)")
+
+for name in ("full", "parquet"):
+    m = metrics(name)
+    if not m:
+        continue
+    print()
+    print(f"Where the time goes in {labels[name]}, from sluice_stage_seconds (wall time per stage):")
+    stages = ["decode", "features", "redis", "parquet_write", "parquet_finish", "commit", "records"]
+    rows = [(s, metric_sum(m, "sluice_stage_seconds_sum", stage=s), metric_sum(m, "sluice_stage_seconds_count", stage=s))
+            for s in stages]
+    rows.insert(2, ("model (forward passes)", metric_sum(m, "sluice_model_inference_seconds_sum"),
+                    metric_sum(m, "sluice_model_inference_seconds_count")))
+    print(f"  {'stage':<24} {'seconds':>8} {'µs/event':>9} {'calls':>8}")
+    for stage, secs, calls in rows:
+        if calls:
+            print(f"  {stage:<24} {secs:>8.2f} {secs / events * 1e6:>9.2f} {calls:>8.0f}")
+    print("  (decode, features, redis, parquet_* and commit run on the pipeline task in turn; the")
+    print("   model on its own thread; records when predictions are built, beside the pipeline task)")
+    if os.path.exists(path(f"{name}.threads")):
+        threads = json.load(open(path(f"{name}.threads")))
+        total = sum(threads.values())
+        print(f"  CPU by thread, {total:.1f} s in all:")
+        for thread, secs in sorted(threads.items(), key=lambda kv: -kv[1]):
+            if secs >= 0.05:
+                print(f"    {thread:<22} {secs:>7.2f} s  {secs / total:>5.1%}")
+
+if os.path.exists(path("score-sluice.json")):
+    s = json.load(open(path("score-sluice.json")))
+    p = json.load(open(path("score-python.json")))
+    print()
+    print(f"The scoring stage alone, {s['rows']:,} rows, batch {s['max_batch']}, model {s['model']} v{s['version']}:")
+    print(f"  sluice (Arrow -> features -> model threads):  {s['rows_per_second']:>12,.0f} rows/s")
+    print(f"  Python (dicts -> features -> TorchScript):    {p['rows_per_second']:>12,.0f} rows/s")
+    print(f"  Python, forward passes only:                  {p['forward_only_rows_per_second']:>12,.0f} rows/s")
+    print(f"  ratio sluice / Python:                        {s['rows_per_second'] / p['rows_per_second']:.2f}")
+
+if os.path.exists(path("live.rate")):
+    m = metrics("live")
+    buckets = sorted((float("inf") if ls.split('le="')[1].rstrip('"') == "+Inf" else float(ls.split('le="')[1].rstrip('"')), v)
+                     for (name, ls), v in m.items() if name == "sluice_prediction_latency_seconds_bucket")
+
+    def quantile(q):
+        total, prev_le, prev_n = buckets[-1][1], 0.0, 0.0
+        for le, n in buckets:
+            if n >= q * total:
+                if le == float("inf"):
+                    return prev_le
+                return prev_le + (le - prev_le) * (q * total - prev_n) / max(n - prev_n, 1e-9)
+            prev_le, prev_n = le, n
+
+    if buckets:
+        rate = int(open(path("live.rate")).read())
+        print()
+        print(f"Prediction latency at {rate:,} events/s (half of (a)), from a batch's first event's consumption")
+        print(f"to the broker's acknowledgement of its predictions: p50 {quantile(0.5) * 1000:.0f} ms, "
+              f"p99 {quantile(0.99) * 1000:.0f} ms ({buckets[-1][1]:.0f} batches; batch.max_delay is 500 ms)")
