@@ -2,8 +2,9 @@
 
     python3 benches/measure.py run OUT.json -- CMD [ARGS...]
         Runs CMD; SIGTERM and SIGINT are passed on. When it exits, writes its CPU seconds (user +
-        system) and peak RSS (KiB) from wait4's rusage, and its exit status, to OUT.json.
-        CMD's pid is written to OUT.json.pid while it runs.
+        system) and peak RSS (KiB) from wait4's rusage, its exit status, and its RSS sampled
+        every 250 ms ([seconds, KiB] pairs), to OUT.json. CMD's pid is written to OUT.json.pid
+        while it runs.
     python3 benches/measure.py threads PID OUT.json
         Writes the CPU seconds of each of PID's threads so far, summed by thread name with digits
         removed (librdkafka's rdk:broker1 and rdk:broker2 are one line), to OUT.json.
@@ -15,6 +16,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 
 def run(out, cmd):
@@ -23,6 +26,21 @@ def run(out, cmd):
         f.write(str(child.pid))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _: child.send_signal(s))
+    samples, started = [], time.monotonic()
+
+    def sample():
+        while True:
+            try:
+                with open(f"/proc/{child.pid}/status") as f:
+                    rss = next((int(l.split()[1]) for l in f if l.startswith("VmRSS:")), None)
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            if rss is None:  # exited, not yet reaped
+                return
+            samples.append([round(time.monotonic() - started, 2), rss])
+            time.sleep(0.25)
+
+    threading.Thread(target=sample, daemon=True).start()
     while True:
         try:
             _, status, usage = os.wait4(child.pid, 0)
@@ -31,7 +49,7 @@ def run(out, cmd):
             continue
     with open(out, "w") as f:
         json.dump({"cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_kib": usage.ru_maxrss,
-                   "status": os.waitstatus_to_exitcode(status)}, f)
+                   "status": os.waitstatus_to_exitcode(status), "rss_samples": samples}, f)
 
 
 def threads(pid, out):

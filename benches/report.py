@@ -62,12 +62,26 @@ print(f"(b) / (d)  sluice Parquet vs Python full job:{ratio('parquet', 'python')
 cpu = lambda a, b: runs[b]["cpu_per_m"] / runs[a]["cpu_per_m"]
 print(f"CPU per event, (d) / (a):                    {cpu('full', 'python'):>6.2f}x")
 
+def rss_over_time(name, seconds):
+    """Peak RSS (MiB) in each fifth of the drain, from the 250 ms samples."""
+    samples = json.load(open(path(f"{name}.json"))).get("rss_samples", [])
+    fifths = []
+    for i in range(5):
+        lo, hi = seconds * i / 5, seconds * (i + 1) / 5
+        inside = [kib for t, kib in samples if lo <= t < hi]
+        fifths.append(max(inside) / 1024 if inside else float("nan"))
+    return " ".join(f"{m:>5.0f}" for m in fifths)
+
+
 if factor > 0:
-    big = run(f"full-x{factor}", events * factor)
+    name = f"full-x{factor}"
+    big = run(name, events * factor)
     print()
-    print(f"Memory: (a) on {events:,} events: peak RSS {runs['full']['rss']:.0f} MiB; on {events * factor:,} "
-          f"({factor}x): {big['rss']:.0f} MiB ({big['rate']:,.0f} events/s); "
-          f"ratio {big['rss'] / runs['full']['rss']:.2f} (goal: independent of the backlog)")
+    print(f"Memory of (a): peak RSS on {events:,} events {runs['full']['rss']:.0f} MiB; on {events * factor:,} "
+          f"({factor}x, {big['rate']:,.0f} events/s) {big['rss']:.0f} MiB: ratio {big['rss'] / runs['full']['rss']:.2f}"
+          " (goal: independent of the backlog)")
+    print(f"  peak RSS (MiB) in each fifth of the drain, {events:,} events:  {rss_over_time('full', runs['full']['seconds'])}")
+    print(f"  peak RSS (MiB) in each fifth of the drain, {events * factor:,} events:  {rss_over_time(name, big['seconds'])}")
 
 for name in ("full", "parquet"):
     m = metrics(name)

@@ -375,8 +375,17 @@ impl Runner {
                         batch.consumed_at,
                     )
                     .await;
-                self.pending
-                    .push(Box::pin(async move { Done::Scored(scored.await) }));
+                // Its own task: the batch's records must be built and delivered, and its
+                // admission given back, while this task waits to admit the next batch.
+                // (Polled only from here, a full queue would wait for itself forever.)
+                let scored = tokio::spawn(scored);
+                self.pending.push(Box::pin(async move {
+                    match scored.await {
+                        Ok(scored) => Done::Scored(scored),
+                        // Cancelled at shutdown: nothing past its holds is committed.
+                        Err(_) => futures::future::pending().await,
+                    }
+                }));
             }
         }
         // Redis first: a finished Parquet segment is a resume position, so its rows must already

@@ -42,6 +42,15 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
         .set_buckets_for_metric(Matcher::Suffix("_rows".into()), &rows)?
         .install_recorder()?;
+    // Histogram samples wait in the recorder until a scrape or an upkeep folds them into the
+    // buckets; without this, a process nobody scrapes would keep every sample.
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            upkeep.run_upkeep();
+        })?;
     Ok(handle)
 }
 
