@@ -11,8 +11,8 @@
 //!   and the prediction producer work while the task goes on), writes features to Redis and
 //!   rows into the Parquet segments (CPU work runs under `block_in_place`), finishes segments,
 //!   and commits offsets;
-//! - the **model threads** of each model, behind a queue with admission in rows; prediction
-//!   and feedback records are built on tokio's blocking threads.
+//! - the **model threads** of each model, behind a queue with admission in rows; each scored
+//!   batch's prediction and feedback records are built and delivered in a task of its own.
 //!
 //! The order in which things become durable, per partition:
 //! 0. a batch's features are acknowledged by Redis before its rows enter a Parquet segment;
@@ -375,17 +375,8 @@ impl Runner {
                         batch.consumed_at,
                     )
                     .await;
-                // Its own task: the batch's records must be built and delivered, and its
-                // admission given back, while this task waits to admit the next batch.
-                // (Polled only from here, a full queue would wait for itself forever.)
-                let scored = tokio::spawn(scored);
-                self.pending.push(Box::pin(async move {
-                    match scored.await {
-                        Ok(scored) => Done::Scored(scored),
-                        // Cancelled at shutdown: nothing past its holds is committed.
-                        Err(_) => futures::future::pending().await,
-                    }
-                }));
+                self.pending
+                    .push(Box::pin(async move { Done::Scored(scored.await) }));
             }
         }
         // Redis first: a finished Parquet segment is a resume position, so its rows must already

@@ -158,6 +158,10 @@ impl Scorer {
 
     /// Encodes `rows` and queues them, waiting for admission; the future resolves once every
     /// prediction is acknowledged. `holds` are returned in [`Scored::holds`] unchanged.
+    ///
+    /// The batch completes (records built and delivered, admission given back) in its own
+    /// task, whether or not the returned future is polled: a caller waiting to admit its next
+    /// batch would otherwise wait on itself once `queue_rows` are all held.
     pub async fn submit(
         &self,
         rows: RecordBatch,
@@ -180,7 +184,7 @@ impl Scorer {
             width: self.encoder.width(),
         };
         let out = self.out.clone();
-        Box::pin(async move {
+        let completion = tokio::spawn(async move {
             let mut results = Vec::with_capacity(replies.len());
             for r in replies {
                 // A closed channel means the threads stopped (shutdown): nothing is scored,
@@ -190,16 +194,11 @@ impl Scorer {
                     Err(_) => return futures::future::pending().await,
                 }
             }
-            // On a blocking thread, not in this future: it is polled by the pipeline task, which
-            // meanwhile goes on with the next batch.
-            let (ctx, rows, encoded, built) = tokio::task::spawn_blocking(move || {
-                let started = Instant::now();
-                let built = ctx.records(&rows, &encoded.rows, &values, &results);
-                crate::telemetry::stage(&ctx.pipeline, "records", started);
-                (ctx, rows, encoded, built)
-            })
-            .await
-            .expect("building prediction records does not panic");
+            let started = Instant::now();
+            let built = tokio::task::block_in_place(|| {
+                ctx.records(&rows, &encoded.rows, &values, &results)
+            });
+            crate::telemetry::stage(&ctx.pipeline, "records", started);
             out.deliver(&built.records).await;
             drop(permit);
             metrics::histogram!("sluice_prediction_latency_seconds", "model" => ctx.name.to_string())
@@ -232,6 +231,13 @@ impl Scorer {
             Scored {
                 holds,
                 rejected: failures,
+            }
+        });
+        Box::pin(async move {
+            match completion.await {
+                Ok(scored) => scored,
+                // Cancelled at shutdown: nothing past its holds is committed.
+                Err(_) => futures::future::pending().await,
             }
         })
     }
