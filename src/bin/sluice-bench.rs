@@ -522,28 +522,27 @@ fn wait_committed(
     }
 }
 
-fn decode(pipeline: &Path, rows: usize) -> anyhow::Result<()> {
-    use sluice::decode::{Decoder, Limits, Origin};
-    let spec = sluice::config::load(pipeline)?;
+/// `rows` demo payloads, a share `invalid_ratio` of them broken, always the same ones.
+fn demo_payloads(rows: usize, invalid_ratio: f64) -> Vec<Vec<u8>> {
     let mut rng = SmallRng::seed_from_u64(7);
-    let payloads: Vec<Vec<u8>> = (0..rows)
+    (0..rows)
         .map(|i| {
             let (_, event) = valid_event(&mut rng, i as u64, 5_000, 1_795_000_000_000);
-            if rng.random_bool(0.03) {
+            if invalid_ratio > 0.0 && rng.random_bool(invalid_ratio) {
                 broken_event(&mut rng, event).0
             } else {
                 event.to_string().into_bytes()
             }
         })
-        .collect();
+        .collect()
+}
+
+fn decode(pipeline: &Path, rows: usize) -> anyhow::Result<()> {
+    use sluice::decode::{Decoder, Limits, Origin};
+    let spec = sluice::config::load(pipeline)?;
+    let payloads = demo_payloads(rows, 0.03);
     let bytes: usize = payloads.iter().map(Vec::len).sum();
-    let mut decoder = Decoder::new(
-        spec.schema.clone(),
-        Limits {
-            max_event_size: spec.errors.max_event_size,
-            max_depth: spec.errors.max_depth,
-        },
-    );
+    let mut decoder = Decoder::new(spec.schema.clone(), Limits::from(&spec.errors));
     let (mut valid, mut batches) = (0usize, 0usize);
     let started = Instant::now();
     for (i, payload) in payloads.iter().enumerate() {
@@ -588,17 +587,9 @@ fn score(pipeline: &std::path::Path, rows: usize) -> anyhow::Result<()> {
     let device = format!("{:?}", loaded.device);
     let version = loaded.version.clone();
     // Demo events, decoded into Arrow batches of 10,000 rows as the pipeline would.
-    let mut rng = SmallRng::seed_from_u64(7);
-    let mut decoder = Decoder::new(
-        spec.schema.clone(),
-        Limits {
-            max_event_size: 1 << 20,
-            max_depth: 32,
-        },
-    );
+    let mut decoder = Decoder::new(spec.schema.clone(), Limits::from(&spec.errors));
     let mut batches = Vec::new();
-    for i in 0..rows {
-        let (_, event) = valid_event(&mut rng, i as u64, 5_000, 1_795_000_000_000);
+    for (i, payload) in demo_payloads(rows, 0.0).iter().enumerate() {
         let origin = Origin {
             topic: "bench",
             partition: 0,
@@ -606,7 +597,7 @@ fn score(pipeline: &std::path::Path, rows: usize) -> anyhow::Result<()> {
             timestamp: None,
         };
         decoder
-            .push(origin, Some(event.to_string().as_bytes()))
+            .push(origin, Some(payload))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         if decoder.rows() == 10_000 {
             batches.push(decoder.finish());

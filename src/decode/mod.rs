@@ -36,6 +36,16 @@ pub struct Limits {
     pub max_depth: usize,
 }
 
+impl From<&crate::config::ErrorSpec> for Limits {
+    /// The limits a pipeline's `[errors]` section sets.
+    fn from(errors: &crate::config::ErrorSpec) -> Self {
+        Self {
+            max_event_size: errors.max_event_size,
+            max_depth: errors.max_depth,
+        }
+    }
+}
+
 /// Where an event came from, as the source saw it.
 #[derive(Debug, Clone, Copy)]
 pub struct Origin<'a> {

@@ -146,13 +146,7 @@ async fn run_inner(
     for m in &spec.models {
         scorers.push(Scorer::open(&spec.name, &spec.source.bootstrap_servers, m).await?);
     }
-    let decoder = Decoder::new(
-        spec.schema.clone(),
-        Limits {
-            max_event_size: spec.errors.max_event_size,
-            max_depth: spec.errors.max_depth,
-        },
-    );
+    let decoder = Decoder::new(spec.schema.clone(), Limits::from(&spec.errors));
     let (tx, raw) = mpsc::channel(spec.batch.max_in_flight);
     let source = Source::start(
         &spec.name,
