@@ -88,10 +88,6 @@ measure() {
   echo "  $(python3 -c "print(f'{$total / float(open(\"$WORK/$name.seconds\").read()):,.0f}')") events/s" >&2
 }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
 # sluice NAME TOPIC TOTAL PIPELINE
 sluice() {
   METRICS_PORT=$(free_port)

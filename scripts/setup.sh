@@ -47,13 +47,18 @@ if [ -z "${KAFKA_BOOTSTRAP:-}" ] && [ ! -x "$TANSU_BIN" ]; then
   cargo install tansu --version 0.6.0 --locked --features dynostore,libsql --root "$SLUICE_CACHE/tansu" >&2
 fi
 
+# Prints a free loopback port.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
 # Starts tansu on a free loopback port, its files in $1, with storage engine $2 (default SQLite);
 # sets KAFKA_BOOTSTRAP and TANSU_PID. Does nothing if KAFKA_BOOTSTRAP is already set.
 start_broker() {
   local dir="$1" engine="${2:-sqlite://tansu.db}"
   if [ -n "${KAFKA_BOOTSTRAP:-}" ]; then return; fi
   local port
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  port=$(free_port)
   mkdir -p "$dir"
   (cd "$dir" && exec "$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$port" \
       --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine "$engine" \
@@ -78,7 +83,7 @@ start_redis() {
   local dir="$1"
   if [ -n "${REDIS_URL:-}" ]; then return; fi
   local port
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  port=$(free_port)
   mkdir -p "$dir"
   redis-server --port "$port" --bind 127.0.0.1 --save "" --dir "$dir" >"$dir/redis.log" 2>&1 &
     REDIS_PID=$!
