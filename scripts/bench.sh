@@ -22,10 +22,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-if ! python3 -c 'import confluent_kafka, orjson, redis' 2>/dev/null; then
-  say "Installing the Python baseline's packages (benches/requirements.txt)"
-  python3 -m pip install -q --disable-pip-version-check -r benches/requirements.txt
-fi
+step bench-python-packages "the Python baseline's packages, benches/requirements.txt (20 seconds the first time)" \
+  python3 -m pip install --disable-pip-version-check --progress-bar off -r benches/requirements.txt
 
 EVENTS="${BENCH_EVENTS:-1000000}"
 FACTOR="${BENCH_MEMORY_FACTOR:-5}"
@@ -39,13 +37,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "Building (release)"
-cargo build --release --locked --bins >&2
+step build "cargo build --release (10 minutes on 2 cores the first time, seconds after)" \
+  cargo build --release --locked --bins
 BIN="$CARGO_TARGET_DIR/release"
-# tansu 0.6's SQLite engine stops serving fetches when a topic is produced to (the dead
-# letters) while another is drained fast at this volume; its memory engine does not, but
-# reports low high watermarks, so completion is judged by the committed total instead.
-start_broker "$WORK/broker" "memory://tansu/"
+# tansu's memory engine reports low high watermarks, so completion is judged by the committed
+# total instead.
+start_broker "$WORK/broker"
 start_redis "$WORK/redis"
 RUN_ID="$(date +%s)"
 export ORDERS_DLQ="bench-$RUN_ID.dlq" ORDERS_IDLE_FLUSH="250ms"
