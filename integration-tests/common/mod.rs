@@ -54,8 +54,9 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// A broker for one test: a tansu process on a free port with SQLite storage, or the external
-/// broker in `KAFKA_BOOTSTRAP`.
+/// A broker for one test: a tansu process on a free port with its in-memory storage engine
+/// (`TANSU_STORAGE` names another, such as `sqlite://tansu.db` for a tansu built with it), or
+/// the external broker in `KAFKA_BOOTSTRAP`.
 pub struct Broker {
     pub bootstrap: String,
     process: Option<Child>,
@@ -84,7 +85,10 @@ impl Broker {
                 "--advertised-listener-url",
                 &url,
             ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
+            .args([
+                "--storage-engine",
+                &std::env::var("TANSU_STORAGE").unwrap_or_else(|_| "memory://tansu/".into()),
+            ])
             .current_dir(dir.path())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -196,25 +200,60 @@ impl Broker {
         out
     }
 
-    /// Log end offset of every partition.
+    /// Log end offset of every partition: one past the last message the broker holds.
+    ///
+    /// The high watermark the broker reports is only where the search starts: tansu's memory
+    /// engine reports the first offset of a partition's last batch. A consumer reads on from
+    /// there until every partition reports its end (EOF), which on a broker whose watermark is
+    /// right happens at once.
     pub fn end_offsets(&self, topic: &str) -> BTreeMap<i32, i64> {
-        let consumer = self.consumer(&unique("meta"));
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", unique("meta"))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", "20")
+            .create()
+            .unwrap();
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(30))
             .unwrap();
-        md.topics()[0]
+        let mut ends: BTreeMap<i32, i64> = md.topics()[0]
             .partitions()
             .iter()
             .map(|p| {
-                (
-                    p.id(),
-                    consumer
-                        .fetch_watermarks(topic, p.id(), Duration::from_secs(30))
-                        .unwrap()
-                        .1,
-                )
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, p.id(), Duration::from_secs(30))
+                    .unwrap();
+                (p.id(), high)
             })
-            .collect()
+            .collect();
+        let mut tpl = TopicPartitionList::new();
+        for (p, high) in &ends {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*high))
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut open: BTreeSet<i32> = ends.keys().copied().collect();
+        let started = Instant::now();
+        while !open.is_empty() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{topic}: no end of partitions {open:?} after 30 s"
+            );
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    let end = ends.get_mut(&m.partition()).unwrap();
+                    *end = (*end).max(m.offset() + 1);
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    open.remove(&p);
+                }
+                Some(Err(e)) => panic!("reading the end of {topic}: {e}"),
+                None => {}
+            }
+        }
+        ends
     }
 
     /// The group's committed offset of every partition.
