@@ -496,3 +496,50 @@ fn features_over_tls_with_a_private_ca() {
         assert_eq!(&got, &hash["id"], "O6 over TLS: {key}");
     }
 }
+
+/// Review finding A7 (per-record): one entity's key already holds a string in a shared Redis
+/// (`SET cust:c-7 x`). Its writes are refused with `WRONGTYPE`: those events become dead
+/// letters (stage `redis`, reason `wrong_type`, original bytes), every other entity gets its
+/// features, Parquet has every valid event, and every offset is committed. Before, the
+/// pipeline retried the pipelined chunk forever and committed nothing.
+#[test]
+fn a_key_of_the_wrong_type_dead_letters_its_events_and_the_rest_drains() {
+    let broker = Broker::start();
+    let redis = RedisServer::start(&[]);
+    redis.command(&["SET", "cust:c-7", "x"]);
+    let p = TestPipeline::new(&broker, 3, "idle_flush = \"300ms\"");
+    with_redis(&p, &redis.url(), "");
+    produce_features(&broker, &p.topic, 0..3_000);
+    let mut sluice = p.spawn("run.log");
+    p.wait_drained(&broker, DRAIN);
+    p.stop(&mut sluice, "run.log");
+    let mut want = expected(&broker, &p.topic);
+    want.remove("cust:c-7");
+    assert_features(&redis, &want);
+    assert_eq!(
+        redis.command(&["GET", "cust:c-7"]),
+        "x",
+        "the string is left alone"
+    );
+    let refused: Vec<_> = broker
+        .read_all(&p.dlq)
+        .into_iter()
+        .filter(|d| d.header("sluice.stage") == Some("redis"))
+        .collect();
+    assert!(!refused.is_empty(), "no dead letter of stage redis");
+    for d in &refused {
+        assert_eq!(d.header("sluice.reason"), Some("wrong_type"));
+        assert_eq!(
+            d.key.as_deref(),
+            Some(&b"c-7"[..]),
+            "only c-7's events are refused"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&d.payload).unwrap();
+        assert_eq!(v["customer"], "c-7", "original bytes");
+    }
+    let log = p.log("run.log");
+    assert!(
+        !log.contains("retrying"),
+        "a per-record refusal is not retried:\n{log}"
+    );
+}

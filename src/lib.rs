@@ -25,6 +25,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod failure;
 pub mod pipeline;
 pub mod schema;
 pub mod score;

@@ -295,6 +295,23 @@ async fn run(
         ));
     }
     tokio::spawn(signals(shutdown.clone()));
+    // The grace period is a hard deadline: once shutdown starts (a signal, or a pipeline that
+    // failed), an OS thread, which no blocked task can hold up, ends the process after it.
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            std::thread::spawn(move || {
+                std::thread::sleep(grace + Duration::from_secs(2));
+                error!(
+                    ?grace,
+                    "Shutdown did not finish within the grace period; exiting without \
+                     committing more (uncommitted data will be consumed again)."
+                );
+                std::process::exit(1);
+            });
+        });
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for (spec, status) in pipelines.into_iter().zip(statuses) {
         let name = spec.name.clone();
@@ -305,8 +322,12 @@ async fn run(
     while let Some(done) = tasks.join_next().await {
         let (name, result) = done.context("a pipeline task panicked")?;
         if let Err(e) = result {
-            error!(pipeline = %name, "Pipeline failed: {e:#}");
-            first_error.get_or_insert(e.context(format!("pipeline {name}")));
+            // The first failure is the cause, logged once by `main`; later ones follow from it.
+            if first_error.is_some() {
+                tracing::warn!(pipeline = %name, "Pipeline stopped: {e:#}");
+            } else {
+                first_error = Some(e.context(format!("pipeline {name}")));
+            }
             // One failed pipeline stops the process, so a supervisor restarts all of it.
             shutdown.cancel();
         }

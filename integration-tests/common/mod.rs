@@ -20,10 +20,74 @@ use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     config::ClientConfig,
     consumer::{BaseConsumer, Consumer},
-    message::{Headers, Message},
+    message::Message,
     producer::{BaseProducer, BaseRecord, Producer},
     Offset, TopicPartitionList,
 };
+
+/// A message's headers as text (lossy), read through librdkafka itself: rust-rdkafka's
+/// iterator panics on a header name that is not UTF-8, which some tests produce.
+pub fn raw_headers(h: &rdkafka::message::BorrowedHeaders) -> Vec<(String, String)> {
+    use rdkafka::bindings as rd;
+    // `BorrowedHeaders` is librdkafka's headers pointer itself (rust-rdkafka casts it the same
+    // way); names are NUL-terminated, values (pointer, size) live as long as the message.
+    let hdrs = h as *const rdkafka::message::BorrowedHeaders as *const rd::rd_kafka_headers_t;
+    let mut out = Vec::new();
+    unsafe {
+        for i in 0..rd::rd_kafka_header_cnt(hdrs) {
+            let mut name: *const std::ffi::c_char = std::ptr::null();
+            let mut value: *const std::ffi::c_void = std::ptr::null();
+            let mut size = 0usize;
+            rd::rd_kafka_header_get_all(hdrs, i, &mut name, &mut value, &mut size);
+            let value = if value.is_null() {
+                String::new()
+            } else {
+                String::from_utf8_lossy(std::slice::from_raw_parts(value.cast::<u8>(), size))
+                    .into_owned()
+            };
+            let name = String::from_utf8_lossy(std::ffi::CStr::from_ptr(name).to_bytes());
+            out.push((name.into_owned(), value));
+        }
+    }
+    out
+}
+
+/// Produces one record with a header whose name is the raw bytes `name` (not UTF-8, say),
+/// which rust-rdkafka's safe API cannot express.
+pub fn produce_with_raw_header(
+    broker: &Broker,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    name: &[u8],
+) {
+    use rdkafka::bindings as rd;
+    let headers = rdkafka::message::OwnedHeaders::new();
+    let value = b"v";
+    // SAFETY: as in `raw_headers`; the headers are writable (owned) and copied by the call.
+    unsafe {
+        let hdrs = headers.as_borrowed() as *const rdkafka::message::BorrowedHeaders
+            as *mut rd::rd_kafka_headers_t;
+        rd::rd_kafka_header_add(
+            hdrs,
+            name.as_ptr().cast(),
+            name.len() as isize,
+            value.as_ptr().cast(),
+            value.len() as isize,
+        );
+    }
+    let producer = broker.producer();
+    producer
+        .send(
+            BaseRecord::to(topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -145,6 +209,8 @@ impl Broker {
         ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .set("linger.ms", "5")
+            // Room for the oversized events of `oversized`.
+            .set("message.max.bytes", "10000000")
             .create()
             .unwrap()
     }
@@ -177,21 +243,7 @@ impl Broker {
                     offset: m.offset(),
                     key: m.key().map(<[u8]>::to_vec),
                     payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                    headers: m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_owned(),
-                                        h.value
-                                            .map(|v| String::from_utf8_lossy(v).into_owned())
-                                            .unwrap_or_default(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                    headers: m.headers().map(raw_headers).unwrap_or_default(),
                 }),
                 Some(Err(e)) => panic!("reading {topic}: {e}"),
                 None => panic!("reading {topic}: stalled after {} of {total}", out.len()),
@@ -404,6 +456,54 @@ pub fn event(n: u64) -> TestEvent {
     }
 }
 
+/// An oversized invalid event (key `big-<n>`): even `n` is about 1,010,000 bytes, under the
+/// default `max_event_size` of 1 MiB but over librdkafka's default `message.max.bytes` of
+/// 1,000,000 once it carries its dead-letter headers, with a field of the wrong type; odd `n`
+/// is 3 MiB, over `max_event_size`.
+pub fn oversized(n: u64) -> TestEvent {
+    let (size, invalid) = if n.is_multiple_of(2) {
+        (1_010_000, "wrong_type")
+    } else {
+        (3 << 20, "too_large")
+    };
+    let head = format!(
+        r#"{{"id":"big-{n}","customer":"c-1","amount":"lots","currency":"EUR","at":"2026-11-21T10:00:00Z","pad":""#
+    );
+    let mut payload = head.into_bytes();
+    payload.resize(size - 2, b'x');
+    payload.extend_from_slice(b"\"}");
+    TestEvent {
+        key: format!("big-{n}"),
+        payload,
+        invalid: Some(invalid),
+    }
+}
+
+/// The test event a record's key names: `k-<n>` ([`event`]), `big-<n>` ([`oversized`]), or
+/// `hdr-<n>`: event `n` (a valid one) sent with a header name that is not UTF-8.
+pub fn event_of_key(key: &str) -> (String, TestEvent) {
+    if let Some(n) = key.strip_prefix("hdr-") {
+        let e = event(n.parse().unwrap());
+        assert!(e.invalid.is_none(), "hdr-<n> takes a valid event");
+        let invalid = Some("bad_header");
+        return (
+            key.to_owned(),
+            TestEvent {
+                invalid,
+                key: key.to_owned(),
+                ..e
+            },
+        );
+    }
+    match key.strip_prefix("big-") {
+        Some(n) => (key.to_owned(), oversized(n.parse().unwrap())),
+        None => {
+            let n: u64 = key.trim_start_matches("k-").parse().unwrap();
+            (format!("e-{n}"), event(n))
+        }
+    }
+}
+
 /// Produces events `range` and waits for every delivery.
 pub fn produce(broker: &Broker, topic: &str, range: std::ops::Range<u64>) {
     produce_records(
@@ -500,6 +600,13 @@ time_field = "at"
             group,
             output,
         }
+    }
+
+    /// Replaces `from` (which must be there) with `to` in the pipeline file.
+    pub fn edit(&self, from: &str, to: &str) {
+        let text = fs::read_to_string(&self.file).unwrap();
+        assert!(text.contains(from), "{from:?} is not in the pipeline file");
+        fs::write(&self.file, text.replace(from, to)).unwrap();
     }
 
     /// Starts `sluice run` on this pipeline; its log goes to `log`.
@@ -741,13 +848,12 @@ pub fn check_oracle(broker: &Broker, p: &TestPipeline) -> (usize, usize) {
         .iter()
         .map(|r| {
             let key = String::from_utf8(r.key.clone().unwrap()).unwrap();
-            let n: u64 = key.trim_start_matches("k-").parse().unwrap();
-            let e = event(n);
-            assert_eq!(
-                e.payload, r.payload,
+            let (id, e) = event_of_key(&key);
+            assert!(
+                e.payload == r.payload,
                 "the broker returned other bytes for {key}"
             );
-            ((r.partition, r.offset), (format!("e-{n}"), e))
+            ((r.partition, r.offset), (id, e))
         })
         .collect();
     // O1: no two rows share a (partition, offset); rows hold the event produced at that offset.
@@ -782,13 +888,14 @@ pub fn check_oracle(broker: &Broker, p: &TestPipeline) -> (usize, usize) {
         valid.difference(&seen).count()
     );
     // O2/O8: invalid offsets == dead letters' original offsets; headers and bytes intact.
-    // Events a model could not score are dead letters too (stage `inference`); the scoring
-    // tests check those.
+    // Valid events that one output could not take are dead letters too (stage `inference`:
+    // no prediction; `redis`: no features), and in Parquet; the scoring and Redis tests check
+    // those.
     let dead = broker.read_all(&p.dlq);
     let mut dead_offsets = BTreeSet::new();
     for d in dead
         .iter()
-        .filter(|d| d.header("sluice.stage") != Some("inference"))
+        .filter(|d| !matches!(d.header("sluice.stage"), Some("inference" | "redis")))
     {
         let partition: i32 = d
             .header("sluice.partition")
@@ -829,10 +936,25 @@ pub fn check_oracle(broker: &Broker, p: &TestPipeline) -> (usize, usize) {
                 .is_some_and(|t| t.parse::<i64>().is_ok()),
             "O8: timestamp header"
         );
-        assert_eq!(
-            d.payload, e.payload,
-            "O8: original bytes of {partition}/{offset}"
-        );
+        // A dead letter too large for the topic carries a prefix of the bytes and says so.
+        if d.header("sluice.truncated") == Some("true") {
+            assert_eq!(
+                d.header("sluice.original_size"),
+                Some(e.payload.len().to_string().as_str()),
+                "O8: original size of truncated {partition}/{offset}"
+            );
+            assert!(
+                d.payload.len() < e.payload.len() && e.payload.starts_with(&d.payload),
+                "O8: truncated bytes of {partition}/{offset} are not a prefix of the original"
+            );
+        } else {
+            assert!(
+                d.payload == e.payload,
+                "O8: original bytes of {partition}/{offset} ({} bytes, {} expected)",
+                d.payload.len(),
+                e.payload.len()
+            );
+        }
         assert_eq!(d.key.as_deref(), Some(e.key.as_bytes()), "O8: original key");
         dead_offsets.insert((partition, offset));
     }
@@ -970,7 +1092,15 @@ impl RedisServer {
         }
     }
 
-    /// Every hash whose key starts with `prefix`, read with a plain client.
+    /// Runs one command with a plain client; its reply as text.
+    pub fn command(&self, args: &[&str]) -> String {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut con = client.get_connection().unwrap();
+        redis::cmd(args[0]).arg(&args[1..]).query(&mut con).unwrap()
+    }
+
+    /// Every hash whose key starts with `prefix`, read with a plain client (keys of other
+    /// types are left out).
     pub fn hashes(&self, prefix: &str) -> BTreeMap<String, BTreeMap<String, String>> {
         let client = redis::Client::open(self.url()).unwrap();
         let mut con = client.get_connection().unwrap();
@@ -978,13 +1108,16 @@ impl RedisServer {
             .arg(format!("{prefix}*"))
             .query(&mut con)
             .unwrap();
-        keys.into_iter()
-            .map(|k| {
+        let mut out = BTreeMap::new();
+        for k in keys {
+            let kind: String = redis::cmd("TYPE").arg(&k).query(&mut con).unwrap();
+            if kind == "hash" {
                 let h: BTreeMap<String, String> =
                     redis::cmd("HGETALL").arg(&k).query(&mut con).unwrap();
-                (k, h)
-            })
-            .collect()
+                out.insert(k, h);
+            }
+        }
+        out
     }
 
     /// `CLUSTER INFO` of this node.

@@ -53,6 +53,10 @@ pub enum DecodeError {
     /// A field not in the schema, where the schema says `additionalProperties: false`.
     #[error("field `{field}` is not in the schema")]
     UnexpectedField { field: String },
+    /// A Kafka header whose name is not UTF-8 (the dead letter carries it with the invalid
+    /// bytes replaced by U+FFFD).
+    #[error("header name {name:?} is not UTF-8")]
+    BadHeader { name: String },
 }
 
 impl DecodeError {
@@ -72,6 +76,7 @@ impl DecodeError {
             Self::NotInEnum { .. } => "not_in_enum",
             Self::BadTimestamp { .. } => "bad_timestamp",
             Self::UnexpectedField { .. } => "unexpected_field",
+            Self::BadHeader { .. } => "bad_header",
         }
     }
 }

@@ -38,7 +38,10 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use futures::{future::BoxFuture, stream::FuturesUnordered, StreamExt};
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::{
+    consumer::{CommitMode, Consumer},
+    error::KafkaError,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
@@ -49,13 +52,13 @@ use crate::{
     decode::{Decoder, Limits},
     score::{Scored, Scorer},
     sink::{
-        dead_letter::DeadLetters,
+        dead_letter::{DeadLetterError, DeadLetters},
         parquet::{ParquetSink, Roll},
-        redis::RedisSink,
+        redis::{RedisSink, RedisSinkError},
     },
     source::{
-        offsets_list, Batcher, KafkaConsumer, Rejected, Source, SourceBatch, SourceEvent,
-        TopicPartition,
+        offsets_list, Batcher, Failure, Fence, KafkaConsumer, Rejected, Source, SourceBatch,
+        SourceEvent, TopicPartition,
     },
     telemetry,
 };
@@ -63,10 +66,13 @@ use crate::{
 /// At most this many dead letters (and scored batches) may await acknowledgement before
 /// intake waits for them.
 const MAX_PENDING: usize = 10_000;
+/// At most this many bytes of dead letters (their payloads, which may each be as large as the
+/// broker takes) may await acknowledgement before intake waits for them.
+const MAX_PENDING_BYTES: usize = 64 << 20;
 
-/// Something the broker acknowledged.
+/// Something the broker acknowledged, or could not take.
 enum Done {
-    DeadLetter(Rejected),
+    DeadLetter(Result<Rejected, DeadLetterError>),
     Scored(Scored),
 }
 
@@ -134,11 +140,15 @@ async fn run_inner(
                 &spec.source.bootstrap_servers,
                 topic,
                 producer_properties,
+                spec.errors.max_event_size,
             )
             .context("creating the dead-letter producer")?,
         ),
         _ => None,
     };
+    if let Some(dlq) = &dead_letters {
+        dlq.check_topic().await?;
+    }
     if let Some(n) = spec.models.iter().map(|m| m.intra_op_threads).max() {
         tch::set_num_threads(n as i32);
     }
@@ -157,7 +167,15 @@ async fn run_inner(
     .context("creating the Kafka consumer")?;
     // The decode thread ends by itself when the source or this task lets go of its channels.
     let (rx, _decode) =
-        crate::decode::stage::spawn(&spec.name, decoder, !scorers.is_empty(), raw, 1);
+        // Originals are kept for the stages that may still reject a valid event: the models
+        // and Redis.
+        crate::decode::stage::spawn(
+            &spec.name,
+            decoder,
+            !scorers.is_empty() || redis.is_some(),
+            raw,
+            1,
+        );
     status.joined.store(false, Ordering::Release);
     let joined = source.joined.clone();
     let tick = spec.parquet.as_ref().map_or(Duration::from_secs(1), |pq| {
@@ -167,16 +185,18 @@ async fn run_inner(
         labels: spec.name.clone(),
         policy: spec.errors.policy.clone(),
         consumer: source.consumer.clone(),
+        fence: source.fence.clone(),
         sink,
         redis,
         dead_letters,
         scorers,
         pending: FuturesUnordered::new(),
+        pending_bytes: 0,
         offsets: Offsets::default(),
     };
     info!(topics = ?spec.source.topics, group = %spec.source.group_id, "Pipeline started.");
     let result = runner
-        .run(rx, &shutdown, tick, &joined, &status.joined)
+        .run(rx, &shutdown, &source.exited, tick, &joined, &status.joined)
         .await;
     source.stop_intake();
     let drained = match &result {
@@ -206,12 +226,16 @@ struct Runner {
     labels: String,
     policy: ErrorPolicy,
     consumer: Arc<KafkaConsumer>,
+    /// Partitions the source released without our answer: never published nor committed.
+    fence: Arc<Fence>,
     sink: Option<ParquetSink>,
     redis: Option<RedisSink>,
     dead_letters: Option<DeadLetters>,
     scorers: Vec<Scorer>,
     /// Dead letters and scored batches awaiting the broker's acknowledgement.
     pending: FuturesUnordered<BoxFuture<'static, Done>>,
+    /// Payload bytes of the dead letters in `pending`.
+    pending_bytes: usize,
     offsets: Offsets,
 }
 
@@ -220,6 +244,7 @@ impl Runner {
         &mut self,
         mut rx: mpsc::Receiver<SourceEvent<SourceBatch>>,
         shutdown: &CancellationToken,
+        source_exited: &CancellationToken,
         tick: Duration,
         joined: &AtomicBool,
         ready: &AtomicBool,
@@ -231,6 +256,10 @@ impl Runner {
                 biased;
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => self.acked(done)?,
                 _ = shutdown.cancelled() => return Ok(()),
+                // Only a stopped pipeline stops the source: it ended (a panic) by itself.
+                _ = source_exited.cancelled() => {
+                    return Err(anyhow!("the Kafka source thread stopped unexpectedly"))
+                }
                 _ = ticker.tick() => {
                     ready.store(joined.load(Ordering::Acquire), Ordering::Release);
                     self.roll_due().await?;
@@ -245,10 +274,10 @@ impl Runner {
                     }
                     Some(SourceEvent::Assigned { partitions, reply }) => {
                         let mut resume = Vec::with_capacity(partitions.len());
-                        for tp in partitions {
+                        for (tp, committed) in partitions {
                             self.offsets.assign(tp.clone());
                             let at = match &mut self.sink {
-                                Some(sink) => sink.recover(&tp).await
+                                Some(sink) => sink.recover(&tp, committed).await
                                     .with_context(|| format!("recovering {}/{}", tp.0, tp.1))?,
                                 None => None,
                             };
@@ -268,6 +297,10 @@ impl Runner {
     fn acked(&mut self, done: Done) -> anyhow::Result<()> {
         match done {
             Done::DeadLetter(r) => {
+                // A dead letter that cannot be delivered is never dropped: the pipeline fails
+                // and nothing at or after its offset is committed.
+                let r = r?;
+                self.pending_bytes -= payload_len(&r);
                 self.offsets
                     .release(&(r.topic.clone(), r.partition), r.offset);
                 metrics::counter!("sluice_dead_letters_total", "pipeline" => self.labels.clone(),
@@ -275,6 +308,9 @@ impl Runner {
                 .increment(1);
             }
             Done::Scored(scored) => {
+                if let Some(failure) = scored.failure {
+                    return Err(failure.into());
+                }
                 // The events that were not scored take their own holds before the batch's
                 // hold goes.
                 for r in scored.rejected {
@@ -288,10 +324,15 @@ impl Runner {
         Ok(())
     }
 
+    /// This member owns the partition: assigned, and not released behind our back.
+    fn owns(&self, tp: &TopicPartition) -> bool {
+        self.offsets.owns(tp) && !self.fence.is_fenced(tp)
+    }
+
     /// Applies the error policy to one rejected event.
     fn reject(&mut self, r: Rejected) -> anyhow::Result<()> {
         let tp = (r.topic.clone(), r.partition);
-        if !self.offsets.owns(&tp) {
+        if !self.owns(&tp) {
             return Ok(());
         }
         match (&self.policy, &self.dead_letters) {
@@ -307,6 +348,7 @@ impl Runner {
                 debug!(topic = %r.topic, partition = r.partition, offset = r.offset,
                        stage = r.error.stage(), reason = r.error.reason(), "Dead letter.");
                 self.offsets.hold(&tp, r.offset);
+                self.pending_bytes += payload_len(&r);
                 let sent = dlq.send(r);
                 self.pending
                     .push(Box::pin(async move { Done::DeadLetter(sent.await) }));
@@ -341,10 +383,15 @@ impl Runner {
         }
         // Rows of partitions revoked since the batch was made are dropped: their new owner
         // consumes them again from the committed position.
-        let rows = if batch.spans.iter().all(|(tp, _)| self.offsets.owns(tp)) {
+        let rows = if batch.spans.iter().all(|(tp, _)| self.owns(tp)) {
             batch.rows
         } else {
-            let owned: Vec<TopicPartition> = self.offsets.owned();
+            let owned: Vec<TopicPartition> = self
+                .offsets
+                .owned()
+                .into_iter()
+                .filter(|tp| !self.fence.is_fenced(tp))
+                .collect();
             filter_partitions(&batch.rows, &owned)?
         };
         // Scoring runs beside the writes below; its holds keep the batch's offsets (and the
@@ -354,7 +401,7 @@ impl Runner {
             let holds: Vec<(TopicPartition, i64)> = batch
                 .spans
                 .iter()
-                .filter(|(tp, _)| self.offsets.owns(tp))
+                .filter(|(tp, _)| self.owns(tp))
                 .map(|(tp, span)| (tp.clone(), span.first))
                 .collect();
             for scorer in &self.scorers {
@@ -377,10 +424,38 @@ impl Runner {
         // be in Redis.
         if let Some(redis) = &mut self.redis {
             let started = Instant::now();
-            if !redis.write(&rows, shutdown).await {
-                return Ok(false);
-            }
+            let refused = match redis.write(&rows, shutdown).await {
+                Ok(refused) => refused,
+                Err(RedisSinkError::Cancelled) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
             telemetry::stage(&self.labels, "redis", started);
+            // Events whose features Redis refused for good become dead letters (stage
+            // `redis`); Parquet and the models still have them.
+            let (topics, partitions, offsets) = crate::schema::provenance(&rows);
+            for r in refused {
+                let (t, p, o) = (
+                    topics.value(r.row),
+                    partitions.value(r.row),
+                    offsets.value(r.row),
+                );
+                let failure = Failure::Redis {
+                    reason: r.reason,
+                    error: r.error,
+                };
+                let original = batch
+                    .originals
+                    .as_ref()
+                    .and_then(|x| x.rejected(t, p, o, failure));
+                match original {
+                    Some(rejected) => self.reject(rejected)?,
+                    None => {
+                        return Err(anyhow!(
+                        "event {t}/{p}@{o} was refused by Redis and its original bytes are gone"
+                    ))
+                    }
+                }
+            }
         }
         if let Some(sink) = &mut self.sink {
             let started = Instant::now();
@@ -388,9 +463,11 @@ impl Runner {
             telemetry::stage(&self.labels, "parquet_write", started);
         }
         for (tp, span) in &batch.spans {
-            self.offsets.processed(tp, *span);
+            if self.owns(tp) {
+                self.offsets.processed(tp, *span);
+            }
         }
-        while self.pending.len() > MAX_PENDING {
+        while self.pending.len() > MAX_PENDING || self.pending_bytes > MAX_PENDING_BYTES {
             if let Some(done) = self.pending.next().await {
                 self.acked(done)?;
             }
@@ -431,6 +508,13 @@ impl Runner {
         // A finished segment is also a resume position, so every dead letter and prediction
         // below its end must be acknowledged first.
         self.flush_pending().await?;
+        if self.fence.is_fenced(tp) {
+            // Released without our answer: another member may be writing these offsets.
+            if let Some(sink) = &mut self.sink {
+                sink.discard(tp)?;
+            }
+            return Ok(());
+        }
         if let Some(sink) = &mut self.sink {
             sink.finish(tp, why)
                 .await
@@ -454,9 +538,12 @@ impl Runner {
         self.flush_pending().await?;
         let mut commits = Vec::new();
         for tp in partitions {
+            // `roll` discards a fenced partition's files; nothing of it is committed.
             self.roll(tp, Roll::Revoke).await?;
-            if let Some(at) = self.offsets.committable(tp, None) {
-                commits.push((tp.clone(), at));
+            if !self.fence.lift(tp) {
+                if let Some(at) = self.offsets.committable(tp, None) {
+                    commits.push((tp.clone(), at));
+                }
             }
             self.offsets.revoke(tp);
         }
@@ -466,17 +553,23 @@ impl Runner {
     /// Commits every partition whose watermark moved. A failed commit is retried on the next
     /// tick; the manifests keep the Parquet position meanwhile.
     async fn commit(&mut self) {
+        let _ = self.try_commit().await;
+    }
+
+    /// [`Self::commit`], saying whether it failed.
+    async fn try_commit(&mut self) -> Result<(), KafkaError> {
         let commits: Vec<(TopicPartition, i64)> = self
             .offsets
             .owned()
             .into_iter()
+            .filter(|tp| !self.fence.is_fenced(tp))
             .filter_map(|tp| {
                 let open = self.open_first(&tp);
                 self.offsets.committable(&tp, open).map(|at| (tp, at))
             })
             .collect();
         if commits.is_empty() {
-            return;
+            return Ok(());
         }
         let started = Instant::now();
         let consumer = self.consumer.clone();
@@ -490,13 +583,15 @@ impl Runner {
                     self.offsets.mark_committed(tp, *at);
                 }
                 debug!(partitions = commits.len(), "Offsets committed.");
+                Ok(())
             }
             Ok(Err(error)) => {
                 metrics::counter!("sluice_commit_errors_total", "pipeline" => self.labels.clone())
                     .increment(1);
                 warn!(%error, "Commit failed; retrying on the next tick.");
+                Err(error)
             }
-            Err(error) => warn!(%error, "Commit task failed."),
+            Err(error) => panic!("the commit task panicked: {error}"),
         }
     }
 
@@ -511,9 +606,24 @@ impl Runner {
         for tp in open {
             self.roll(&tp, Roll::Shutdown).await?;
         }
-        self.commit().await;
-        Ok(())
+        // The final commit is retried within the grace period; if it never succeeds, the exit
+        // code says so (the files are safe: their manifests are the resume position).
+        let mut backoff =
+            crate::failure::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        loop {
+            match self.try_commit().await {
+                Ok(()) => return Ok(()),
+                Err(error) if backoff.attempts() >= 5 => {
+                    return Err(anyhow!("the final commit failed: {error}"))
+                }
+                Err(_) => tokio::time::sleep(backoff.delay()).await,
+            }
+        }
     }
+}
+
+fn payload_len(r: &Rejected) -> usize {
+    r.payload.as_ref().map_or(0, Vec::len)
 }
 
 /// Keeps only the rows of the given partitions.

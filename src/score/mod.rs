@@ -90,6 +90,25 @@ pub struct Scored {
     pub holds: Vec<(crate::source::TopicPartition, i64)>,
     /// Events that could not be scored.
     pub rejected: Vec<Rejected>,
+    /// Why the batch could not be completed; the pipeline fails and keeps its holds.
+    pub failure: Option<ScoreError>,
+}
+
+/// A scored batch that cannot be completed.
+#[derive(Debug, Error)]
+pub enum ScoreError {
+    #[error("model {model}: {source}")]
+    Delivery {
+        model: Arc<str>,
+        #[source]
+        source: crate::sink::predictions::PredictionError,
+    },
+    /// Every model thread stopped (a panic, or libtorch aborting a thread).
+    #[error("model {model}: its threads stopped")]
+    ThreadsStopped { model: Arc<str> },
+    /// An event that was not scored has no original bytes to dead-letter (a bug).
+    #[error("model {model}: event {event} was not scored and its original bytes are gone")]
+    NoOriginal { model: Arc<str>, event: String },
 }
 
 /// Loads the newest version of a model and checks it; the error says why it cannot serve.
@@ -142,11 +161,15 @@ impl Scorer {
         let reloader = spec
             .reload_interval
             .map(|every| tokio::spawn(reload(spec.clone(), runtime.current.clone(), every)));
+        let out = Predictions::new(pipeline, bootstrap, &spec.producer_properties)
+            .context("creating the predictions producer")?;
+        for topic in std::iter::once(&spec.output_topic).chain(&spec.feedback_topic) {
+            out.check_topic(topic).await?;
+        }
         Ok(Self {
             name: Arc::from(spec.name.as_str()),
             encoder: FeatureEncoder::new(&spec.inputs),
-            out: Predictions::new(pipeline, bootstrap, &spec.producer_properties)
-                .context("creating the predictions producer")?,
+            out,
             output_topic: Arc::from(spec.output_topic.as_str()),
             feedback_topic: spec.feedback_topic.as_deref().map(Arc::from),
             pipeline: Arc::from(pipeline),
@@ -185,13 +208,22 @@ impl Scorer {
         };
         let out = self.out.clone();
         let completion = tokio::spawn(async move {
+            let failed = |failure| Scored {
+                holds: Vec::new(),
+                rejected: Vec::new(),
+                failure: Some(failure),
+            };
             let mut results = Vec::with_capacity(replies.len());
             for r in replies {
-                // A closed channel means the threads stopped (shutdown): nothing is scored,
-                // so the holds are never released and nothing is committed past them.
+                // A closed channel means the threads stopped (the runtime is only dropped after
+                // the pipeline stops taking batches): fail, keeping the holds.
                 match r.await {
                     Ok(result) => results.push(result),
-                    Err(_) => return futures::future::pending().await,
+                    Err(_) => {
+                        return failed(ScoreError::ThreadsStopped {
+                            model: ctx.name.clone(),
+                        })
+                    }
                 }
             }
             let started = Instant::now();
@@ -199,38 +231,43 @@ impl Scorer {
                 ctx.records(&rows, &encoded.rows, &values, &results)
             });
             crate::telemetry::stage(&ctx.pipeline, "records", started);
-            out.deliver(&built.records).await;
+            if let Err(source) = out.deliver(&built.records).await {
+                return failed(ScoreError::Delivery {
+                    model: ctx.name.clone(),
+                    source,
+                });
+            }
             drop(permit);
             metrics::histogram!("sluice_prediction_latency_seconds", "model" => ctx.name.to_string())
                 .record(consumed_at.elapsed().as_secs_f64());
             metrics::counter!("sluice_predictions_total", "model" => ctx.name.to_string())
                 .increment(built.predictions as u64);
             let (topic, partition, offset) = crate::schema::provenance(&rows);
-            let failures = encoded
-                .rejected
-                .into_iter()
-                .chain(built.failed)
-                .filter_map(|(row, error)| {
-                    let found = originals.as_ref().and_then(|o| {
-                        o.rejected(
-                            topic.value(row),
-                            partition.value(row),
-                            offset.value(row),
-                            Failure::Inference {
-                                model: ctx.name.clone(),
-                                error: error.clone(),
-                            },
-                        )
-                    });
-                    if found.is_none() {
-                        error!(model = %ctx.name, %error, "An event that was not scored has no original bytes.");
+            let mut failures = Vec::new();
+            for (row, error) in encoded.rejected.into_iter().chain(built.failed) {
+                let (t, p, o) = (topic.value(row), partition.value(row), offset.value(row));
+                let failure = Failure::Inference {
+                    model: ctx.name.clone(),
+                    error,
+                };
+                match originals
+                    .as_ref()
+                    .and_then(|x| x.rejected(t, p, o, failure))
+                {
+                    Some(r) => failures.push(r),
+                    // Never drop an event that was not scored: fail, keeping the holds.
+                    None => {
+                        return failed(ScoreError::NoOriginal {
+                            model: ctx.name.clone(),
+                            event: format!("{t}/{p}@{o}"),
+                        })
                     }
-                    found
-                })
-                .collect();
+                }
+            }
             Scored {
                 holds,
                 rejected: failures,
+                failure: None,
             }
         });
         Box::pin(async move {

@@ -1,11 +1,14 @@
 //! Predictions and feedback records to Kafka.
 //!
 //! An idempotent producer (`acks=all`, `enable.idempotence=true`) keeps each partition's
-//! records in order through the client's own retries; a record that still fails is sent
-//! again with backoff until it is acknowledged or the pipeline stops. A batch counts as
-//! delivered only when every one of its records is acknowledged.
+//! records in order through the client's own retries; a record that still fails for a
+//! transient reason is sent again with backoff ([`crate::failure::retry`]) until it is
+//! acknowledged. Any other failure (a missing topic, a refused authorization, a record the
+//! broker will never take, a fatal idempotence error) fails the pipeline: nothing past the
+//! batch is committed. A batch counts as delivered only when every one of its records is
+//! acknowledged.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, sync::Mutex};
 
 use rdkafka::{
     error::KafkaError,
@@ -13,7 +16,19 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
     util::Timeout,
 };
-use tracing::warn;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+use crate::failure::{self, GaveUp, Retrying};
+
+/// A prediction or feedback record that cannot be delivered.
+#[derive(Debug, Error)]
+#[error("cannot produce to {topic:?}: {source}")]
+pub struct PredictionError {
+    pub topic: String,
+    #[source]
+    pub source: KafkaError,
+}
 
 /// One record to produce.
 #[derive(Debug)]
@@ -51,12 +66,25 @@ impl Predictions {
         })
     }
 
+    /// Checks, at start, that `topic` exists (or that the broker creates it) and may be
+    /// written to.
+    pub async fn check_topic(&self, topic: &str) -> Result<(), super::TopicError> {
+        super::check_topic(&self.producer, topic).await
+    }
+
     /// Produces every record and returns once all are acknowledged.
-    pub async fn deliver(&self, records: &[Record]) {
-        let mut todo: Vec<&Record> = records.iter().collect();
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let sends = todo.iter().map(|r| {
+    pub async fn deliver(&self, records: &[Record]) -> Result<(), PredictionError> {
+        let who = Retrying {
+            pipeline: &self.pipeline,
+            metric: "sluice_prediction_retries_total",
+            what: "Prediction delivery",
+            healthy: None,
+        };
+        // The records not yet acknowledged, and which topic the last failure was on.
+        let todo = Mutex::new((records.iter().collect::<Vec<&Record>>(), None::<Arc<str>>));
+        let sent = failure::retry(&who, &CancellationToken::new(), failure::kafka, || async {
+            let batch = std::mem::take(&mut todo.lock().expect("not poisoned").0);
+            let sends = batch.iter().map(|r| {
                 let mut record = FutureRecord::<[u8], [u8]>::to(&r.topic)
                     .key(&r.key)
                     .payload(&r.payload)
@@ -67,23 +95,32 @@ impl Predictions {
                 self.producer.send(record, Timeout::Never)
             });
             let results = futures::future::join_all(sends).await;
-            let mut failed = Vec::new();
-            for (r, result) in todo.iter().zip(results) {
+            let mut first = None;
+            let mut state = todo.lock().expect("not poisoned");
+            for (r, result) in batch.iter().zip(results) {
                 if let Err((error, _)) = result {
-                    failed.push((*r, error));
+                    state.0.push(r);
+                    if first.is_none() {
+                        state.1 = Some(r.topic.clone());
+                        first = Some(error);
+                    }
                 }
             }
-            if failed.is_empty() {
-                return;
-            }
-            warn!(error = %failed[0].1, failed = failed.len(), topic = %failed[0].0.topic,
-                  "Predictions not delivered; retrying.");
-            metrics::counter!("sluice_prediction_retries_total",
-                "pipeline" => self.pipeline.to_string())
-            .increment(failed.len() as u64);
-            todo = failed.into_iter().map(|(r, _)| r).collect();
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            first.map_or(Ok(()), Err)
+        })
+        .await;
+        match sent {
+            Ok(()) => Ok(()),
+            Err(GaveUp::Cancelled) => unreachable!("never cancelled"),
+            Err(GaveUp::Failed(_, source)) => Err(PredictionError {
+                topic: todo
+                    .into_inner()
+                    .expect("not poisoned")
+                    .1
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
+                source,
+            }),
         }
     }
 }

@@ -9,9 +9,14 @@
 //! - **Throughput.** Writes go out as pipelines of `pipeline_size` scripts, `max_in_flight` at
 //!   a time, on one multiplexed connection; on a cluster, each script is routed by its key's
 //!   slot and `max_in_flight * pipeline_size` of them are in flight at once.
-//! - **Failures.** A failed pipeline is retried with exponential backoff (capped at 10 s) until
-//!   it succeeds or the pipeline shuts down; meanwhile nothing new is taken in (the source
-//!   pauses), memory stays bounded, and no offset past the batch is committed.
+//! - **Failures** ([`crate::failure`]). Each command's reply is classified on its own. A
+//!   transient failure (the connection, `LOADING`, `TRYAGAIN`, `CLUSTERDOWN`, `OOM`, …) retries
+//!   the pipeline with capped backoff until it succeeds or the pipeline shuts down; meanwhile
+//!   nothing new is taken in (the source pauses), memory stays bounded, `/readyz` answers 503
+//!   and no offset past the batch is committed. A command Redis refuses for its key alone
+//!   (`WRONGTYPE`: the key holds another type; a script error on the stored fields) is
+//!   returned as a [`Refused`] row: the pipeline dead-letters that event (stage `redis`) and
+//!   goes on. A refused authorization or permission (`NOPERM`) fails the pipeline.
 //!
 //! Value encoding, stable for any client: strings as they are; integers and numbers in decimal
 //! (`42`, `12.5`); booleans `true`/`false`; date-times as RFC 3339 in UTC with microseconds
@@ -39,9 +44,12 @@ use redis::{
 };
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::config::{redact, KeyPart, RedisSpec};
+use crate::{
+    config::{redact, KeyPart, RedisSpec},
+    failure::{self, Class, GaveUp, Retrying},
+};
 
 const SCRIPT: &str = r#"
 local key = KEYS[1]
@@ -88,6 +96,26 @@ pub enum RedisSinkError {
     /// A view sets `field_ttl` but the server has no HEXPIRE.
     #[error("{url} runs Redis {version}; field TTLs (HEXPIRE) need Redis 7.4 or later")]
     NoFieldTtl { url: String, version: String },
+    /// A write failed in a way that no retry can mend (permissions, authentication).
+    #[error("Redis refuses sluice's writes ({source}); check the user's ACL and credentials")]
+    Fatal {
+        #[source]
+        source: RedisError,
+    },
+    /// Shutdown came while the batch was being written: nothing is known to be durable.
+    #[error("shutdown interrupted a Redis write")]
+    Cancelled,
+}
+
+/// A row whose features Redis refused for good; the pipeline dead-letters its event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    /// The row of the batch.
+    pub row: usize,
+    /// Stable short code: `wrong_type`, `script_error` or `refused`.
+    pub reason: &'static str,
+    /// The server's error.
+    pub error: String,
 }
 
 #[derive(Clone)]
@@ -275,11 +303,14 @@ impl RedisSink {
     }
 
     /// Writes a batch's features and returns once Redis has acknowledged every write, retrying
-    /// failures with backoff. Returns false if `cancel` fired first (nothing is then known to
-    /// be durable for this batch).
-    pub async fn write(&mut self, batch: &RecordBatch, cancel: &CancellationToken) -> bool {
+    /// transient failures with backoff; returns the rows whose writes Redis refused for good.
+    pub async fn write(
+        &mut self,
+        batch: &RecordBatch,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Refused>, RedisSinkError> {
         if batch.num_rows() == 0 {
-            return true;
+            return Ok(Vec::new());
         }
         let started = Instant::now();
         let invocations = self.build(batch);
@@ -295,49 +326,61 @@ impl RedisSink {
         } else {
             (self.spec.pipeline_size, self.spec.max_in_flight)
         };
-        let pipes: Vec<Pipeline> = invocations
+        let pipes: Vec<(Pipeline, Vec<usize>)> = invocations
             .chunks(chunk)
             .map(|chunk| {
                 let mut pipe = redis::pipe();
+                // Each command's reply on its own, so that one refused key fails only itself.
+                pipe.ignore_errors();
                 for inv in chunk {
                     let mut call = self.script.prepare_invoke();
-                    call.key(&inv.0);
-                    for a in &inv.1 {
+                    call.key(&inv.key);
+                    for a in &inv.args {
                         call.arg(a.as_bytes());
                     }
                     pipe.invoke_script(&call);
                 }
-                pipe
+                (pipe, chunk.iter().map(|inv| inv.row).collect())
             })
             .collect();
-        let written: Option<Vec<u64>> =
-            futures::stream::iter(pipes)
-                .map(|pipe| {
-                    let mut conn = self.conn.clone();
-                    let script = &self.script;
-                    let healthy = &self.healthy;
-                    let pipeline = &self.pipeline;
-                    async move {
-                        send_with_retry(&mut conn, script, &pipe, cancel, healthy, pipeline).await
-                    }
-                })
-                .buffer_unordered(concurrency)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect();
-        let Some(written) = written else { return false };
-        let accepted: u64 = written.iter().sum();
+        let who = Retrying {
+            pipeline: &self.pipeline,
+            metric: "sluice_redis_retries_total",
+            what: "Redis write",
+            healthy: Some(&self.healthy),
+        };
+        let results: Vec<Result<Sent, GaveUp<RedisError>>> = futures::stream::iter(pipes)
+            .map(|(pipe, rows)| {
+                let conn = self.conn.clone();
+                let script = &self.script;
+                let who = &who;
+                async move { send(conn, script, &pipe, &rows, who, cancel).await }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let (mut accepted, mut refused) = (0, Vec::new());
+        for r in results {
+            match r {
+                Ok((n, mut bad)) => {
+                    accepted += n;
+                    refused.append(&mut bad);
+                }
+                Err(GaveUp::Cancelled) => return Err(RedisSinkError::Cancelled),
+                Err(GaveUp::Failed(_, source)) => return Err(RedisSinkError::Fatal { source }),
+            }
+        }
         metrics::counter!("sluice_redis_rows_total", &labels).increment(accepted);
         metrics::counter!("sluice_redis_rows_stale_total", &labels)
-            .increment(sent as u64 - accepted);
+            .increment((sent - refused.len()) as u64 - accepted);
         metrics::histogram!("sluice_redis_write_seconds", &labels)
             .record(started.elapsed().as_secs_f64());
-        true
+        refused.sort_by_key(|r| r.row);
+        Ok(refused)
     }
 
     /// One script invocation per (view, key): the newest event of the batch for that key.
-    fn build(&self, batch: &RecordBatch) -> Vec<(String, Vec<String>)> {
+    fn build(&self, batch: &RecordBatch) -> Vec<Invocation> {
         let time = batch
             .column_by_name(&self.spec.time_field)
             .expect("validated time field");
@@ -397,56 +440,67 @@ impl RedisSink {
                     args.push(f.clone());
                     args.push(secs.to_string());
                 }
-                out.push((key, args));
+                out.push(Invocation { key, args, row });
             }
         }
         out
     }
 }
 
-/// Sends one pipeline until Redis acknowledges it; `None` if cancelled. Returns how many
-/// scripts wrote (the others found a newer event already stored).
-async fn send_with_retry(
-    conn: &mut Connection,
+/// What one pipeline did: how many scripts wrote, and the rows Redis refused for good.
+type Sent = (u64, Vec<Refused>);
+
+/// One run of the script: for `key`, from the batch's `row`.
+struct Invocation {
+    key: String,
+    args: Vec<String>,
+    row: usize,
+}
+
+/// Sends one pipeline until Redis has answered every command, retrying transient failures;
+/// returns how many scripts wrote (the others found a newer event already stored) and the
+/// rows (`rows[i]` for the pipeline's command `i`) whose commands Redis refused for good.
+async fn send(
+    conn: Connection,
     script: &Script,
     pipe: &Pipeline,
+    rows: &[usize],
+    who: &Retrying<'_>,
     cancel: &CancellationToken,
-    healthy: &AtomicBool,
-    pipeline: &str,
-) -> Option<u64> {
-    let mut backoff = Duration::from_millis(100);
-    let mut attempt = 0u32;
-    loop {
-        let result = tokio::select! {
-            _ = cancel.cancelled() => return None,
-            r = conn.query::<Vec<u64>>(pipe) => r,
-        };
-        match result {
-            Ok(results) => {
-                if attempt > 0 {
-                    info!(attempts = attempt + 1, "Redis writes succeed again.");
-                }
-                healthy.store(true, Ordering::Release);
-                return Some(results.iter().sum());
-            }
-            Err(error) => {
-                attempt += 1;
-                healthy.store(false, Ordering::Release);
-                metrics::counter!("sluice_redis_retries_total", "pipeline" => pipeline.to_owned())
-                    .increment(1);
-                if attempt == 1 || attempt.is_multiple_of(10) {
-                    warn!(%error, attempt, backoff = ?backoff, "Redis write failed; retrying.");
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => return None,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+) -> Result<Sent, GaveUp<RedisError>> {
+    let retried = &AtomicBool::new(false);
+    failure::retry(who, cancel, failure::redis, || {
+        let mut conn = conn.clone();
+        async move {
+            if retried.swap(true, Ordering::Relaxed) {
                 // After a restart the server has forgotten the script.
                 let _ = conn.load(script).await;
             }
+            let replies = conn.query::<Vec<redis::RedisResult<u64>>>(pipe).await?;
+            let (mut written, mut refused) = (0, Vec::new());
+            for (i, reply) in replies.into_iter().enumerate() {
+                match reply {
+                    Ok(n) => written += n,
+                    Err(error) => match failure::redis(&error) {
+                        Class::PerRecord => refused.push(Refused {
+                            row: rows[i],
+                            reason: match error.code() {
+                                Some("WRONGTYPE") => "wrong_type",
+                                _ if error.to_string().contains("script") => "script_error",
+                                _ => "refused",
+                            },
+                            error: error.to_string(),
+                        }),
+                        // Transient: the whole pipeline again (the script makes a second write of
+                        // the same event a no-op); fatal: give up.
+                        _ => return Err(error),
+                    },
+                }
+            }
+            Ok((written, refused))
         }
-    }
+    })
+    .await
 }
 
 /// A key template filled with the row's values.

@@ -9,13 +9,16 @@ use std::{
 };
 
 use arrow::record_batch::RecordBatch;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 
 use crate::{
     config::BatchSpec,
     decode::{DecodeError, Decoder, Origin},
     score::InferenceError,
 };
+
+/// A Kafka header: name and value (absent for a null value).
+pub type RawHeader = (String, Option<Vec<u8>>);
 
 /// One message of a [`RawBatch`]; its bytes live in the batch's buffer.
 #[derive(Debug)]
@@ -27,6 +30,8 @@ struct RawMessage {
     key: Option<std::ops::Range<usize>>,
     payload: Option<std::ops::Range<usize>>,
     headers: Vec<(String, Option<Vec<u8>>)>,
+    /// A header name that is not UTF-8 (as received, made lossy in `headers`).
+    bad_header: Option<String>,
 }
 
 /// Messages as consumed, not yet decoded.
@@ -65,7 +70,11 @@ impl RawBatch {
                 offset: m.offset,
                 timestamp: m.timestamp,
             };
-            if let Err(error) = decoder.push(origin, payload) {
+            let decoded = match &m.bad_header {
+                Some(name) => Err(DecodeError::BadHeader { name: name.clone() }),
+                None => decoder.push(origin, payload),
+            };
+            if let Err(error) = decoded {
                 rejected.push(Rejected {
                     key: m.key.map(|r| self.bytes[r].to_vec()),
                     payload: payload.map(<[u8]>::to_vec),
@@ -98,13 +107,17 @@ impl RawBatch {
     }
 }
 
+/// Where an event is: topic, partition, offset.
+type Position = (Arc<str>, i32, i64);
+
 /// The original key, bytes and headers of a batch's valid events.
 #[derive(Debug)]
 pub struct Originals {
     messages: Vec<RawMessage>,
     bytes: Vec<u8>,
-    /// (partition, offset) → message; built on the first lookup (failures are rare).
-    index: OnceLock<HashMap<(i32, i64), usize>>,
+    /// (topic, partition, offset) → message; built on the first lookup (failures are rare).
+    /// The topic is part of the key: in a multi-topic pipeline, partitions and offsets repeat.
+    index: OnceLock<HashMap<Position, usize>>,
 }
 
 impl Originals {
@@ -120,11 +133,11 @@ impl Originals {
             self.messages
                 .iter()
                 .enumerate()
-                .map(|(i, m)| ((m.partition, m.offset), i))
+                .map(|(i, m)| ((m.topic.clone(), m.partition, m.offset), i))
                 .collect()
         });
-        let m = &self.messages[*index.get(&(partition, offset))?];
-        (*m.topic == *topic).then(|| Rejected {
+        let m = &self.messages[*index.get(&(Arc::from(topic), partition, offset))?];
+        Some(Rejected {
             key: m.key.clone().map(|r| self.bytes[r].to_vec()),
             payload: m.payload.clone().map(|r| self.bytes[r].to_vec()),
             topic: m.topic.clone(),
@@ -137,7 +150,9 @@ impl Originals {
     }
 }
 
-/// Why an event was rejected, and by which stage.
+/// Why an event was rejected, and by which stage. The stage also says which outputs lack
+/// it: `decode` (none has it), `inference` (no prediction), `redis` (its features were not
+/// written; Parquet and the models have it).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
     Decode(DecodeError),
@@ -145,14 +160,23 @@ pub enum Failure {
         model: Arc<str>,
         error: InferenceError,
     },
+    /// Redis refused this entity's write for good (a key of another type, a script error on
+    /// its stored data).
+    Redis {
+        /// Stable short code: `wrong_type`, `script_error`, `refused`.
+        reason: &'static str,
+        /// The server's error.
+        error: String,
+    },
 }
 
 impl Failure {
-    /// The stage that rejected the event: `decode` or `inference`.
+    /// The stage that rejected the event: `decode`, `inference` or `redis`.
     pub fn stage(&self) -> &'static str {
         match self {
             Self::Decode(_) => "decode",
             Self::Inference { .. } => "inference",
+            Self::Redis { .. } => "redis",
         }
     }
 
@@ -161,6 +185,7 @@ impl Failure {
         match self {
             Self::Decode(e) => e.reason(),
             Self::Inference { error, .. } => error.reason(),
+            Self::Redis { reason, .. } => reason,
         }
     }
 }
@@ -170,6 +195,7 @@ impl std::fmt::Display for Failure {
         match self {
             Self::Decode(e) => e.fmt(f),
             Self::Inference { model, error } => write!(f, "model {model}: {error}"),
+            Self::Redis { error, .. } => write!(f, "redis: {error}"),
         }
     }
 }
@@ -266,14 +292,7 @@ impl Batcher {
         let key = copy(msg.key());
         let payload = copy(msg.payload());
         self.open.payload_bytes += payload.as_ref().map_or(0, |r| r.len());
-        let headers = msg
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let (headers, bad_header) = headers_of(msg);
         self.open.messages.push(RawMessage {
             topic: topic.clone(),
             partition,
@@ -282,6 +301,7 @@ impl Batcher {
             key,
             payload,
             headers,
+            bad_header,
         });
         let span = self.spans.entry((topic, partition)).or_insert(Span {
             first: offset,
@@ -314,5 +334,87 @@ impl Batcher {
         self.open.messages.reserve(batch.messages.len());
         self.open.bytes.reserve(batch.bytes.len());
         Some(batch)
+    }
+}
+
+/// A message's headers, read straight from librdkafka, and the first name that is not UTF-8.
+/// rust-rdkafka's own iterator panics on such a name (`CStr::to_str().unwrap()`), which would
+/// kill the source thread (review finding A3); here the name is kept lossily and the event is
+/// rejected (`bad_header`).
+fn headers_of(msg: &BorrowedMessage<'_>) -> (Vec<RawHeader>, Option<String>) {
+    use rdkafka::bindings as rd;
+    let mut out = Vec::new();
+    let mut bad = None;
+    // SAFETY: the message pointer is valid while `msg` is borrowed, and librdkafka's headers
+    // belong to the message; names are NUL-terminated and values (name, pointer, size) stay
+    // valid as long as the headers do. Everything is copied before returning.
+    unsafe {
+        let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+        if rd::rd_kafka_message_headers(msg.ptr(), &mut hdrs)
+            != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        {
+            return (out, None);
+        }
+        for i in 0..rd::rd_kafka_header_cnt(hdrs) {
+            let mut name: *const std::ffi::c_char = std::ptr::null();
+            let mut value: *const std::ffi::c_void = std::ptr::null();
+            let mut size = 0usize;
+            if rd::rd_kafka_header_get_all(hdrs, i, &mut name, &mut value, &mut size)
+                != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr(name).to_bytes();
+            let name = match std::str::from_utf8(name) {
+                Ok(n) => n.to_owned(),
+                Err(_) => {
+                    let lossy = String::from_utf8_lossy(name).into_owned();
+                    bad.get_or_insert_with(|| lossy.clone());
+                    lossy
+                }
+            };
+            let value = (!value.is_null())
+                .then(|| std::slice::from_raw_parts(value.cast::<u8>(), size).to_vec());
+            out.push((name, value));
+        }
+    }
+    (out, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review finding A1: two topics with equal (partition, offset) in one batch; the
+    /// original of each is found, not only the one indexed last.
+    #[test]
+    fn originals_are_found_by_topic_partition_and_offset() {
+        let message = |topic: &str, payload: std::ops::Range<usize>| RawMessage {
+            topic: Arc::from(topic),
+            partition: 0,
+            offset: 42,
+            timestamp: None,
+            key: None,
+            payload: Some(payload),
+            headers: Vec::new(),
+            bad_header: None,
+        };
+        let originals = Originals {
+            messages: vec![message("orders", 0..1), message("payments", 1..2)],
+            bytes: b"op".to_vec(),
+            index: OnceLock::new(),
+        };
+        let failure = || Failure::Redis {
+            reason: "wrong_type",
+            error: "WRONGTYPE".into(),
+        };
+        let payload = |topic| {
+            originals
+                .rejected(topic, 0, 42, failure())
+                .and_then(|r| r.payload)
+        };
+        assert_eq!(payload("orders").as_deref(), Some(&b"o"[..]));
+        assert_eq!(payload("payments").as_deref(), Some(&b"p"[..]));
+        assert_eq!(payload("refunds"), None);
     }
 }

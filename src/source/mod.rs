@@ -8,6 +8,12 @@
 //! - **revoke**: the open micro-batch is sent first, then the pipeline finishes the partitions'
 //!   files and returns the offsets to commit; the callback commits them synchronously before
 //!   the partitions are released, so nothing is written for a partition after it is revoked.
+//!   The callback waits for the pipeline at most a **deadline** (a third of
+//!   `max.poll.interval.ms`, the rebalance timeout, so that the member rejoins in time); when
+//!   it passes, or when the assignment was **lost** (a session timeout: another member may
+//!   own the partitions already), the partitions are [`Fence`]d before they are released: the
+//!   pipeline then discards their open files instead of publishing them, and commits nothing
+//!   for them.
 //!
 //! Backpressure: when the channel is full, the thread pauses every assigned partition and keeps
 //! polling (serving rebalances and heartbeats within `max.poll.interval.ms`) until the batch is
@@ -45,17 +51,42 @@ use crate::config::{SourceSpec, StartFrom};
 /// ([`crate::decode::stage`]) turns each `RawBatch` into a decoded batch `B` on the way.
 pub enum SourceEvent<B = RawBatch> {
     Batch(B),
-    /// Partitions are about to be assigned. Reply with each partition's resume offset from the
-    /// sinks' own records (`None` where they have none).
+    /// Partitions are about to be assigned, each with the group's committed offset (`None`
+    /// where there is none, or it could not be read). Reply with each partition's resume
+    /// offset from the sinks' own records (`None` where they have none).
     Assigned {
-        partitions: Vec<TopicPartition>,
+        partitions: Vec<(TopicPartition, Option<i64>)>,
         reply: std_mpsc::SyncSender<Vec<(TopicPartition, Option<i64>)>>,
     },
-    /// Partitions are being revoked. Finish their data and reply with the offsets to commit.
+    /// Partitions are being revoked. Finish their data and reply with the offsets to commit,
+    /// unless they are [`Fence`]d (then discard their data: they are already released).
     Revoked {
         partitions: Vec<TopicPartition>,
         reply: std_mpsc::SyncSender<Vec<(TopicPartition, i64)>>,
     },
+}
+
+/// Partitions released without the pipeline's answer (a revocation past its deadline, a lost
+/// assignment): another member may own them already, so nothing of them may be published or
+/// committed. The source fences a partition before releasing it; the pipeline checks the
+/// fence before it finishes a file or commits, and lifts it when it handles the revocation.
+#[derive(Debug, Default)]
+pub struct Fence(Mutex<std::collections::HashSet<TopicPartition>>);
+
+impl Fence {
+    pub fn fence(&self, partitions: &[TopicPartition]) {
+        let mut set = self.0.lock().expect("fence lock");
+        set.extend(partitions.iter().cloned());
+    }
+
+    pub fn is_fenced(&self, tp: &TopicPartition) -> bool {
+        self.0.lock().expect("fence lock").contains(tp)
+    }
+
+    /// Lifts the fence of `tp`; true if it was fenced.
+    pub fn lift(&self, tp: &TopicPartition) -> bool {
+        self.0.lock().expect("fence lock").remove(tp)
+    }
 }
 
 /// A consumer-group member with sluice's context.
@@ -80,6 +111,10 @@ pub struct SourceContext {
     rebalanced: AtomicBool,
     /// At least one rebalance has completed: the member has joined its group.
     joined: Arc<AtomicBool>,
+    /// Partitions released without the pipeline's answer.
+    fence: Arc<Fence>,
+    /// How long a revocation waits for the pipeline.
+    revoke_deadline: Duration,
 }
 
 impl ClientContext for SourceContext {
@@ -133,29 +168,71 @@ impl SourceContext {
         answer.recv().ok()
     }
 
+    /// Like [`Self::ask`], but gives up at `deadline`: then the event stays queued, in order,
+    /// for the poll loop to deliver later, and `None` is returned.
+    fn ask_until<T>(
+        &self,
+        deadline: Instant,
+        make: impl FnOnce(std_mpsc::SyncSender<T>) -> SourceEvent,
+    ) -> Option<T> {
+        let mut shared = self.shared.lock().expect("source state lock");
+        if let Some(batch) = shared.batcher.take() {
+            shared.outbox.push_back(SourceEvent::Batch(batch));
+        }
+        let (reply, answer) = std_mpsc::sync_channel(1);
+        shared.outbox.push_back(make(reply));
+        while let Some(ev) = shared.outbox.pop_front() {
+            match send_until(&self.tx, ev, deadline) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    shared.outbox.push_front(ev);
+                    return None;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    shared.closed = true;
+                    shared.outbox.clear();
+                    return None;
+                }
+            }
+        }
+        drop(shared);
+        answer
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .ok()
+    }
+
     fn on_assign(&self, consumer: &KafkaConsumer, tpl: &mut TopicPartitionList) {
         let partitions = partitions_of(tpl);
         info!(pipeline = %self.pipeline, partitions = ?names(&partitions), "Partitions assigned.");
-        let resume = self
-            .ask(|reply| SourceEvent::Assigned {
-                partitions: partitions.clone(),
-                reply,
-            })
-            .unwrap_or_default();
+        // The committed offsets first: recovery needs them to tell a committed segment (whose
+        // files are never deleted) from one that was never committed (rolled back).
         let committed = consumer
             .committed_offsets(tpl.clone(), Duration::from_secs(30))
             .map_err(
                 |error| warn!(%error, "Cannot read committed offsets; using the sinks' positions."),
             )
             .ok();
-        for ((topic, partition), from_sinks) in resume {
-            let from_commit = committed
+        let committed_of = |topic: &str, partition: i32| {
+            committed
                 .as_ref()
-                .and_then(|c| c.find_partition(&topic, partition))
+                .and_then(|c| c.find_partition(topic, partition))
                 .and_then(|e| match e.offset() {
                     Offset::Offset(o) => Some(o),
                     _ => None,
-                });
+                })
+        };
+        let with_commits = partitions
+            .iter()
+            .map(|tp| (tp.clone(), committed_of(&tp.0, tp.1)))
+            .collect();
+        let resume = self
+            .ask(|reply| SourceEvent::Assigned {
+                partitions: with_commits,
+                reply,
+            })
+            .unwrap_or_default();
+        for ((topic, partition), from_sinks) in resume {
+            let from_commit = committed_of(&topic, partition);
             let start = from_commit.into_iter().chain(from_sinks).max();
             if let Some(start) = start {
                 debug!(%topic, partition, ?from_commit, ?from_sinks, start, "Resume position.");
@@ -177,11 +254,39 @@ impl SourceContext {
 
     fn on_revoke(&self, consumer: &KafkaConsumer, tpl: &TopicPartitionList) {
         let partitions = partitions_of(tpl);
-        info!(pipeline = %self.pipeline, partitions = ?names(&partitions), "Partitions revoked.");
-        let commits = self.ask(|reply| SourceEvent::Revoked {
+        let lost = consumer.assignment_lost();
+        info!(pipeline = %self.pipeline, partitions = ?names(&partitions), lost,
+              "Partitions revoked.");
+        let event = |reply| SourceEvent::Revoked {
             partitions: partitions.clone(),
             reply,
-        });
+        };
+        let commits = if lost {
+            // Another member may own them already: publish and commit nothing of them.
+            self.fence.fence(&partitions);
+            let mut shared = self.shared.lock().expect("source state lock");
+            if let Some(batch) = shared.batcher.take() {
+                shared.outbox.push_back(SourceEvent::Batch(batch));
+            }
+            let (reply, _) = std_mpsc::sync_channel(1);
+            shared.outbox.push_back(event(reply));
+            warn!(pipeline = %self.pipeline, partitions = ?names(&partitions),
+                  "Assignment lost; their open files will be discarded.");
+            None
+        } else {
+            let deadline = Instant::now() + self.revoke_deadline;
+            let answer = self.ask_until(deadline, event);
+            if answer.is_none() {
+                // Fence before releasing: the pipeline may still finish files of these
+                // partitions while another member takes them over.
+                self.fence.fence(&partitions);
+                warn!(pipeline = %self.pipeline, partitions = ?names(&partitions),
+                      deadline = ?self.revoke_deadline,
+                      "The pipeline did not finish the revoked partitions in time; their open \
+                       files will be discarded and consumed again by their next owner.");
+            }
+            answer
+        };
         if let Some(commits) = commits.filter(|c| !c.is_empty()) {
             if let Err(error) = consumer.commit(&offsets_list(&commits), CommitMode::Sync) {
                 // The files are finished; their manifests keep the position, so the next
@@ -273,10 +378,24 @@ pub fn consumer_config(spec: &SourceSpec) -> ClientConfig {
 /// A running source thread.
 pub struct Source {
     pub consumer: Arc<KafkaConsumer>,
+    /// Partitions released without the pipeline's answer.
+    pub fence: Arc<Fence>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     /// The member has completed its first rebalance.
     pub joined: Arc<AtomicBool>,
+    /// Cancelled when the poll thread ends, however it ends (a panic included): a pipeline
+    /// whose source is gone must fail, not wait.
+    pub exited: tokio_util::sync::CancellationToken,
+}
+
+/// Cancels its token when dropped: at the end of the poll thread, or while it unwinds.
+struct ExitGuard(tokio_util::sync::CancellationToken);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
 }
 
 impl Source {
@@ -288,6 +407,14 @@ impl Source {
         tx: mpsc::Sender<SourceEvent>,
     ) -> Result<Self, KafkaError> {
         let joined = Arc::new(AtomicBool::new(false));
+        let fence = Arc::new(Fence::default());
+        let config = consumer_config(spec);
+        // A third of the rebalance timeout (librdkafka's default 300 s), so that the member
+        // answers the rebalance well within it.
+        let poll_interval = config
+            .get("max.poll.interval.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(300_000);
         let context = SourceContext {
             pipeline: pipeline.to_owned(),
             tx,
@@ -298,26 +425,35 @@ impl Source {
             }),
             rebalanced: AtomicBool::new(false),
             joined: joined.clone(),
+            fence: fence.clone(),
+            revoke_deadline: Duration::from_millis(poll_interval / 3),
         };
-        let consumer: KafkaConsumer = consumer_config(spec).create_with_context(context)?;
+        let consumer: KafkaConsumer = config.create_with_context(context)?;
         let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let consumer = Arc::new(consumer);
         let stop = Arc::new(AtomicBool::new(false));
+        let exited = tokio_util::sync::CancellationToken::new();
         let thread = std::thread::Builder::new()
             .name(format!("source-{pipeline}"))
             .spawn({
                 let consumer = consumer.clone();
                 let stop = stop.clone();
+                let guard = ExitGuard(exited.clone());
                 let span = tracing::info_span!("source", pipeline);
-                move || span.in_scope(|| poll_loop(&consumer, &stop))
+                move || {
+                    let _guard = guard;
+                    span.in_scope(|| poll_loop(&consumer, &stop))
+                }
             })
             .expect("spawning a thread");
         Ok(Self {
             consumer,
+            fence,
             stop,
             thread: Some(thread),
             joined,
+            exited,
         })
     }
 

@@ -3,7 +3,7 @@
 //! ```text
 //! <root>/dt=2026-11-21/hour=18/<topic>-<partition>-<first>-<last>.parquet   finished files
 //! <root>/_sluice/manifests/<pipeline>/<topic>/<partition>/<last>.json        one per segment
-//! <root>/_sluice/tmp/<pipeline>/<topic>-<partition>-<first>-<n>.parquet.tmp  being written (local)
+//! <root>/_sluice/tmp/<pipeline>/<topic>+<partition>+<first>-<n>.parquet.tmp  being written (local)
 //! ```
 //! Offsets are zero-padded to 20 digits so names sort by offset. Folders starting with `_` are
 //! skipped by Hive, Spark, pyarrow and DuckDB.
@@ -38,9 +38,31 @@ pub fn manifest_name(pipeline: &str, topic: &str, partition: i32, last: i64) -> 
     )
 }
 
-/// Prefix of a partition's temporary files: only the partition's owner touches them.
+/// Prefix of a partition's temporary files: only the partition's owner touches them. `+` is
+/// not allowed in Kafka topic names, so no other partition's prefix starts with this one
+/// (with `-`, `orders`/1's prefix `orders-1-` was also that of topic `orders-1`: review
+/// finding A10).
 pub fn tmp_prefix(topic: &str, partition: i32) -> String {
-    format!("{topic}-{partition}-")
+    format!("{topic}+{partition}+")
+}
+
+#[cfg(test)]
+#[test]
+fn temporary_prefixes_of_different_partitions_never_overlap() {
+    let names = [
+        ("orders", 1),
+        ("orders-1", 2),
+        ("orders", 12),
+        ("orders.1", 2),
+    ];
+    for a in names {
+        for b in names {
+            if a != b {
+                let (pa, pb) = (tmp_prefix(a.0, a.1), tmp_prefix(b.0, b.1));
+                assert!(!pb.starts_with(&pa), "{pa} is a prefix of {pb}");
+            }
+        }
+    }
 }
 
 /// Hive-escapes a partition value (as Hive's `FileUtils.escapePathName` does).

@@ -187,9 +187,20 @@ impl ParquetSink {
         &self.storage
     }
 
-    /// Recovers a newly assigned partition; returns where it resumes according to the files
-    /// (`None` if this pipeline never finished a file for it).
-    pub async fn recover(&mut self, tp: &TopicPartition) -> Result<Option<i64>, ParquetSinkError> {
+    /// Recovers a newly assigned partition whose committed offset is `committed`; returns
+    /// where it resumes according to the files (`None` if this pipeline never finished a file
+    /// for it).
+    ///
+    /// A newest manifest with missing files is rolled back (its surviving files deleted, the
+    /// segment written again from Kafka) only if its offsets were never committed: then the
+    /// crash came while it was being published. If they were committed, its files were all
+    /// published, and a missing one was removed since (a retention job, a compaction, a
+    /// person): the others hold rows that Kafka will not deliver again, so they are kept.
+    pub async fn recover(
+        &mut self,
+        tp: &TopicPartition,
+        committed: Option<i64>,
+    ) -> Result<Option<i64>, ParquetSinkError> {
         let (topic, partition) = (&*tp.0, tp.1);
         // A segment left open by an earlier owner in this process is not ours any more.
         self.segments.remove(tp);
@@ -221,6 +232,14 @@ impl ParquetSink {
                 }
             }
             if missing == 0 {
+                resume = Some(manifest.last_offset + 1);
+                complete = Some(name.clone());
+                break;
+            }
+            if committed.is_some_and(|c| c > manifest.last_offset) {
+                warn!(topic, partition, manifest = %path, missing, ?committed,
+                      "Files of a committed segment are missing (removed outside sluice?); \
+                       keeping the others.");
                 resume = Some(manifest.last_offset + 1);
                 complete = Some(name.clone());
                 break;
@@ -353,6 +372,19 @@ impl ParquetSink {
                 Some((tp.clone(), why))
             })
             .collect()
+    }
+
+    /// Drops a partition's open segment without publishing anything: its temporary files are
+    /// removed. For a partition this member no longer owns (a revocation past its deadline, a
+    /// lost assignment): another member writes those offsets from the committed position.
+    pub fn discard(&mut self, tp: &TopicPartition) -> Result<(), ParquetSinkError> {
+        if let Some(segment) = self.segments.remove(tp) {
+            drop(segment);
+            let removed = self.storage.clean_tmp(&tmp_prefix(&tp.0, tp.1))?;
+            warn!(topic = %tp.0, partition = tp.1, removed,
+                  "Discarded an open segment of a partition that is no longer ours.");
+        }
+        Ok(())
     }
 
     /// Partitions with an open segment.

@@ -89,7 +89,7 @@ async fn finishing_publishes_one_file_per_folder_with_deterministic_names() {
     let dir = tempfile::tempdir().unwrap();
     let schema = schema();
     let mut sink = ParquetSink::open("p", &spec(dir.path()), schema.clone()).unwrap();
-    assert_eq!(sink.recover(&tp()).await.unwrap(), None);
+    assert_eq!(sink.recover(&tp(), None).await.unwrap(), None);
     sink.write(&batch(&schema, &[5, 6, 7])).unwrap();
     sink.write(&batch(&schema, &[9])).unwrap();
     assert_eq!(sink.open_first(&tp()), Some(5));
@@ -119,7 +119,7 @@ async fn finishing_publishes_one_file_per_folder_with_deterministic_names() {
     );
     // Restart: the files say where to resume.
     let mut again = ParquetSink::open("p", &spec(dir.path()), schema).unwrap();
-    assert_eq!(again.recover(&tp()).await.unwrap(), Some(10));
+    assert_eq!(again.recover(&tp(), None).await.unwrap(), Some(10));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -127,7 +127,7 @@ async fn a_crash_after_finishing_but_before_the_commit_resumes_after_the_files()
     let dir = tempfile::tempdir().unwrap();
     let schema = schema();
     let mut sink = ParquetSink::open("p", &spec(dir.path()), schema.clone()).unwrap();
-    sink.recover(&tp()).await.unwrap();
+    sink.recover(&tp(), None).await.unwrap();
     sink.write(&batch(&schema, &[0, 1, 2])).unwrap();
     sink.finish(&tp(), Roll::Size).await.unwrap();
     sink.write(&batch(&schema, &[3, 4])).unwrap();
@@ -136,7 +136,7 @@ async fn a_crash_after_finishing_but_before_the_commit_resumes_after_the_files()
     sink.write(&batch(&schema, &[5, 6])).unwrap();
     std::mem::forget(sink);
     let mut restarted = ParquetSink::open("p", &spec(dir.path()), schema).unwrap();
-    assert_eq!(restarted.recover(&tp()).await.unwrap(), Some(5));
+    assert_eq!(restarted.recover(&tp(), None).await.unwrap(), Some(5));
     assert!(
         std::fs::read_dir(restarted.storage().tmp_dir())
             .unwrap()
@@ -161,7 +161,7 @@ async fn a_crash_while_publishing_rolls_the_segment_back() {
     let dir = tempfile::tempdir().unwrap();
     let schema = schema();
     let mut sink = ParquetSink::open("p", &spec(dir.path()), schema.clone()).unwrap();
-    sink.recover(&tp()).await.unwrap();
+    sink.recover(&tp(), None).await.unwrap();
     sink.write(&batch(&schema, &[0, 1])).unwrap();
     sink.finish(&tp(), Roll::Size).await.unwrap();
     let first_manifest = dir.path().join(manifest_name("p", "t", 0, 1));
@@ -178,7 +178,7 @@ async fn a_crash_while_publishing_rolls_the_segment_back() {
     std::fs::remove_file(dir.path().join(&second)).unwrap();
     let mut restarted = ParquetSink::open("p", &spec(dir.path()), schema).unwrap();
     assert_eq!(
-        restarted.recover(&tp()).await.unwrap(),
+        restarted.recover(&tp(), Some(2)).await.unwrap(),
         Some(2),
         "resume at the rolled-back segment"
     );
@@ -191,6 +191,35 @@ async fn a_crash_while_publishing_rolls_the_segment_back() {
     assert!(files
         .iter()
         .all(|f| f.contains("-00000000000000000000-00000000000000000001.")));
+}
+
+/// Review finding A4: a committed segment whose files span two folders loses one of them
+/// outside sluice (a retention job). Recovery keeps the other, whose rows are committed and
+/// will not be delivered again, and resumes after the segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_committed_segment_missing_a_file_keeps_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = schema();
+    let mut sink = ParquetSink::open("p", &spec(dir.path()), schema.clone()).unwrap();
+    sink.recover(&tp(), None).await.unwrap();
+    sink.write(&batch(&schema, &[0, 1, 2, 3])).unwrap();
+    sink.finish(&tp(), Roll::Size).await.unwrap();
+    let files = finished_files(dir.path());
+    assert_eq!(files.len(), 2, "one file per hour folder: {files:?}");
+    let (gone, kept): (Vec<String>, Vec<String>) =
+        files.into_iter().partition(|f| f.contains("hour=10"));
+    std::fs::remove_file(dir.path().join(&gone[0])).unwrap();
+    let mut restarted = ParquetSink::open("p", &spec(dir.path()), schema).unwrap();
+    assert_eq!(
+        restarted.recover(&tp(), Some(4)).await.unwrap(),
+        Some(4),
+        "resume after the committed segment"
+    );
+    assert_eq!(
+        finished_files(dir.path()),
+        kept,
+        "the committed file that is left is kept"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
