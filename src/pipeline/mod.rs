@@ -77,7 +77,7 @@ enum Done {
 }
 
 /// What the HTTP endpoints report about a pipeline.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Status {
     /// The consumer has joined its group.
     pub joined: Arc<AtomicBool>,
@@ -85,14 +85,77 @@ pub struct Status {
     pub failed: AtomicBool,
     /// The Redis sink's writes succeed (true when there is no Redis sink).
     pub redis_healthy: Arc<AtomicBool>,
+    /// The progress watchdog found the pipeline stuck: events wait, and for longer than the
+    /// stall timeout no batch was taken, nothing acknowledged and nothing committed.
+    pub stalled: AtomicBool,
+    /// Milliseconds since `started` at the last sign of progress.
+    progress: std::sync::atomic::AtomicU64,
+    started: Instant,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            joined: Arc::default(),
+            failed: AtomicBool::default(),
+            redis_healthy: Arc::new(AtomicBool::new(true)),
+            stalled: AtomicBool::default(),
+            progress: Default::default(),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Status {
+    /// Records a sign of progress: a batch taken, an acknowledgement, a commit.
+    fn progressed(&self) {
+        self.progress
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    /// How long since the last sign of progress.
+    fn since_progress(&self) -> Duration {
+        self.started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.progress.load(Ordering::Acquire)))
+    }
+}
+
+/// Watches a pipeline from an OS thread (which no blocked task can hold up): when events wait
+/// at the source and nothing has progressed for `timeout`, the pipeline is marked stalled
+/// (`/healthz` answers 503, so a supervisor restarts the process), with one `ERROR` line;
+/// when it moves again, the mark is lifted.
+fn watch(name: String, status: Arc<Status>, waiting: Arc<AtomicBool>, timeout: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("watchdog-{name}"))
+        .spawn(move || loop {
+            std::thread::sleep(
+                (timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+            );
+            // The source (which holds the other handles on `waiting`) is gone: stop.
+            if Arc::strong_count(&waiting) == 1 {
+                return;
+            }
+            let idle = status.since_progress();
+            let stuck = waiting.load(Ordering::Acquire) && idle >= timeout;
+            if stuck && !status.stalled.swap(true, Ordering::AcqRel) {
+                tracing::error!(pipeline = %name, ?idle,
+                    "Pipeline stuck: events wait, and nothing was taken, acknowledged or \
+                     committed for {idle:?}; /healthz now answers 503.");
+                metrics::gauge!("sluice_pipeline_stalled", "pipeline" => name.clone()).set(1.0);
+            } else if !stuck && idle < timeout && status.stalled.swap(false, Ordering::AcqRel) {
+                info!(pipeline = %name, "Pipeline moves again.");
+                metrics::gauge!("sluice_pipeline_stalled", "pipeline" => name.clone()).set(0.0);
+            }
+        });
+    if let Err(error) = spawned {
+        warn!(%error, "Cannot start the progress watchdog.");
+    }
 }
 
 impl Status {
     pub fn new() -> Self {
-        Self {
-            redis_healthy: Arc::new(AtomicBool::new(true)),
-            ..Self::default()
-        }
+        Self::default()
     }
 }
 
@@ -101,10 +164,11 @@ pub async fn run(
     spec: Pipeline,
     shutdown: CancellationToken,
     grace: Duration,
+    stall_timeout: Duration,
     status: Arc<Status>,
 ) -> anyhow::Result<()> {
     let span = tracing::info_span!("pipeline", pipeline = %spec.name);
-    let result = run_inner(spec, shutdown, grace, &status)
+    let result = run_inner(spec, shutdown, grace, stall_timeout, &status)
         .instrument(span)
         .await;
     if result.is_err() {
@@ -117,7 +181,8 @@ async fn run_inner(
     spec: Pipeline,
     shutdown: CancellationToken,
     grace: Duration,
-    status: &Status,
+    stall_timeout: Duration,
+    status: &Arc<Status>,
 ) -> anyhow::Result<()> {
     let sink = match &spec.parquet {
         Some(pq) => Some(
@@ -177,6 +242,13 @@ async fn run_inner(
             1,
         );
     status.joined.store(false, Ordering::Release);
+    status.progressed();
+    watch(
+        spec.name.clone(),
+        status.clone(),
+        source.waiting.clone(),
+        stall_timeout,
+    );
     let joined = source.joined.clone();
     let tick = spec.parquet.as_ref().map_or(Duration::from_secs(1), |pq| {
         pq.idle_flush.min(Duration::from_secs(1))
@@ -186,6 +258,7 @@ async fn run_inner(
         policy: spec.errors.policy.clone(),
         consumer: source.consumer.clone(),
         fence: source.fence.clone(),
+        status: status.clone(),
         sink,
         redis,
         dead_letters,
@@ -228,6 +301,8 @@ struct Runner {
     consumer: Arc<KafkaConsumer>,
     /// Partitions the source released without our answer: never published nor committed.
     fence: Arc<Fence>,
+    /// Where progress is recorded for the watchdog.
+    status: Arc<Status>,
     sink: Option<ParquetSink>,
     redis: Option<RedisSink>,
     dead_letters: Option<DeadLetters>,
@@ -295,6 +370,7 @@ impl Runner {
     }
 
     fn acked(&mut self, done: Done) -> anyhow::Result<()> {
+        self.status.progressed();
         match done {
             Done::DeadLetter(r) => {
                 // A dead letter that cannot be delivered is never dropped: the pipeline fails
@@ -371,6 +447,7 @@ impl Runner {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<bool> {
         let started = Instant::now();
+        self.status.progressed();
         let labels = [("pipeline", self.labels.clone())];
         metrics::counter!("sluice_events_consumed_total", &labels).increment(batch.events() as u64);
         metrics::counter!("sluice_events_decoded_total", &labels)
@@ -582,6 +659,7 @@ impl Runner {
                 for (tp, at) in &commits {
                     self.offsets.mark_committed(tp, *at);
                 }
+                self.status.progressed();
                 debug!(partitions = commits.len(), "Offsets committed.");
                 Ok(())
             }

@@ -115,6 +115,8 @@ pub struct SourceContext {
     fence: Arc<Fence>,
     /// How long a revocation waits for the pipeline.
     revoke_deadline: Duration,
+    /// Events wait in the outbox for room in the channel.
+    waiting: Arc<AtomicBool>,
 }
 
 impl ClientContext for SourceContext {
@@ -387,6 +389,9 @@ pub struct Source {
     /// Cancelled when the poll thread ends, however it ends (a panic included): a pipeline
     /// whose source is gone must fail, not wait.
     pub exited: tokio_util::sync::CancellationToken,
+    /// The source holds events the pipeline has not taken (its channel is full): the
+    /// progress watchdog's sign that events wait.
+    pub waiting: Arc<AtomicBool>,
 }
 
 /// Cancels its token when dropped: at the end of the poll thread, or while it unwinds.
@@ -408,6 +413,7 @@ impl Source {
     ) -> Result<Self, KafkaError> {
         let joined = Arc::new(AtomicBool::new(false));
         let fence = Arc::new(Fence::default());
+        let waiting = Arc::new(AtomicBool::new(false));
         let config = consumer_config(spec);
         // A third of the rebalance timeout (librdkafka's default 300 s), so that the member
         // answers the rebalance well within it.
@@ -427,6 +433,7 @@ impl Source {
             joined: joined.clone(),
             fence: fence.clone(),
             revoke_deadline: Duration::from_millis(poll_interval / 3),
+            waiting: waiting.clone(),
         };
         let consumer: KafkaConsumer = config.create_with_context(context)?;
         let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
@@ -454,6 +461,7 @@ impl Source {
             thread: Some(thread),
             joined,
             exited,
+            waiting,
         })
     }
 
@@ -496,6 +504,7 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool) {
                 }
             }
             let blocked = !shared.outbox.is_empty();
+            ctx.waiting.store(blocked, Ordering::Release);
             let wait = shared
                 .batcher
                 .until_due()

@@ -4,7 +4,8 @@
 //!   comes from `RUST_LOG` (default `info`).
 //! - `/metrics`: Prometheus text, names `sluice_<subject>_<unit>[_total]`, labels `pipeline`
 //!   and a few fixed others (`reason`, `topic`, `partition`).
-//! - `/healthz`: 200 while no pipeline has failed; `/readyz`: 200 once every pipeline's
+//! - `/healthz`: 200 while no pipeline has failed or is stuck (the progress watchdog: events
+//!   wait and nothing moved for `--stall-timeout`); `/readyz`: 200 once every pipeline's
 //!   consumer has joined its group, its Redis writes (if any) succeed, and none has failed.
 
 use std::{net::SocketAddr, sync::atomic::Ordering, sync::Arc};
@@ -81,6 +82,12 @@ pub async fn serve(
             get(|State(s): State<AppState>| async move {
                 if s.pipelines.iter().any(|p| p.failed.load(Ordering::Acquire)) {
                     (StatusCode::SERVICE_UNAVAILABLE, "a pipeline failed\n")
+                } else if s
+                    .pipelines
+                    .iter()
+                    .any(|p| p.stalled.load(Ordering::Acquire))
+                {
+                    (StatusCode::SERVICE_UNAVAILABLE, "a pipeline is stuck\n")
                 } else {
                     (StatusCode::OK, "ok\n")
                 }
