@@ -278,10 +278,13 @@ impl SourceContext {
         } else {
             let deadline = Instant::now() + self.revoke_deadline;
             let answer = self.ask_until(deadline, event);
+            let gone = self.shared.lock().expect("source state lock").closed;
             if answer.is_none() {
                 // Fence before releasing: the pipeline may still finish files of these
                 // partitions while another member takes them over.
                 self.fence.fence(&partitions);
+            }
+            if answer.is_none() && !gone {
                 warn!(pipeline = %self.pipeline, partitions = ?names(&partitions),
                       deadline = ?self.revoke_deadline,
                       "The pipeline did not finish the revoked partitions in time; their open \
