@@ -144,10 +144,14 @@ impl DeadLetters {
                 what: "Dead letter delivery",
                 healthy: None,
             };
-            let mut budget = this.payload_budget(&rejected);
+            // The error text goes into a header and into the size estimate: render it once.
+            let error_text = rejected.error.to_string();
+            let mut budget = this
+                .max_record
+                .saturating_sub(overhead(&rejected, &error_text));
             loop {
                 let sent = failure::retry(&who, &CancellationToken::new(), failure::kafka, || {
-                    this.send_once(&rejected, budget)
+                    this.send_once(&rejected, &error_text, budget)
                 })
                 .await;
                 let error = match sent {
@@ -168,7 +172,7 @@ impl DeadLetters {
                     Class::PerRecord => {
                         return Err(DeadLetterError::TooLarge {
                             topic: this.topic.to_string(),
-                            size: overhead(&rejected),
+                            size: overhead(&rejected, &error_text),
                             source: error,
                         })
                     }
@@ -183,16 +187,10 @@ impl DeadLetters {
         })
     }
 
-    /// How many payload bytes fit in the producer's limit beside this record's key and headers.
-    fn payload_budget(&self, r: &Rejected) -> usize {
-        self.max_record.saturating_sub(overhead(r))
-    }
-
     /// Sends the record once, with at most `budget` bytes of its payload.
-    async fn send_once(&self, r: &Rejected, budget: usize) -> Result<(), KafkaError> {
+    async fn send_once(&self, r: &Rejected, error: &str, budget: usize) -> Result<(), KafkaError> {
         let (partition, offset) = (r.partition.to_string(), r.offset.to_string());
         let timestamp = r.timestamp.map(|t| t.to_string()).unwrap_or_default();
-        let error = r.error.to_string();
         let payload = r.payload.as_deref();
         let original = payload.map_or(0, <[u8]>::len);
         let truncated = original > budget;
@@ -212,7 +210,7 @@ impl DeadLetters {
             (headers::PIPELINE, &self.pipeline),
             (headers::STAGE, r.error.stage()),
             (headers::REASON, r.error.reason()),
-            (headers::ERROR, &error),
+            (headers::ERROR, error),
         ];
         for (key, value) in ours {
             hs = hs.insert(Header {
@@ -249,14 +247,14 @@ impl DeadLetters {
     }
 }
 
-/// The bytes of a dead letter beside its payload: key, original and `sluice.*` headers (with an
-/// upper bound for the error text) and the record's framing.
-fn overhead(r: &Rejected) -> usize {
+/// The bytes of a dead letter beside its payload: key, original and `sluice.*` headers (the
+/// error text included) and the record's framing.
+fn overhead(r: &Rejected, error_text: &str) -> usize {
     let headers: usize = r
         .headers
         .iter()
         .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 10)
         .sum();
-    let ours = 400 + r.topic.len() + r.error.to_string().len();
+    let ours = 400 + r.topic.len() + error_text.len();
     r.key.as_ref().map_or(0, Vec::len) + headers + ours + RECORD_OVERHEAD
 }

@@ -178,11 +178,8 @@ impl SourceContext {
         make: impl FnOnce(std_mpsc::SyncSender<T>) -> SourceEvent,
     ) -> Option<T> {
         let mut shared = self.shared.lock().expect("source state lock");
-        if let Some(batch) = shared.batcher.take() {
-            shared.outbox.push_back(SourceEvent::Batch(batch));
-        }
         let (reply, answer) = std_mpsc::sync_channel(1);
-        shared.outbox.push_back(make(reply));
+        queue_in_order(&mut shared, make(reply));
         while let Some(ev) = shared.outbox.pop_front() {
             match send_until(&self.tx, ev, deadline) {
                 Ok(()) => {}
@@ -266,12 +263,11 @@ impl SourceContext {
         let commits = if lost {
             // Another member may own them already: publish and commit nothing of them.
             self.fence.fence(&partitions);
-            let mut shared = self.shared.lock().expect("source state lock");
-            if let Some(batch) = shared.batcher.take() {
-                shared.outbox.push_back(SourceEvent::Batch(batch));
-            }
             let (reply, _) = std_mpsc::sync_channel(1);
-            shared.outbox.push_back(event(reply));
+            queue_in_order(
+                &mut self.shared.lock().expect("source state lock"),
+                event(reply),
+            );
             warn!(pipeline = %self.pipeline, partitions = ?names(&partitions),
                   "Assignment lost; their open files will be discarded.");
             None
@@ -327,6 +323,15 @@ impl ConsumerContext for SourceContext {
         self.rebalanced.store(true, Ordering::Release);
         self.joined.store(true, Ordering::Release);
     }
+}
+
+/// Queues `event` for the pipeline behind the open micro-batch (closed first), so that the
+/// pipeline sees everything consumed before it; the poll loop delivers the queue in order.
+fn queue_in_order(shared: &mut Shared, event: SourceEvent) {
+    if let Some(batch) = shared.batcher.take() {
+        shared.outbox.push_back(SourceEvent::Batch(batch));
+    }
+    shared.outbox.push_back(event);
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
