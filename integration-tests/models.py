@@ -2,6 +2,7 @@
 
     python3 models.py linear OUT.pt --seed N      a small MLP: 4 features -> one score
     python3 models.py faulty OUT.pt               raises, returns NaN or the wrong shape on cue
+    python3 models.py broken OUT.pt               passes a warm-up of zeros, raises on real rows
     python3 models.py reference MODEL.pt EVENTS   one line per event: {"id":..,"score":..}
 
 The features are those of the test pipelines ([[model.inputs]]): amount, currency one-hot over
@@ -50,6 +51,15 @@ class Faulty(torch.nn.Module):
         return out
 
 
+class Broken(torch.nn.Module):
+    """Finite on zeros (a warm-up passes), raises on any batch with a non-zero amount."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0] != 0.0).any()):
+            raise RuntimeError("this version only works on zeros")
+        return torch.zeros(x.shape[0], 1)
+
+
 def save(module, path):
     scripted = torch.jit.script(module)
     scripted.save(path + ".tmp")
@@ -65,6 +75,8 @@ def main(argv):
         save(Linear(seed).eval(), argv[1])
     elif command == "faulty":
         save(Faulty().eval(), argv[1])
+    elif command == "broken":
+        save(Broken().eval(), argv[1])
     elif command == "reference":
         model = torch.jit.load(argv[1])
         model.eval()

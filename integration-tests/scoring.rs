@@ -273,6 +273,119 @@ fn predictions_match_pytorch_across_hot_reloads() {
     }
 }
 
+/// Review finding A20: a version that passes its warm-up of zeros but fails on real rows trips
+/// the circuit breaker. Version 1 serves again, version 2 is refused and not loaded again, and
+/// every valid event is either predicted by version 1 (as PyTorch computes it) or, for less
+/// than one window of the breaker (100 rows), a dead letter with its bytes.
+#[test]
+fn a_version_failing_on_real_rows_is_rolled_back() {
+    let broker = Broker::start();
+    let s = scoring(&broker, "linear");
+    let port = free_port();
+    let mut sluice = s.p.spawn_listening("run.log", &format!("127.0.0.1:{port}"));
+    produce(&broker, &s.p.topic, 0..1_000);
+    s.p.wait_drained(&broker, DRAIN);
+    publish(&s.repo, 2, "broken", 0);
+    wait_for_log(&s.p, "run.log", "Model version swapped in");
+    produce(&broker, &s.p.topic, 1_000..3_000);
+    s.p.wait_drained(&broker, DRAIN);
+    // Several reload intervals pass with version 2 still the newest in the repository.
+    std::thread::sleep(Duration::from_secs(1));
+    let metrics = http_get(port, "/metrics").1;
+    s.p.stop(&mut sluice, "run.log");
+    check_oracle(&broker, &s.p);
+
+    let metric = |name: &str, label: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(label))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!(
+        metric("sluice_model_breaker_trips_total", "version=\"2\""),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric("sluice_model_reloads_total", "result=\"rolled_back\""),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric("sluice_model_reloads_total", "result=\"loaded\""),
+        Some(1.0),
+        "version 2 is not loaded again"
+    );
+    let log = s.p.log("run.log");
+    let trips: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("circuit breaker tripped"))
+        .collect();
+    assert_eq!(trips.len(), 1, "{log}");
+    assert!(trips[0].contains("2/model.pt"), "{}", trips[0]);
+
+    let dead: BTreeMap<String, Vec<u8>> = broker
+        .read_all(&s.p.dlq)
+        .into_iter()
+        .filter(|d| d.header("sluice.stage") == Some("inference"))
+        .map(|d| {
+            assert_eq!(d.header("sluice.reason"), Some("model_error"));
+            let v: Value = serde_json::from_slice(&d.payload).expect("original bytes");
+            (v["id"].as_str().unwrap().to_owned(), d.payload)
+        })
+        .collect();
+    assert!(dead.len() < 100, "{} inference dead letters", dead.len());
+    let predictions = broker.read_all(&s.predictions);
+    let predicted = by_id(&predictions);
+    let valid: Vec<Value> = (0..3_000).filter_map(valid_json).collect();
+    let expected = reference(&s.repo.join("1/model.pt"), &valid, s.p.dir.path());
+    for v in &valid {
+        let id = v["id"].as_str().unwrap();
+        match (predicted.get(id), dead.get(id)) {
+            (Some(p), None) => {
+                assert_eq!(p.len(), 1, "{id}");
+                let (v, _) = &p[0];
+                assert_eq!(v["model_version"], "1", "{id}");
+                let got = v["outputs"]["score"].as_f64().unwrap();
+                assert!((got - expected[id].0).abs() <= 1e-5, "{id}");
+            }
+            (None, Some(payload)) => {
+                let n: u64 = id.trim_start_matches("e-").parse().unwrap();
+                assert!(n >= 1_000, "{id} was scored before version 2");
+                assert_eq!(payload, &event(n).payload);
+            }
+            other => panic!("{id}: predicted and dead-lettered: {other:?}"),
+        }
+    }
+}
+
+/// Review finding A20, with nothing to go back to: a version failing on real rows from the
+/// start stops the pipeline (exit 1, one `ERROR` line naming the file) rather than sending the
+/// whole stream to the dead-letter topic.
+#[test]
+fn a_version_failing_on_real_rows_from_the_start_stops_the_pipeline() {
+    let broker = Broker::start();
+    let s = scoring(&broker, "broken");
+    produce(&broker, &s.p.topic, 0..1_000);
+    let mut sluice = s.p.spawn("run.log");
+    let status = wait_exit(&mut sluice.0, Duration::from_secs(90));
+    let log = s.p.log("run.log");
+    assert_eq!(status.code(), Some(1), "{log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "one ERROR line:\n{log}");
+    assert!(
+        errors[0].contains("1/model.pt") && errors[0].contains("no earlier version"),
+        "{}",
+        errors[0]
+    );
+    assert!(broker.read_all(&s.predictions).is_empty());
+    let dead = broker
+        .read_all(&s.p.dlq)
+        .iter()
+        .filter(|d| d.header("sluice.stage") == Some("inference"))
+        .count();
+    assert!(dead < 100, "{dead} inference dead letters");
+}
+
 /// A model that raises, returns NaN or the wrong shape: exactly those events become dead
 /// letters (stage `inference`) with their original bytes; every other event is scored.
 #[test]

@@ -22,7 +22,10 @@ use parquet::basic::{Compression, GzipLevel, ZstdLevel};
 
 use self::raw::{Properties, RawParquet, RawPipeline, Setting};
 pub use self::{
-    model::{DeviceChoice, Encoding, InputSpec, ModelSource, ModelSpec, OutputSpec, TimePart},
+    model::{
+        BreakerSpec, DeviceChoice, Encoding, InputSpec, ModelSource, ModelSpec, OutputSpec,
+        TimePart,
+    },
     redis::{redact, KeyPart, RedisSpec, ViewSpec},
 };
 use crate::schema::{EventSchema, Kind};

@@ -27,6 +27,7 @@ pub struct ModelSpec {
     pub queue_rows: usize,
     /// `None`: never reload.
     pub reload_interval: Option<Duration>,
+    pub breaker: BreakerSpec,
     pub inputs: Vec<InputSpec>,
     pub output: OutputSpec,
     pub output_topic: String,
@@ -35,6 +36,15 @@ pub struct ModelSpec {
     pub id_column: Option<String>,
     pub pass_through: Vec<String>,
     pub producer_properties: BTreeMap<String, String>,
+}
+
+/// When a model's circuit breaker trips (see `score::versions`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerSpec {
+    /// Share of failed rows in a window (0 < rate ≤ 1) that trips it.
+    pub failure_rate: f64,
+    /// Rows per window.
+    pub min_rows: usize,
 }
 
 impl ModelSpec {
@@ -264,6 +274,19 @@ fn build_model(
             super::units::HumanDuration(Duration::from_secs(5)),
         )
         .map(|d| (!d.0.is_zero()).then_some(d.0));
+    let failure_rate = p.get(
+        &key_path("breaker_failure_rate"),
+        &raw.breaker_failure_rate,
+        0.5,
+    );
+    if let Some(r) = failure_rate.filter(|r| !(*r > 0.0 && *r <= 1.0)) {
+        p.push(
+            &key_path("breaker_failure_rate"),
+            format!("must be above 0 and at most 1, got {r}"),
+        );
+    }
+    let min_rows = p.get(&key_path("breaker_min_rows"), &raw.breaker_min_rows, 100);
+    let min_rows = p.positive(&key_path("breaker_min_rows"), min_rows);
 
     let raw_inputs = raw.inputs.as_deref().unwrap_or_default();
     if raw_inputs.is_empty() {
@@ -340,6 +363,10 @@ fn build_model(
         max_delay: max_delay?,
         queue_rows: queue_rows?,
         reload_interval: reload?,
+        breaker: BreakerSpec {
+            failure_rate: failure_rate?,
+            min_rows: min_rows?,
+        },
         inputs: inputs.into_iter().collect::<Option<_>>()?,
         output: output?,
         output_topic: output_topic??,

@@ -207,6 +207,11 @@ pub struct RawModel {
     pub queue_rows: Option<Setting<usize>>,
     /// How often the repository or file is checked for a new version ("0s": never; default "5s").
     pub reload_interval: Option<Setting<HumanDuration>>,
+    /// Share of rows failing (raised, wrong shape, non-finite) in a window of
+    /// `breaker_min_rows` that takes a version out of service (0 < rate ≤ 1; default 0.5).
+    pub breaker_failure_rate: Option<Setting<f64>>,
+    /// Rows per window of the circuit breaker (default 100).
+    pub breaker_min_rows: Option<Setting<usize>>,
     /// The feature vector, in order.
     pub inputs: Option<Vec<RawInput>>,
     /// What the model returns.

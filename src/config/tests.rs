@@ -266,3 +266,58 @@ ttl = "1d"
     assert_eq!(redis.views[0].key[0], KeyPart::Text("customer:".into()));
     assert_eq!(redis.views[0].ttl, Some(Duration::from_secs(86_400)));
 }
+
+#[test]
+fn model_breaker_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "s.json", SCHEMA);
+    let model = |rate: &str, rows: &str| {
+        format!(
+            r#"
+name = "p"
+schema = "s.json"
+[source]
+bootstrap_servers = "localhost:1"
+topics = ["t"]
+group_id = "g"
+[errors]
+dead_letter_topic = "t.dlq"
+[[model]]
+name = "m"
+path = "m.pt"
+inputs = [{{ column = "amount" }}]
+output = {{ kind = "score" }}
+output_topic = "t.scores"
+key = "{{id}}"
+{rate}
+{rows}
+"#
+        )
+    };
+    // Only the path is checked here; loading the model is `validate`'s job.
+    write(dir.path(), "m.pt", "");
+    let file = write(
+        dir.path(),
+        "bad.toml",
+        &model("breaker_failure_rate = 1.5", "breaker_min_rows = 0"),
+    );
+    let err = load(&file).unwrap_err();
+    let all = err.problems.join("\n");
+    assert!(
+        all.contains("model[0].breaker_failure_rate: must be above 0 and at most 1, got 1.5"),
+        "{all}"
+    );
+    assert!(
+        all.contains("model[0].breaker_min_rows: must be greater than 0"),
+        "{all}"
+    );
+    let file = write(dir.path(), "good.toml", &model("", ""));
+    let p = load(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        p.models[0].breaker,
+        BreakerSpec {
+            failure_rate: 0.5,
+            min_rows: 100
+        }
+    );
+}

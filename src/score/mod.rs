@@ -15,11 +15,14 @@
 //! configuration error); a reloader checks the repository every `reload_interval`, loads a new
 //! or replaced version off the hot path, warms it up, and swaps it in atomically. A version
 //! that fails is refused with a log line and `sluice_model_reloads_total{result="refused"}`,
-//! and the current one keeps serving.
+//! and the current one keeps serving. A version that fails on most real rows trips the
+//! circuit breaker ([`versions`]): the previous version serves again, or, with none, the
+//! pipeline fails.
 
 pub mod features;
 pub mod model;
 pub mod runtime;
+pub mod versions;
 
 use std::{sync::Arc, time::Instant};
 
@@ -39,7 +42,8 @@ use tracing::{error, info, warn};
 use self::{
     features::FeatureEncoder,
     model::{LoadedModel, Shape},
-    runtime::{Runtime, RuntimeSpec},
+    runtime::{JobResult, Runtime, RuntimeSpec},
+    versions::Versions,
 };
 use crate::{
     config::{ModelSpec, OutputSpec},
@@ -106,6 +110,9 @@ pub enum ScoreError {
     /// Every model thread stopped (a panic, or libtorch aborting a thread).
     #[error("model {model}: its threads stopped")]
     ThreadsStopped { model: Arc<str> },
+    /// The circuit breaker found the model failing with no earlier version to go back to.
+    #[error("model {model}: {reason}")]
+    Broken { model: Arc<str>, reason: Arc<str> },
     /// An event that was not scored has no original bytes to dead-letter (a bug).
     #[error("model {model}: event {event} was not scored and its original bytes are gone")]
     NoOriginal { model: Arc<str>, event: String },
@@ -156,11 +163,11 @@ impl Scorer {
         }
         info!(model = %spec.name, version = %loaded.version, device = ?loaded.device,
               path = %loaded.candidate.path.display(), "Model loaded.");
-        set_version_metrics(&spec.name, &loaded, None);
+        versions::set_version_metrics(&spec.name, &loaded, None);
         let runtime = Runtime::start(RuntimeSpec::from(&*spec), loaded);
         let reloader = spec
             .reload_interval
-            .map(|every| tokio::spawn(reload(spec.clone(), runtime.current.clone(), every)));
+            .map(|every| tokio::spawn(reload(spec.clone(), runtime.versions.clone(), every)));
         let out = Predictions::new(pipeline, bootstrap, &spec.producer_properties)
             .context("creating the predictions producer")?;
         for topic in std::iter::once(&spec.output_topic).chain(&spec.feedback_topic) {
@@ -218,6 +225,15 @@ impl Scorer {
                 // A closed channel means the threads stopped (the runtime is only dropped after
                 // the pipeline stops taking batches): fail, keeping the holds.
                 match r.await {
+                    Ok(JobResult {
+                        broken: Some(reason),
+                        ..
+                    }) => {
+                        return failed(ScoreError::Broken {
+                            model: ctx.name.clone(),
+                            reason,
+                        })
+                    }
                     Ok(result) => results.push(result),
                     Err(_) => {
                         return failed(ScoreError::ThreadsStopped {
@@ -522,32 +538,17 @@ impl serde::Serialize for Columns<'_> {
     }
 }
 
-fn set_version_metrics(model: &str, new: &LoadedModel, old: Option<&LoadedModel>) {
-    if let Some(old) = old {
-        metrics::gauge!("sluice_model_info", "model" => model.to_owned(),
-            "version" => old.version.to_string(), "device" => format!("{:?}", old.device))
-        .set(0.0);
-    }
-    metrics::gauge!("sluice_model_info", "model" => model.to_owned(),
-        "version" => new.version.to_string(), "device" => format!("{:?}", new.device))
-    .set(1.0);
-    if let Ok(v) = new.version.parse::<f64>() {
-        metrics::gauge!("sluice_model_version", "model" => model.to_owned()).set(v);
-    }
-}
-
 /// Checks for a new version every `every`; loads, warms up and swaps it in, or refuses it.
-async fn reload(spec: Arc<ModelSpec>, current: runtime::Current, every: std::time::Duration) {
-    let mut refused: Option<model::Candidate> = None;
+async fn reload(spec: Arc<ModelSpec>, versions: Arc<Versions>, every: std::time::Duration) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
         ticker.tick().await;
-        let serving = current.read().expect("never poisoned").clone();
+        let serving = versions.serving();
         let s = spec.clone();
         let serving_candidate = serving.candidate.clone();
-        let seen = refused.clone();
+        let seen = versions.refused();
         let outcome = tokio::task::spawn_blocking(move || {
             let known: Vec<&model::Candidate> = std::iter::once(&serving_candidate)
                 .chain(seen.as_ref())
@@ -565,25 +566,22 @@ async fn reload(spec: Arc<ModelSpec>, current: runtime::Current, every: std::tim
         match outcome {
             Ok(Ok(None)) => {}
             Ok(Ok(Some(loaded))) => {
-                let old = current.read().expect("never poisoned").clone();
-                set_version_metrics(&spec.name, &loaded, Some(&old));
                 metrics::counter!("sluice_model_reloads_total", "model" => spec.name.clone(),
                     "result" => "loaded")
                 .increment(1);
-                runtime::swap(&current, loaded, &spec.name);
-                refused = None;
+                versions.swap(loaded);
             }
             Ok(Err((candidate, reason))) => {
-                if let Some(c) = &candidate {
+                if let Some(c) = candidate {
                     error!(model = %spec.name, version = %c.version, path = %c.path.display(),
                            %reason, "Model version refused; the current version keeps serving.");
                     metrics::counter!("sluice_model_reloads_total", "model" => spec.name.clone(),
                         "result" => "refused")
                     .increment(1);
+                    versions.refuse(c);
                 } else {
                     warn!(model = %spec.name, %reason, "Cannot read the model repository.");
                 }
-                refused = candidate;
             }
             Err(e) => warn!(model = %spec.name, error = %e, "Model reload task failed."),
         }

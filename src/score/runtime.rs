@@ -14,7 +14,7 @@
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc, RwLock,
+        Arc,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -22,9 +22,13 @@ use std::{
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, info};
+use tracing::debug;
 
-use super::{model::LoadedModel, InferenceError};
+use super::{
+    model::LoadedModel,
+    versions::{BreakerSpec, Verdict, Versions},
+    InferenceError,
+};
 use crate::config::ModelSpec;
 
 /// The answer to one job.
@@ -35,6 +39,9 @@ pub struct JobResult {
     pub outputs: Vec<f32>,
     /// Rows of the job (0-based) that could not be scored.
     pub failed: Vec<(usize, InferenceError)>,
+    /// Set when the model's circuit breaker found it broken with nothing to go back to: the
+    /// job was not scored.
+    pub broken: Option<Arc<str>>,
 }
 
 struct Job {
@@ -44,9 +51,6 @@ struct Job {
     rows: usize,
     reply: oneshot::Sender<JobResult>,
 }
-
-/// The version being served, swapped atomically by the reloader.
-pub type Current = Arc<RwLock<Arc<LoadedModel>>>;
 
 /// Settings of the model threads.
 #[derive(Debug, Clone)]
@@ -58,6 +62,7 @@ pub struct RuntimeSpec {
     pub queue_rows: usize,
     pub features: usize,
     pub outputs: usize,
+    pub breaker: BreakerSpec,
 }
 
 impl From<&ModelSpec> for RuntimeSpec {
@@ -70,6 +75,7 @@ impl From<&ModelSpec> for RuntimeSpec {
             queue_rows: spec.queue_rows,
             features: spec.features(),
             outputs: spec.output.width(),
+            breaker: spec.breaker,
         }
     }
 }
@@ -81,23 +87,23 @@ pub struct Runtime {
     admission: Arc<Semaphore>,
     /// Rows queued for the threads and not yet taken.
     queued: Arc<AtomicUsize>,
-    pub current: Current,
+    pub versions: Arc<Versions>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Runtime {
     pub fn start(spec: RuntimeSpec, model: LoadedModel) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
-        let current: Current = Arc::new(RwLock::new(Arc::new(model)));
+        let versions = Arc::new(Versions::new(&spec.model, spec.breaker, model));
         let admission = Arc::new(Semaphore::new(spec.queue_rows));
         let queued = Arc::new(AtomicUsize::new(0));
         let threads = (0..spec.threads)
             .map(|i| {
-                let (rx, current, spec, queued) =
-                    (rx.clone(), current.clone(), spec.clone(), queued.clone());
+                let (rx, versions, spec, queued) =
+                    (rx.clone(), versions.clone(), spec.clone(), queued.clone());
                 std::thread::Builder::new()
                     .name(format!("model-{}-{i}", spec.model))
-                    .spawn(move || worker(&spec, &rx, &current, &queued))
+                    .spawn(move || worker(&spec, &rx, &versions, &queued))
                     .expect("spawning a model thread")
             })
             .collect();
@@ -106,7 +112,7 @@ impl Runtime {
             queue: Some(tx),
             admission,
             queued,
-            current,
+            versions,
             threads,
         }
     }
@@ -161,7 +167,7 @@ impl Drop for Runtime {
     }
 }
 
-fn worker(spec: &RuntimeSpec, rx: &Receiver<Job>, current: &Current, queued: &AtomicUsize) {
+fn worker(spec: &RuntimeSpec, rx: &Receiver<Job>, versions: &Versions, queued: &AtomicUsize) {
     let labels = [("model", spec.model.clone())];
     let mut carry: Option<Job> = None;
     loop {
@@ -194,7 +200,7 @@ fn worker(spec: &RuntimeSpec, rx: &Receiver<Job>, current: &Current, queued: &At
         queued.fetch_sub(rows, Ordering::Relaxed);
         metrics::gauge!("sluice_model_queue_rows", &labels)
             .set(queued.load(Ordering::Relaxed) as f64);
-        let model = current.read().expect("never poisoned").clone();
+        let mut model = versions.serving();
         let f = spec.features;
         let input: std::borrow::Cow<'_, [f32]> = if jobs.len() == 1 {
             let j = &jobs[0];
@@ -209,16 +215,26 @@ fn worker(spec: &RuntimeSpec, rx: &Receiver<Job>, current: &Current, queued: &At
         let started = Instant::now();
         let mut outputs = vec![0f32; rows * spec.outputs];
         let mut failed = Vec::new();
-        score(
-            &model,
-            &input,
-            rows,
-            f,
-            spec.outputs,
-            0,
-            &mut outputs,
-            &mut failed,
-        );
+        let mut broken = versions.broken();
+        while broken.is_none() {
+            outputs.fill(0.0);
+            failed.clear();
+            score(
+                &model,
+                &input,
+                rows,
+                f,
+                spec.outputs,
+                0,
+                &mut outputs,
+                &mut failed,
+            );
+            match versions.record(&model, rows, failed.len()) {
+                Verdict::Serve => break,
+                Verdict::Rescore(previous) => model = previous,
+                Verdict::Broken(reason) => broken = Some(reason),
+            }
+        }
         let device = format!("{:?}", model.device).to_lowercase();
         metrics::histogram!("sluice_model_inference_seconds", "model" => spec.model.clone(),
             "device" => device.clone())
@@ -247,6 +263,7 @@ fn worker(spec: &RuntimeSpec, rx: &Receiver<Job>, current: &Current, queued: &At
                 version: model.version.clone(),
                 outputs: outputs[at * spec.outputs..(at + job.rows) * spec.outputs].to_vec(),
                 failed: mine,
+                broken: broken.clone(),
             };
             at += job.rows;
             let _ = job.reply.send(result);
@@ -296,11 +313,4 @@ fn score(
             );
         }
     }
-}
-
-/// Swaps in a new version; the next batch of every thread uses it.
-pub fn swap(current: &Current, model: LoadedModel, name: &str) {
-    let new = Arc::new(model);
-    let old = std::mem::replace(&mut *current.write().expect("never poisoned"), new.clone());
-    info!(model = name, from = %old.version, to = %new.version, "Model version swapped in.");
 }
