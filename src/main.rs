@@ -283,9 +283,9 @@ async fn run(
     stall_timeout: Duration,
 ) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let statuses: Vec<Arc<pipeline::Status>> = pipelines
+    let statuses: Vec<Arc<telemetry::health::Status>> = pipelines
         .iter()
-        .map(|_| Arc::new(pipeline::Status::new()))
+        .map(|_| Arc::new(telemetry::health::Status::new()))
         .collect();
     let metrics = telemetry::init_metrics()?;
     if listen != "off" {

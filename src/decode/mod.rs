@@ -5,19 +5,18 @@
 //! [`crate::source::Rejected`] carrying the original bytes and the reason, and the batch goes on.
 
 mod columns;
-mod error;
 mod json;
 pub mod stage;
 mod time;
 
 use std::{borrow::Cow, sync::Arc};
 
-pub use self::error::DecodeError;
 use self::{
     columns::{as_integer, Column},
     json::{member, Json},
     time::{parse_date, parse_date_time},
 };
+pub use crate::event::DecodeError;
 use arrow::{
     array::{ArrayRef, Int32Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder},
     record_batch::RecordBatch,

@@ -7,13 +7,13 @@
 //! and writing each have a core. Both channels are bounded, so backpressure from the sinks
 //! reaches the source unchanged.
 
-use std::{thread::JoinHandle, time::Instant};
+use std::{sync::Arc, thread::JoinHandle, time::Instant};
 
 use tokio::sync::mpsc;
 
-use super::Decoder;
+use super::{Decoder, Origin};
 use crate::{
-    source::{SourceBatch, SourceEvent},
+    event::{DecodeError, Failure, Originals, RawBatch, Rejected, SourceBatch, SourceEvent},
     telemetry,
 };
 
@@ -35,7 +35,7 @@ pub fn spawn(
                 let out = match event {
                     SourceEvent::Batch(raw) => {
                         let started = Instant::now();
-                        let batch = raw.decode(&mut decoder, keep_originals);
+                        let batch = decode(raw, &mut decoder, keep_originals);
                         telemetry::stage(&labels, "decode", started);
                         SourceEvent::Batch(batch)
                     }
@@ -53,4 +53,48 @@ pub fn spawn(
         })
         .expect("spawning the decode thread");
     (rx, thread)
+}
+
+/// Decodes and validates every event: valid ones become rows, the others [`Rejected`]
+/// with their original key, bytes and headers. With `keep_originals`, the valid events'
+/// bytes stay available too (for later stages that may still reject them). CPU-heavy.
+pub fn decode(raw: RawBatch, decoder: &mut Decoder, keep_originals: bool) -> SourceBatch {
+    let mut rejected = Vec::new();
+    let mut kept = Vec::new();
+    for m in raw.messages {
+        let payload = m.payload.clone().map(|r| &raw.bytes[r]);
+        let origin = Origin {
+            topic: &m.topic,
+            partition: m.partition,
+            offset: m.offset,
+            timestamp: m.timestamp,
+        };
+        let decoded = match &m.bad_header {
+            Some(name) => Err(DecodeError::BadHeader { name: name.clone() }),
+            None => decoder.push(origin, payload),
+        };
+        if let Err(error) = decoded {
+            rejected.push(Rejected {
+                key: m.key.map(|r| raw.bytes[r].to_vec()),
+                payload: payload.map(<[u8]>::to_vec),
+                topic: m.topic,
+                partition: m.partition,
+                offset: m.offset,
+                timestamp: m.timestamp,
+                headers: m.headers,
+                error: Failure::Decode(error),
+            });
+        } else if keep_originals {
+            kept.push(m);
+        }
+    }
+    let originals = keep_originals.then(|| Arc::new(Originals::new(kept, raw.bytes)));
+    SourceBatch {
+        rows: decoder.finish(),
+        rejected,
+        spans: raw.spans,
+        payload_bytes: raw.payload_bytes,
+        originals,
+        consumed_at: raw.consumed_at.unwrap_or_else(Instant::now),
+    }
 }

@@ -27,12 +27,10 @@
 //! (nothing is lost: uncommitted data is consumed again and files are recovered).
 
 pub mod offsets;
+mod watchdog;
 
 use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
@@ -50,17 +48,16 @@ use self::offsets::Offsets;
 use crate::{
     config::{ErrorPolicy, Pipeline},
     decode::{Decoder, Limits},
+    event::{Failure, Rejected, SourceBatch, SourceEvent, TopicPartition},
     score::{Scored, Scorer},
     sink::{
         dead_letter::{DeadLetterError, DeadLetters},
         parquet::{ParquetSink, Roll},
         redis::{RedisSink, RedisSinkError},
     },
-    source::{
-        offsets_list, Batcher, Failure, Fence, KafkaConsumer, Rejected, Source, SourceBatch,
-        SourceEvent, TopicPartition,
-    },
+    source::{offsets_list, Batcher, Fence, KafkaConsumer, Source},
     telemetry,
+    telemetry::health::Status,
 };
 
 /// At most this many dead letters (and scored batches) may await acknowledgement before
@@ -74,89 +71,6 @@ const MAX_PENDING_BYTES: usize = 64 << 20;
 enum Done {
     DeadLetter(Result<Rejected, DeadLetterError>),
     Scored(Scored),
-}
-
-/// What the HTTP endpoints report about a pipeline.
-#[derive(Debug)]
-pub struct Status {
-    /// The consumer has joined its group.
-    pub joined: Arc<AtomicBool>,
-    /// The pipeline stopped with an error.
-    pub failed: AtomicBool,
-    /// The Redis sink's writes succeed (true when there is no Redis sink).
-    pub redis_healthy: Arc<AtomicBool>,
-    /// The progress watchdog found the pipeline stuck: events wait, and for longer than the
-    /// stall timeout no batch was taken, nothing acknowledged and nothing committed.
-    pub stalled: AtomicBool,
-    /// Milliseconds since `started` at the last sign of progress.
-    progress: std::sync::atomic::AtomicU64,
-    started: Instant,
-}
-
-impl Default for Status {
-    fn default() -> Self {
-        Self {
-            joined: Arc::default(),
-            failed: AtomicBool::default(),
-            redis_healthy: Arc::new(AtomicBool::new(true)),
-            stalled: AtomicBool::default(),
-            progress: Default::default(),
-            started: Instant::now(),
-        }
-    }
-}
-
-impl Status {
-    /// Records a sign of progress: a batch taken, an acknowledgement, a commit.
-    fn progressed(&self) {
-        self.progress
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Release);
-    }
-
-    /// How long since the last sign of progress.
-    fn since_progress(&self) -> Duration {
-        self.started
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.progress.load(Ordering::Acquire)))
-    }
-}
-
-/// Watches a pipeline from an OS thread (which no blocked task can hold up): when events wait
-/// at the source and nothing has progressed for `timeout`, the pipeline is marked stalled
-/// (`/healthz` answers 503, so a supervisor restarts the process), with one `ERROR` line;
-/// when it moves again, the mark is lifted.
-fn watch(name: String, status: Arc<Status>, waiting: Arc<AtomicBool>, timeout: Duration) {
-    let spawned = std::thread::Builder::new()
-        .name(format!("watchdog-{name}"))
-        .spawn(move || loop {
-            std::thread::sleep(
-                (timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(1)),
-            );
-            // The source (which holds the other handles on `waiting`) is gone: stop.
-            if Arc::strong_count(&waiting) == 1 {
-                return;
-            }
-            let idle = status.since_progress();
-            let stuck = waiting.load(Ordering::Acquire) && idle >= timeout;
-            if stuck && !status.stalled.swap(true, Ordering::AcqRel) {
-                tracing::error!(pipeline = %name, ?idle,
-                    "Pipeline stuck: events wait, and nothing was taken, acknowledged or \
-                     committed for {idle:?}; /healthz now answers 503.");
-                metrics::gauge!("sluice_pipeline_stalled", "pipeline" => name.clone()).set(1.0);
-            } else if !stuck && idle < timeout && status.stalled.swap(false, Ordering::AcqRel) {
-                info!(pipeline = %name, "Pipeline moves again.");
-                metrics::gauge!("sluice_pipeline_stalled", "pipeline" => name.clone()).set(0.0);
-            }
-        });
-    if let Err(error) = spawned {
-        warn!(%error, "Cannot start the progress watchdog.");
-    }
-}
-
-impl Status {
-    pub fn new() -> Self {
-        Self::default()
-    }
 }
 
 /// Runs a pipeline until `shutdown` is cancelled or it fails.
@@ -228,6 +142,7 @@ async fn run_inner(
         &spec.source,
         Batcher::new(spec.batch.clone()),
         tx,
+        status.joined.clone(),
     )
     .context("creating the Kafka consumer")?;
     // The decode thread ends by itself when the source or this task lets go of its channels.
@@ -241,15 +156,13 @@ async fn run_inner(
             raw,
             1,
         );
-    status.joined.store(false, Ordering::Release);
     status.progressed();
-    watch(
+    watchdog::watch(
         spec.name.clone(),
         status.clone(),
         source.waiting.clone(),
         stall_timeout,
     );
-    let joined = source.joined.clone();
     let tick = spec.parquet.as_ref().map_or(Duration::from_secs(1), |pq| {
         pq.idle_flush.min(Duration::from_secs(1))
     }) / 2;
@@ -268,9 +181,7 @@ async fn run_inner(
         offsets: Offsets::default(),
     };
     info!(topics = ?spec.source.topics, group = %spec.source.group_id, "Pipeline started.");
-    let result = runner
-        .run(rx, &shutdown, &source.exited, tick, &joined, &status.joined)
-        .await;
+    let result = runner.run(rx, &shutdown, &source.exited, tick).await;
     source.stop_intake();
     let drained = match &result {
         Ok(()) => {
@@ -321,8 +232,6 @@ impl Runner {
         shutdown: &CancellationToken,
         source_exited: &CancellationToken,
         tick: Duration,
-        joined: &AtomicBool,
-        ready: &AtomicBool,
     ) -> anyhow::Result<()> {
         let mut ticker = tokio::time::interval(tick.max(Duration::from_millis(10)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -336,7 +245,6 @@ impl Runner {
                     return Err(anyhow!("the Kafka source thread stopped unexpectedly"))
                 }
                 _ = ticker.tick() => {
-                    ready.store(joined.load(Ordering::Acquire), Ordering::Release);
                     self.roll_due().await?;
                     self.commit().await;
                 }

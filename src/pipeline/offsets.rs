@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::source::{Span, TopicPartition};
+use crate::event::{Span, TopicPartition};
 
 #[derive(Debug, Default)]
 struct Partition {

@@ -47,37 +47,13 @@ use self::{
 };
 use crate::{
     config::{ModelSpec, OutputSpec},
+    event::{Failure, InferenceError, Originals, Rejected, TopicPartition},
     sink::{
-        dead_letter::headers,
+        headers,
         predictions::{Predictions, Record},
-        redis::{encode as text, render_key},
     },
-    source::{Failure, Originals, Rejected},
+    util::text::{encode as text, render_key},
 };
-
-/// Why an event was not scored. [`InferenceError::reason`] is the `sluice.reason` header.
-#[derive(Debug, Clone, PartialEq, Error)]
-pub enum InferenceError {
-    #[error("input column `{column}` is null and the input has no `null` value")]
-    NullInput { column: String },
-    #[error("the model raised an error: {0}")]
-    Raised(String),
-    #[error("the model returned shape {got:?}, expected {expected}")]
-    WrongShape { got: Vec<i64>, expected: String },
-    #[error("the model returned {value}")]
-    NonFinite { value: f32 },
-}
-
-impl InferenceError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::NullInput { .. } => "null_input",
-            Self::Raised(_) => "model_error",
-            Self::WrongShape { .. } => "wrong_output_shape",
-            Self::NonFinite { .. } => "non_finite_output",
-        }
-    }
-}
 
 /// A model version that cannot serve at start: a configuration error (exit code 2).
 #[derive(Debug, Error)]
@@ -91,7 +67,7 @@ pub struct ModelRefused {
 #[derive(Debug)]
 pub struct Scored {
     /// The holds taken at submission, to release.
-    pub holds: Vec<(crate::source::TopicPartition, i64)>,
+    pub holds: Vec<(TopicPartition, i64)>,
     /// Events that could not be scored.
     pub rejected: Vec<Rejected>,
     /// Why the batch could not be completed; the pipeline fails and keeps its holds.
@@ -196,7 +172,7 @@ impl Scorer {
         &self,
         rows: RecordBatch,
         originals: Option<Arc<Originals>>,
-        holds: Vec<(crate::source::TopicPartition, i64)>,
+        holds: Vec<(TopicPartition, i64)>,
         consumed_at: Instant,
     ) -> BoxFuture<'static, Scored> {
         let started = Instant::now();

@@ -19,6 +19,7 @@ use thiserror::Error;
 use tracing::warn;
 
 pub mod dead_letter;
+pub mod headers;
 pub mod parquet;
 pub mod predictions;
 pub mod redis;

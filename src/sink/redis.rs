@@ -34,8 +34,8 @@ use std::{
 };
 
 use arrow::{
-    array::{Array, ArrayRef, AsArray},
-    datatypes::{DataType, Date32Type, Float64Type, Int64Type, TimestampMicrosecondType},
+    array::{Array, AsArray},
+    datatypes::{DataType, Date32Type, TimestampMicrosecondType},
     record_batch::RecordBatch,
 };
 use futures::StreamExt;
@@ -49,6 +49,7 @@ use tracing::info;
 use crate::{
     config::{redact, KeyPart, RedisSpec},
     failure::{self, Class, GaveUp, Retrying},
+    util::text::{encode, render_key},
 };
 
 const SCRIPT: &str = r#"
@@ -501,45 +502,4 @@ async fn send(
         }
     })
     .await
-}
-
-/// A key template filled with the row's values.
-pub fn render_key(parts: &[KeyPart], batch: &RecordBatch, row: usize) -> String {
-    let mut key = String::new();
-    for part in parts {
-        match part {
-            KeyPart::Text(t) => key.push_str(t),
-            KeyPart::Column(c) => key.push_str(
-                &encode(batch.column_by_name(c).expect("validated key column"), row)
-                    .unwrap_or_default(),
-            ),
-        }
-    }
-    key
-}
-
-/// The documented text form of a scalar value; `None` for null.
-pub fn encode(column: &ArrayRef, row: usize) -> Option<String> {
-    if column.is_null(row) {
-        return None;
-    }
-    Some(match column.data_type() {
-        DataType::Utf8 => column.as_string::<i32>().value(row).to_owned(),
-        DataType::Int64 => column.as_primitive::<Int64Type>().value(row).to_string(),
-        DataType::Float64 => column.as_primitive::<Float64Type>().value(row).to_string(),
-        DataType::Boolean => column.as_boolean().value(row).to_string(),
-        DataType::Timestamp(..) => {
-            let micros = column.as_primitive::<TimestampMicrosecondType>().value(row);
-            chrono::DateTime::from_timestamp_micros(micros)
-                .unwrap_or_default()
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-        }
-        DataType::Date32 => {
-            let days = column.as_primitive::<Date32Type>().value(row);
-            chrono::NaiveDate::from_num_days_from_ce_opt(days + 719_163)
-                .unwrap_or_default()
-                .to_string()
-        }
-        other => unreachable!("validated scalar column, got {other}"),
-    })
 }

@@ -42,29 +42,11 @@ use rdkafka::{
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-pub use self::batch::{
-    Batcher, Failure, Originals, RawBatch, Rejected, SourceBatch, Span, TopicPartition,
+pub use self::batch::Batcher;
+use crate::{
+    config::{SourceSpec, StartFrom},
+    event::{SourceEvent, TopicPartition},
 };
-use crate::config::{SourceSpec, StartFrom};
-
-/// What the source tells the pipeline, in the order it happened. The decode stage
-/// ([`crate::decode::stage`]) turns each `RawBatch` into a decoded batch `B` on the way.
-pub enum SourceEvent<B = RawBatch> {
-    Batch(B),
-    /// Partitions are about to be assigned, each with the group's committed offset (`None`
-    /// where there is none, or it could not be read). Reply with each partition's resume
-    /// offset from the sinks' own records (`None` where they have none).
-    Assigned {
-        partitions: Vec<(TopicPartition, Option<i64>)>,
-        reply: std_mpsc::SyncSender<Vec<(TopicPartition, Option<i64>)>>,
-    },
-    /// Partitions are being revoked. Finish their data and reply with the offsets to commit,
-    /// unless they are [`Fence`]d (then discard their data: they are already released).
-    Revoked {
-        partitions: Vec<TopicPartition>,
-        reply: std_mpsc::SyncSender<Vec<(TopicPartition, i64)>>,
-    },
-}
 
 /// Partitions released without the pipeline's answer (a revocation past its deadline, a lost
 /// assignment): another member may own them already, so nothing of them may be published or
@@ -109,7 +91,8 @@ pub struct SourceContext {
     shared: Mutex<Shared>,
     /// Set by rebalances, so the poll loop pauses newly assigned partitions if it must.
     rebalanced: AtomicBool,
-    /// At least one rebalance has completed: the member has joined its group.
+    /// The member holds an assignment (possibly empty): set on each assignment, cleared when
+    /// it is lost or dropped after a rebalance error (`/readyz`).
     joined: Arc<AtomicBool>,
     /// Partitions released without the pipeline's answer.
     fence: Arc<Fence>,
@@ -313,15 +296,25 @@ impl ConsumerContext for SourceContext {
         tpl: &mut TopicPartitionList,
     ) {
         match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.on_assign(consumer, tpl),
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => self.on_revoke(consumer, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.on_assign(consumer, tpl);
+                self.joined.store(true, Ordering::Release);
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // A lost assignment (session timed out, fenced) is not membership; a revocation
+                // in an ordinary rebalance is followed by an assignment.
+                if consumer.assignment_lost() {
+                    self.joined.store(false, Ordering::Release);
+                }
+                self.on_revoke(consumer, tpl);
+            }
             other => {
                 error!(error = ?other, "Rebalance error; dropping the assignment.");
+                self.joined.store(false, Ordering::Release);
                 let _ = consumer.unassign();
             }
         }
         self.rebalanced.store(true, Ordering::Release);
-        self.joined.store(true, Ordering::Release);
     }
 }
 
@@ -392,8 +385,6 @@ pub struct Source {
     pub fence: Arc<Fence>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    /// The member has completed its first rebalance.
-    pub joined: Arc<AtomicBool>,
     /// Cancelled when the poll thread ends, however it ends (a panic included): a pipeline
     /// whose source is gone must fail, not wait.
     pub exited: tokio_util::sync::CancellationToken,
@@ -418,8 +409,9 @@ impl Source {
         spec: &SourceSpec,
         batcher: Batcher,
         tx: mpsc::Sender<SourceEvent>,
+        joined: Arc<AtomicBool>,
     ) -> Result<Self, KafkaError> {
-        let joined = Arc::new(AtomicBool::new(false));
+        joined.store(false, Ordering::Release);
         let fence = Arc::new(Fence::default());
         let waiting = Arc::new(AtomicBool::new(false));
         let config = consumer_config(spec);
@@ -438,7 +430,7 @@ impl Source {
                 closed: false,
             }),
             rebalanced: AtomicBool::new(false),
-            joined: joined.clone(),
+            joined,
             fence: fence.clone(),
             revoke_deadline: Duration::from_millis(poll_interval / 3),
             waiting: waiting.clone(),
@@ -467,7 +459,6 @@ impl Source {
             fence,
             stop,
             thread: Some(thread),
-            joined,
             exited,
             waiting,
         })

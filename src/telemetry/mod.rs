@@ -8,14 +8,16 @@
 //!   wait and nothing moved for `--stall-timeout`); `/readyz`: 200 once every pipeline's
 //!   consumer has joined its group, its Redis writes (if any) succeed, and none has failed.
 
-use std::{net::SocketAddr, sync::atomic::Ordering, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
-use crate::pipeline::Status;
+pub mod health;
+
+use self::health::Status;
 
 /// Installs the global tracing subscriber.
 pub fn init_logs(json: bool) {
@@ -80,28 +82,16 @@ pub async fn serve(
         .route(
             "/healthz",
             get(|State(s): State<AppState>| async move {
-                if s.pipelines.iter().any(|p| p.failed.load(Ordering::Acquire)) {
-                    (StatusCode::SERVICE_UNAVAILABLE, "a pipeline failed\n")
-                } else if s
-                    .pipelines
-                    .iter()
-                    .any(|p| p.stalled.load(Ordering::Acquire))
-                {
-                    (StatusCode::SERVICE_UNAVAILABLE, "a pipeline is stuck\n")
-                } else {
-                    (StatusCode::OK, "ok\n")
+                match s.pipelines.iter().find_map(|p| p.unhealthy()) {
+                    Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                    None => (StatusCode::OK, "ok\n".to_owned()),
                 }
             }),
         )
         .route(
             "/readyz",
             get(|State(s): State<AppState>| async move {
-                let ready = s.pipelines.iter().all(|p| {
-                    p.joined.load(Ordering::Acquire)
-                        && p.redis_healthy.load(Ordering::Acquire)
-                        && !p.failed.load(Ordering::Acquire)
-                });
-                if ready {
+                if s.pipelines.iter().all(|p| p.ready()) {
                     (StatusCode::OK, "ready\n")
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

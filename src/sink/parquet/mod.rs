@@ -44,7 +44,7 @@ use self::{
     layout::{manifest_name, tmp_prefix, Partitioner},
     storage::{Storage, StorageError},
 };
-use crate::{config::ParquetSpec, schema::EventSchema, source::TopicPartition};
+use crate::{config::ParquetSpec, event::TopicPartition, schema::EventSchema};
 
 /// Why the Parquet sink failed. All of these stop the pipeline: nothing past the failure is
 /// committed, and recovery on restart resumes from the manifests and committed offsets.

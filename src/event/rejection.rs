@@ -1,4 +1,6 @@
-//! Why an event was rejected.
+//! Why an event was rejected, by which stage, and what its dead letter carries.
+
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -79,4 +81,93 @@ impl DecodeError {
             Self::BadHeader { .. } => "bad_header",
         }
     }
+}
+
+/// Why an event was not scored. [`InferenceError::reason`] is the `sluice.reason` header.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum InferenceError {
+    #[error("input column `{column}` is null and the input has no `null` value")]
+    NullInput { column: String },
+    #[error("the model raised an error: {0}")]
+    Raised(String),
+    #[error("the model returned shape {got:?}, expected {expected}")]
+    WrongShape { got: Vec<i64>, expected: String },
+    #[error("the model returned {value}")]
+    NonFinite { value: f32 },
+}
+
+impl InferenceError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NullInput { .. } => "null_input",
+            Self::Raised(_) => "model_error",
+            Self::WrongShape { .. } => "wrong_output_shape",
+            Self::NonFinite { .. } => "non_finite_output",
+        }
+    }
+}
+
+/// Why an event was rejected, and by which stage. The stage also says which outputs lack
+/// it: `decode` (none has it), `inference` (no prediction), `redis` (its features were not
+/// written; Parquet and the models have it).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    Decode(DecodeError),
+    Inference {
+        model: Arc<str>,
+        error: InferenceError,
+    },
+    /// Redis refused this entity's write for good (a key of another type, a script error on
+    /// its stored data).
+    Redis {
+        /// Stable short code: `wrong_type`, `script_error`, `refused`.
+        reason: &'static str,
+        /// The server's error.
+        error: String,
+    },
+}
+
+impl Failure {
+    /// The stage that rejected the event: `decode`, `inference` or `redis`.
+    pub fn stage(&self) -> &'static str {
+        match self {
+            Self::Decode(_) => "decode",
+            Self::Inference { .. } => "inference",
+            Self::Redis { .. } => "redis",
+        }
+    }
+
+    /// Stable short code (the `sluice.reason` header).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Decode(e) => e.reason(),
+            Self::Inference { error, .. } => error.reason(),
+            Self::Redis { reason, .. } => reason,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Decode(e) => e.fmt(f),
+            Self::Inference { model, error } => write!(f, "model {model}: {error}"),
+            Self::Redis { error, .. } => write!(f, "redis: {error}"),
+        }
+    }
+}
+
+/// An event that failed to decode, with everything the dead-letter topic needs.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    /// Kafka message timestamp, milliseconds since the epoch.
+    pub timestamp: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    /// The original headers, in order.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub error: Failure,
 }

@@ -1,0 +1,3 @@
+//! Small pieces shared by several stages, with no home of their own in the data flow.
+
+pub mod text;
