@@ -37,8 +37,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step build "cargo build --release (10 minutes on 2 cores the first time, seconds after)" \
-  cargo build --release --locked --bins
+step build "cargo build --release of sluice and its tools (10 minutes on 2 cores the first time, seconds after)" \
+  cargo build --release --locked -p sluice -p sluice-bench
 BIN="$CARGO_TARGET_DIR/release"
 # tansu's memory engine reports low high watermarks, so completion is judged by the committed
 # total instead.

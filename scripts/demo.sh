@@ -24,8 +24,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step build "cargo build --release (11 minutes on 2 cores the first time, seconds after)" \
-  cargo build --release --locked --bins
+step build "cargo build --release of sluice and its tools (11 minutes on 2 cores the first time, seconds after)" \
+  cargo build --release --locked -p sluice -p sluice-bench
 BIN="$CARGO_TARGET_DIR/release"
 
 say "Starting the broker and Redis"
