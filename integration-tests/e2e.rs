@@ -7,6 +7,7 @@
 mod common;
 
 use std::{
+    fs,
     process::Command,
     time::{Duration, Instant},
 };
@@ -53,6 +54,31 @@ fn clean_run_delivers_every_event_exactly_once() {
     let (rows, dead) = check_oracle(&broker, &p);
     assert_eq!(rows + dead, 4_000);
     assert!(dead > 500, "the mix has every kind of broken event");
+
+    // The oracle can fail: a second copy of a file is a duplicate (O1), a lost file a gap (O2),
+    // a dead letter that is not produced a hole in the dead letters (O2) and in coverage (O3).
+    let files = parquet_files(&p.output);
+    let copy = p.output.join("dt=1999-01-01/hour=00");
+    fs::create_dir_all(&copy).unwrap();
+    fs::copy(&files[0], copy.join(files[0].file_name().unwrap())).unwrap();
+    let seen = observe(&broker, &p);
+    assert_eq!(o1_no_duplicates(&seen).unwrap_err().rule, "O1");
+    fs::remove_dir_all(p.output.join("dt=1999-01-01")).unwrap();
+    fs::remove_file(&files[0]).unwrap();
+    let mut seen = observe(&broker, &p);
+    assert!(o1_no_duplicates(&seen).is_ok());
+    assert_eq!(
+        o2_every_valid_event_in_parquet(&seen).unwrap_err().rule,
+        "O2"
+    );
+    seen.dead.pop();
+    assert_eq!(
+        o2_dead_letters_are_the_invalid_events(&seen)
+            .unwrap_err()
+            .rule,
+        "O2"
+    );
+    assert_eq!(o3_every_offset_covered(&seen).unwrap_err().rule, "O3");
 }
 
 /// (d) SIGTERM with everything still in open files: a clean exit finishes them and commits.
