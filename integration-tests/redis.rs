@@ -87,6 +87,10 @@ fn expected(broker: &Broker, topic: &str) -> BTreeMap<String, BTreeMap<String, S
             continue;
         }
         let at = chrono::DateTime::parse_from_rfc3339(v["at"].as_str().unwrap()).unwrap();
+        // Event times more than `max_event_time_skew` (1 h) ahead are refused.
+        if at.timestamp() > chrono::Utc::now().timestamp() + 3_600 {
+            continue;
+        }
         let order = (at.timestamp_micros(), r.partition, r.offset);
         let customer = v["customer"].as_str().unwrap().to_owned();
         if newest.get(&customer).is_none_or(|(o, _)| order > *o) {
@@ -98,6 +102,7 @@ fn expected(broker: &Broker, topic: &str) -> BTreeMap<String, BTreeMap<String, S
         .map(|(customer, ((ts, partition, offset), v))| {
             let mut h = BTreeMap::new();
             h.insert("_ts".into(), ts.to_string());
+            h.insert("_topic".into(), topic.to_owned());
             h.insert("_partition".into(), partition.to_string());
             h.insert("_offset".into(), offset.to_string());
             h.insert(
@@ -542,6 +547,40 @@ fn a_key_of_the_wrong_type_dead_letters_its_events_and_the_rest_drains() {
         !log.contains("retrying"),
         "a per-record refusal is not retried:\n{log}"
     );
+}
+
+/// Review finding A8.1: one event dated 2099 for an entity, produced before its real events.
+/// It is a dead letter (stage `redis`, reason `future_event_time`), and the entity's hash still
+/// follows its real events. Before, the 2099 event was written and every later event of that
+/// entity was "stale": the entity was frozen until 2099.
+#[test]
+fn an_event_time_far_in_the_future_is_a_dead_letter_not_a_frozen_entity() {
+    let broker = Broker::start();
+    let redis = RedisServer::start(&[]);
+    let p = TestPipeline::new(&broker, 3, "idle_flush = \"300ms\"");
+    with_redis(&p, &redis.url(), "");
+    let future = r#"{"id":"e-future","customer":"c-3","amount":99.25,"at":"2099-01-01T00:00:00Z"}"#;
+    produce_records(
+        &broker,
+        &p.topic,
+        std::iter::once(("c-3".to_owned(), future.as_bytes().to_vec())),
+    );
+    produce_features(&broker, &p.topic, 0..2_000);
+    let mut sluice = p.spawn("run.log");
+    p.wait_drained(&broker, DRAIN);
+    p.stop(&mut sluice, "run.log");
+    assert_features(&redis, &expected(&broker, &p.topic));
+    let refused: Vec<_> = broker
+        .read_all(&p.dlq)
+        .into_iter()
+        .filter(|d| d.header("sluice.stage") == Some("redis"))
+        .collect();
+    assert_eq!(refused.len(), 1, "one dead letter of stage redis");
+    assert_eq!(
+        refused[0].header("sluice.reason"),
+        Some("future_event_time")
+    );
+    assert_eq!(refused[0].payload, future.as_bytes(), "original bytes");
 }
 
 /// Review findings A5 and A6: a rebalance while every instance is stuck writing to Redis (down

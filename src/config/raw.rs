@@ -138,6 +138,9 @@ pub struct RawRedis {
     pub max_in_flight: Option<Setting<usize>>,
     /// Commands per pipeline (default 500).
     pub pipeline_size: Option<Setting<usize>>,
+    /// How far past now an event time may be (default "1h"): a later one would make every
+    /// real event of its entity look older, so it is a dead letter (`future_event_time`).
+    pub max_event_time_skew: Option<Setting<HumanDuration>>,
     /// Feature views: each writes one hash per entity.
     pub views: Option<Vec<RawView>>,
 }
@@ -154,7 +157,8 @@ pub struct RawView {
     pub columns: Option<Setting<Vec<String>>>,
     /// Hash field name of a column, when not the column's name.
     pub field_names: Option<Setting<BTreeMap<String, String>>>,
-    /// EXPIRE of each entity's hash, refreshed on every accepted write.
+    /// EXPIRE of each entity's hash, refreshed on every accepted write (with `field_ttl` and no
+    /// `ttl`: the largest field TTL, so that no hash outlives its fields).
     pub ttl: Option<Setting<HumanDuration>>,
     /// HEXPIRE of single fields, by hash field name (Redis 7.4 or later).
     pub field_ttl: Option<Setting<BTreeMap<String, HumanDuration>>>,

@@ -19,6 +19,8 @@ pub struct RedisSpec {
     pub time_field: String,
     pub max_in_flight: usize,
     pub pipeline_size: usize,
+    /// Event times later than now plus this are refused (dead letters).
+    pub max_event_time_skew: Duration,
     pub views: Vec<ViewSpec>,
 }
 
@@ -214,6 +216,13 @@ pub(super) fn build_redis(
     let max_in_flight = p.positive(&format!("{AT}.max_in_flight"), max_in_flight);
     let pipeline_size = p.get(&format!("{AT}.pipeline_size"), &raw.pipeline_size, 500);
     let pipeline_size = p.positive(&format!("{AT}.pipeline_size"), pipeline_size);
+    let skew = p
+        .get(
+            &format!("{AT}.max_event_time_skew"),
+            &raw.max_event_time_skew,
+            super::units::HumanDuration(Duration::from_secs(3_600)),
+        )
+        .map(|d| d.0);
     let raw_views = raw.views.as_deref().unwrap_or_default();
     if raw_views.is_empty() {
         p.push(&format!("{AT}.views"), "at least one view is required");
@@ -229,6 +238,19 @@ pub(super) fn build_redis(
                 );
             }
             names.push(view.name.clone());
+            // One hash holds one guard (`_ts`, `_topic`, `_partition`, `_offset`): two views
+            // writing the same hash would each take the other's newest write as their own, and
+            // one view's fields would never be written.
+            if let Some(other) = views.iter().position(|o: &ViewSpec| o.key == view.key) {
+                p.push(
+                    &format!("{AT}.views[{i}].key"),
+                    format!(
+                        "is the key template of views[{other}] ({:?}) too; two views cannot \
+                         share a hash: give one another key or `prefix_keys = true`",
+                        views[other].name
+                    ),
+                );
+            }
             views.push(view);
         }
     }
@@ -239,6 +261,7 @@ pub(super) fn build_redis(
         time_field: time_field?,
         max_in_flight: max_in_flight?,
         pipeline_size: pipeline_size?,
+        max_event_time_skew: skew?,
         views,
     })
 }
@@ -328,6 +351,9 @@ fn build_view(
             p.push(&format!("{at}.field_ttl.{f}"), "must be at least 1s");
         }
     }
+    // Fields expire one by one, but the guard fields do not: without a `ttl`, the hash would
+    // outlive its data forever. It expires with its longest-lived field instead.
+    let ttl = ttl.or_else(|| field_ttl.iter().map(|(_, d)| *d).max());
     let name = name?;
     let mut key = key?;
     if prefix? {
@@ -375,6 +401,7 @@ mod tests {
                 time_field: "t".into(),
                 max_in_flight: 1,
                 pipeline_size: 1,
+                max_event_time_skew: Duration::from_secs(1),
                 views: vec![],
             }
         )

@@ -211,6 +211,14 @@ columns = ["amount", "_secret"]
 field_names = { amount = "_amount", ghost = "g" }
 field_ttl = { unknown = "1h" }
 surprise = true
+[[sink.redis.views]]
+name = "customer_country"
+key = "cust:{id}"
+columns = ["country"]
+[[sink.redis.views]]
+name = "customer_amount"
+key = "cust:{id}"
+columns = ["amount"]
 "#,
     );
     let err = load(&file).unwrap_err();
@@ -224,6 +232,8 @@ surprise = true
         "sink.redis.views[0].field_names.ghost: is not in `columns`",
         "sink.redis.views[0].field_ttl.unknown: is not a hash field of this view",
         "sink.redis.views.0.surprise: unknown key",
+        // Review finding A8.2: two views on one hash would starve each other's fields.
+        "sink.redis.views[2].key: is the key template of views[1] (\"customer_country\") too",
     ] {
         assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
     }
@@ -265,6 +275,41 @@ ttl = "1d"
     let redis = p.redis.unwrap();
     assert_eq!(redis.views[0].key[0], KeyPart::Text("customer:".into()));
     assert_eq!(redis.views[0].ttl, Some(Duration::from_secs(86_400)));
+    assert_eq!(redis.max_event_time_skew, Duration::from_secs(3_600));
+}
+
+/// Review finding A8.4: with `field_ttl` and no `ttl`, the guard fields (`_ts`, …) would never
+/// expire; the hash expires with its longest-lived field instead.
+#[test]
+fn field_ttls_without_a_ttl_expire_the_hash_with_its_last_field() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "s.json", SCHEMA);
+    let file = write(
+        dir.path(),
+        "p.toml",
+        r#"
+name = "p"
+schema = "s.json"
+[source]
+bootstrap_servers = "localhost:1"
+topics = ["t"]
+group_id = "g"
+[errors]
+policy = "skip"
+[sink.redis]
+url = "redis://localhost:6379"
+time_field = "at"
+max_event_time_skew = "5m"
+[[sink.redis.views]]
+name = "customer"
+key = "cust:{id}"
+columns = ["amount", "country"]
+field_ttl = { amount = "10m", country = "2h" }
+"#,
+    );
+    let redis = load(&file).unwrap().redis.unwrap();
+    assert_eq!(redis.views[0].ttl, Some(Duration::from_secs(7_200)));
+    assert_eq!(redis.max_event_time_skew, Duration::from_secs(300));
 }
 
 #[test]

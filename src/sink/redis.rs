@@ -2,8 +2,8 @@
 //! read with a single `HGETALL`.
 //!
 //! - **Replay safety.** Every write runs a server-side script that compares the event's time
-//!   (then partition, then offset, to break ties) with the `_ts`, `_partition` and `_offset`
-//!   fields stored with the hash, and writes only if the event is newer. Replays, duplicates and
+//!   (then topic, partition and offset, to break ties) with the `_ts`, `_topic`, `_partition`
+//!   and `_offset` fields stored with the hash, and writes only if the event is newer. Replays, duplicates and
 //!   out-of-order events therefore never roll a feature back.
 //! - **Coalescing.** Within a micro-batch only the newest event per key is sent.
 //! - **Throughput.** Writes go out as pipelines of `pipeline_size` scripts, `max_in_flight` at
@@ -21,8 +21,8 @@
 //! Value encoding, stable for any client: strings as they are; integers and numbers in decimal
 //! (`42`, `12.5`); booleans `true`/`false`; date-times as RFC 3339 in UTC with microseconds
 //! (`2026-11-21T18:04:05.123456Z`); dates `YYYY-MM-DD`. A null value deletes the field.
-//! `_ts` holds the event time in microseconds since the epoch; `_partition` and `_offset` the
-//! event's source position.
+//! `_ts` holds the event time in microseconds since the epoch; `_topic`, `_partition` and
+//! `_offset` the event's source position.
 
 use std::{
     collections::HashMap,
@@ -54,18 +54,20 @@ use crate::{
 
 const SCRIPT: &str = r#"
 local key = KEYS[1]
-local ts, part, off = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local cur = redis.call('HMGET', key, '_ts', '_partition', '_offset')
+local ts, part, off, topic = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local cur = redis.call('HMGET', key, '_ts', '_topic', '_partition', '_offset')
 if cur[1] then
-  local cts, cp, co = tonumber(cur[1]), tonumber(cur[2]) or -1, tonumber(cur[3]) or -1
-  if cts > ts or (cts == ts and (cp > part or (cp == part and co >= off))) then
+  local cts, ct = tonumber(cur[1]), cur[2] or ''
+  local cp, co = tonumber(cur[3]) or -1, tonumber(cur[4]) or -1
+  if cts > ts or (cts == ts and (ct > topic or (ct == topic and
+      (cp > part or (cp == part and co >= off))))) then
     return 0
   end
 end
-local i = 4
+local i = 5
 local ttl = tonumber(ARGV[i]); i = i + 1
 local nset = tonumber(ARGV[i]); i = i + 1
-local hset = {'_ts', ARGV[1], '_partition', ARGV[2], '_offset', ARGV[3]}
+local hset = {'_ts', ARGV[1], '_topic', ARGV[4], '_partition', ARGV[2], '_offset', ARGV[3]}
 for _ = 1, nset do
   hset[#hset + 1] = ARGV[i]; hset[#hset + 1] = ARGV[i + 1]; i = i + 2
 end
@@ -314,7 +316,7 @@ impl RedisSink {
             return Ok(Vec::new());
         }
         let started = Instant::now();
-        let invocations = self.build(batch);
+        let (invocations, future) = self.build(batch);
         let sent = invocations.len();
         let labels = [("pipeline", self.pipeline.clone())];
         metrics::counter!("sluice_redis_rows_coalesced_total", &labels)
@@ -376,12 +378,14 @@ impl RedisSink {
             .increment((sent - refused.len()) as u64 - accepted);
         metrics::histogram!("sluice_redis_write_seconds", &labels)
             .record(started.elapsed().as_secs_f64());
+        refused.extend(future);
         refused.sort_by_key(|r| r.row);
         Ok(refused)
     }
 
-    /// One script invocation per (view, key): the newest event of the batch for that key.
-    fn build(&self, batch: &RecordBatch) -> Vec<Invocation> {
+    /// One script invocation per (view, key): the newest event of the batch for that key; and
+    /// the rows whose event time is too far in the future to be written at all.
+    fn build(&self, batch: &RecordBatch) -> (Vec<Invocation>, Vec<Refused>) {
         let time = batch
             .column_by_name(&self.spec.time_field)
             .expect("validated time field");
@@ -397,14 +401,39 @@ impl RedisSink {
                 .map(|d| *d as i64 * 86_400_000_000)
                 .collect(),
         };
-        let (_, partitions, offsets) = crate::schema::provenance(batch);
+        let (topics, partitions, offsets) = crate::schema::provenance(batch);
+        // An event time far in the future would win over every real event of its entity
+        // until then: such rows are refused (review finding A8). It also keeps event times far
+        // below 2^53 µs, where the script's numbers (doubles) stop being exact.
+        let skew = self.spec.max_event_time_skew;
+        let limit = chrono::Utc::now().timestamp_micros() + skew.as_micros() as i64;
+        let future: Vec<Refused> = (0..batch.num_rows())
+            .filter(|r| times[*r] > limit)
+            .map(|row| Refused {
+                row,
+                reason: "future_event_time",
+                error: format!(
+                    "event time {} is more than {} after now (sink.redis.max_event_time_skew)",
+                    chrono::DateTime::from_timestamp_micros(times[row])
+                        .map_or_else(|| times[row].to_string(), |t| t.to_rfc3339()),
+                    humantime::format_duration(skew)
+                ),
+            })
+            .collect();
         let mut out = Vec::new();
         for view in &self.views {
-            // Newest row per key: by event time, then partition, then offset.
+            // Newest row per key: by event time, then topic, partition and offset.
             let mut newest: HashMap<String, usize> = HashMap::new();
-            for row in 0..batch.num_rows() {
+            for row in (0..batch.num_rows()).filter(|r| times[*r] <= limit) {
                 let key = render_key(&view.key, batch, row);
-                let order = |r: usize| (times[r], partitions.value(r), offsets.value(r));
+                let order = |r: usize| {
+                    (
+                        times[r],
+                        topics.value(r),
+                        partitions.value(r),
+                        offsets.value(r),
+                    )
+                };
                 newest
                     .entry(key)
                     .and_modify(|best| {
@@ -430,6 +459,7 @@ impl RedisSink {
                     times[row].to_string(),
                     partitions.value(row).to_string(),
                     offsets.value(row).to_string(),
+                    topics.value(row).to_owned(),
                     view.ttl_secs.to_string(),
                     (set.len() / 2).to_string(),
                 ];
@@ -444,7 +474,7 @@ impl RedisSink {
                 out.push(Invocation { key, args, row });
             }
         }
-        out
+        (out, future)
     }
 }
 
@@ -502,4 +532,36 @@ async fn send(
         }
     })
     .await
+}
+#[async_trait::async_trait]
+impl crate::sink::Sink for RedisSink {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    /// Durable once written: the features are acknowledged by Redis before the call returns,
+    /// and a replay is a no-op (the guard), so Redis needs no position and never rolls back.
+    async fn write(
+        &mut self,
+        rows: &RecordBatch,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<crate::sink::Refusal>, crate::sink::SinkError> {
+        let started = Instant::now();
+        let refused = match RedisSink::write(self, rows, cancel).await {
+            Ok(refused) => refused,
+            Err(RedisSinkError::Cancelled) => return Err(crate::sink::SinkError::Cancelled),
+            Err(e) => return Err(crate::sink::SinkError::failed(e)),
+        };
+        crate::telemetry::stage(&self.pipeline, "redis", started);
+        Ok(refused
+            .into_iter()
+            .map(|r| crate::sink::Refusal {
+                row: r.row,
+                failure: crate::event::Failure::Redis {
+                    reason: r.reason,
+                    error: r.error,
+                },
+            })
+            .collect())
+    }
 }

@@ -44,7 +44,13 @@ use self::{
     layout::{manifest_name, tmp_prefix, Partitioner},
     storage::{Storage, StorageError},
 };
-use crate::{config::ParquetSpec, event::TopicPartition, schema::EventSchema};
+pub use crate::sink::Roll;
+use crate::{
+    config::ParquetSpec,
+    event::TopicPartition,
+    schema::EventSchema,
+    sink::{Refusal, Sink, SinkError},
+};
 
 /// Why the Parquet sink failed. All of these stop the pipeline: nothing past the failure is
 /// committed, and recovery on restart resumes from the manifests and committed offsets.
@@ -87,28 +93,6 @@ pub struct Manifest {
 pub struct Finished {
     pub manifest: Manifest,
     pub bytes: u64,
-}
-
-/// Why a segment is being finished (a metric label).
-#[derive(Debug, Clone, Copy)]
-pub enum Roll {
-    Size,
-    Age,
-    Idle,
-    Revoke,
-    Shutdown,
-}
-
-impl Roll {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Size => "size",
-            Self::Age => "age",
-            Self::Idle => "idle",
-            Self::Revoke => "revoke",
-            Self::Shutdown => "shutdown",
-        }
-    }
 }
 
 struct OpenFile {
@@ -486,3 +470,64 @@ impl ParquetSink {
 
 #[cfg(test)]
 mod tests;
+
+#[async_trait::async_trait]
+impl Sink for ParquetSink {
+    fn name(&self) -> &'static str {
+        "parquet"
+    }
+
+    async fn write(
+        &mut self,
+        rows: &RecordBatch,
+        _cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Vec<Refusal>, SinkError> {
+        let started = Instant::now();
+        tokio::task::block_in_place(|| ParquetSink::write(self, rows))
+            .map_err(SinkError::failed)?;
+        crate::telemetry::stage(&self.pipeline, "parquet_write", started);
+        Ok(Vec::new())
+    }
+
+    fn not_durable_from(&self, tp: &TopicPartition) -> Option<i64> {
+        self.open_first(tp)
+    }
+
+    fn due(&self) -> Vec<(TopicPartition, Roll)> {
+        ParquetSink::due(self)
+    }
+
+    fn holding(&self) -> Vec<TopicPartition> {
+        self.open_partitions()
+    }
+
+    async fn make_durable(&mut self, tp: &TopicPartition, why: Roll) -> Result<(), SinkError> {
+        self.finish(tp, why).await.map(drop).map_err(|e| {
+            SinkError::failed(ContextError(
+                format!("finishing the Parquet segment of {}/{}", tp.0, tp.1),
+                e,
+            ))
+        })
+    }
+
+    async fn recover(
+        &mut self,
+        tp: &TopicPartition,
+        committed: Option<i64>,
+    ) -> Result<Option<i64>, SinkError> {
+        ParquetSink::recover(self, tp, committed)
+            .await
+            .map_err(|e| {
+                SinkError::failed(ContextError(format!("recovering {}/{}", tp.0, tp.1), e))
+            })
+    }
+
+    fn discard(&mut self, tp: &TopicPartition) -> Result<(), SinkError> {
+        ParquetSink::discard(self, tp).map_err(SinkError::failed)
+    }
+}
+
+/// A sink error with what was being done.
+#[derive(Debug, Error)]
+#[error("{0}: {1}")]
+struct ContextError(String, #[source] ParquetSinkError);

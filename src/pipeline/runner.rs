@@ -1,0 +1,489 @@
+//! The pipeline task's event loop: batches in, sinks written in their declared order, dead
+//! letters and predictions awaited, segments finished, offsets committed. The order of
+//! durability it keeps is in the module docs of [`crate::pipeline`].
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::anyhow;
+use futures::{future::BoxFuture, stream::FuturesUnordered, StreamExt};
+use rdkafka::{
+    consumer::{CommitMode, Consumer},
+    error::KafkaError,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::offsets::Offsets;
+use crate::{
+    config::{ErrorPolicy, Pipeline},
+    event::{Rejected, SourceBatch, SourceEvent, TopicPartition},
+    score::{Scored, Scorer},
+    sink::{
+        dead_letter::{DeadLetterError, DeadLetters},
+        Roll, Sink, SinkError,
+    },
+    source::{offsets_list, Fence, KafkaConsumer, Source},
+    telemetry,
+    telemetry::health::Status,
+};
+
+/// At most this many dead letters (and scored batches) may await acknowledgement before
+/// intake waits for them.
+const MAX_PENDING: usize = 10_000;
+/// At most this many bytes of dead letters (their payloads, which may each be as large as the
+/// broker takes) may await acknowledgement before intake waits for them.
+const MAX_PENDING_BYTES: usize = 64 << 20;
+
+/// Something the broker acknowledged, or could not take.
+enum Done {
+    DeadLetter(Result<Rejected, DeadLetterError>),
+    Scored(Scored),
+}
+
+pub(super) struct Runner {
+    labels: String,
+    policy: ErrorPolicy,
+    consumer: Arc<KafkaConsumer>,
+    /// Partitions the source released without our answer: never published nor committed.
+    fence: Arc<Fence>,
+    /// Where progress is recorded for the watchdog.
+    status: Arc<Status>,
+    /// The sinks of rows, in the order they write.
+    sinks: Vec<Box<dyn Sink>>,
+    dead_letters: Option<DeadLetters>,
+    scorers: Vec<Scorer>,
+    /// Dead letters and scored batches awaiting the broker's acknowledgement.
+    pending: FuturesUnordered<BoxFuture<'static, Done>>,
+    /// Payload bytes of the dead letters in `pending`.
+    pending_bytes: usize,
+    offsets: Offsets,
+}
+
+impl Runner {
+    pub(super) fn new(
+        spec: &Pipeline,
+        source: &Source,
+        status: Arc<Status>,
+        sinks: Vec<Box<dyn Sink>>,
+        dead_letters: Option<DeadLetters>,
+        scorers: Vec<Scorer>,
+    ) -> Self {
+        Self {
+            labels: spec.name.clone(),
+            policy: spec.errors.policy.clone(),
+            consumer: source.consumer.clone(),
+            fence: source.fence.clone(),
+            status,
+            sinks,
+            dead_letters,
+            scorers,
+            pending: FuturesUnordered::new(),
+            pending_bytes: 0,
+            offsets: Offsets::default(),
+        }
+    }
+
+    pub(super) async fn run(
+        &mut self,
+        mut rx: mpsc::Receiver<SourceEvent<SourceBatch>>,
+        shutdown: &CancellationToken,
+        source_exited: &CancellationToken,
+        tick: Duration,
+    ) -> anyhow::Result<()> {
+        let mut ticker = tokio::time::interval(tick.max(Duration::from_millis(10)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => self.acked(done)?,
+                _ = shutdown.cancelled() => return Ok(()),
+                // Only a stopped pipeline stops the source: it ended (a panic) by itself.
+                _ = source_exited.cancelled() => {
+                    return Err(anyhow!("the Kafka source thread stopped unexpectedly"))
+                }
+                _ = ticker.tick() => {
+                    self.roll_due().await?;
+                    self.commit().await;
+                }
+                event = rx.recv() => match event {
+                    None => return Err(anyhow!("the Kafka source stopped")),
+                    Some(SourceEvent::Batch(batch)) => {
+                        if !self.batch(batch, shutdown).await? {
+                            return Ok(());
+                        }
+                    }
+                    Some(SourceEvent::Assigned { partitions, reply }) => {
+                        let mut resume = Vec::with_capacity(partitions.len());
+                        for (tp, committed) in partitions {
+                            self.offsets.assign(tp.clone());
+                            // The least advanced sink's position: each needs what follows it.
+                            let mut at: Option<i64> = None;
+                            for sink in &mut self.sinks {
+                                if let Some(p) = sink.recover(&tp, committed).await? {
+                                    at = Some(at.map_or(p, |a| a.min(p)));
+                                }
+                            }
+                            resume.push((tp, at));
+                        }
+                        let _ = reply.send(resume);
+                    }
+                    Some(SourceEvent::Revoked { partitions, reply }) => {
+                        let commits = self.revoke(&partitions).await?;
+                        let _ = reply.send(commits);
+                    }
+                }
+            }
+        }
+    }
+
+    fn acked(&mut self, done: Done) -> anyhow::Result<()> {
+        self.status.progressed();
+        match done {
+            Done::DeadLetter(r) => {
+                // A dead letter that cannot be delivered is never dropped: the pipeline fails
+                // and nothing at or after its offset is committed.
+                let r = r?;
+                self.pending_bytes -= payload_len(&r);
+                self.offsets
+                    .release(&(r.topic.clone(), r.partition), r.offset);
+                metrics::counter!("sluice_dead_letters_total", "pipeline" => self.labels.clone(),
+                    "stage" => r.error.stage(), "reason" => r.error.reason())
+                .increment(1);
+            }
+            Done::Scored(scored) => {
+                if let Some(failure) = scored.failure {
+                    return Err(failure.into());
+                }
+                // The events that were not scored take their own holds before the batch's
+                // hold goes.
+                for r in scored.rejected {
+                    self.reject(r)?;
+                }
+                for (tp, offset) in &scored.holds {
+                    self.offsets.release(tp, *offset);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This member owns the partition: assigned, and not released behind our back.
+    fn owns(&self, tp: &TopicPartition) -> bool {
+        self.offsets.owns(tp) && !self.fence.is_fenced(tp)
+    }
+
+    /// Applies the error policy to one rejected event.
+    fn reject(&mut self, r: Rejected) -> anyhow::Result<()> {
+        let tp = (r.topic.clone(), r.partition);
+        if !self.owns(&tp) {
+            return Ok(());
+        }
+        match (&self.policy, &self.dead_letters) {
+            (ErrorPolicy::Fail, _) => Err(anyhow!(
+                "event {}/{}@{} rejected at stage {} ({}) and errors.policy is \"fail\"",
+                r.topic,
+                r.partition,
+                r.offset,
+                r.error.stage(),
+                r.error
+            )),
+            (ErrorPolicy::DeadLetter { .. }, Some(dlq)) => {
+                debug!(topic = %r.topic, partition = r.partition, offset = r.offset,
+                       stage = r.error.stage(), reason = r.error.reason(), "Dead letter.");
+                self.offsets.hold(&tp, r.offset);
+                self.pending_bytes += payload_len(&r);
+                let sent = dlq.send(r);
+                self.pending
+                    .push(Box::pin(async move { Done::DeadLetter(sent.await) }));
+                Ok(())
+            }
+            _ => {
+                metrics::counter!("sluice_events_skipped_total", "pipeline" => self.labels.clone(),
+                    "stage" => r.error.stage(), "reason" => r.error.reason())
+                .increment(1);
+                Ok(())
+            }
+        }
+    }
+
+    /// Handles one micro-batch; false if shutdown interrupted it (its offsets then stay
+    /// unprocessed, so nothing of it is committed).
+    async fn batch(
+        &mut self,
+        batch: SourceBatch,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        let started = Instant::now();
+        self.status.progressed();
+        let labels = [("pipeline", self.labels.clone())];
+        metrics::counter!("sluice_events_consumed_total", &labels).increment(batch.events() as u64);
+        metrics::counter!("sluice_events_decoded_total", &labels)
+            .increment(batch.rows.num_rows() as u64);
+        metrics::counter!("sluice_bytes_consumed_total", &labels)
+            .increment(batch.payload_bytes as u64);
+        metrics::histogram!("sluice_batch_rows", &labels).record(batch.events() as f64);
+        for r in batch.rejected {
+            self.reject(r)?;
+        }
+        // Rows of partitions revoked since the batch was made are dropped: their new owner
+        // consumes them again from the committed position.
+        let rows = if batch.spans.iter().all(|(tp, _)| self.owns(tp)) {
+            batch.rows
+        } else {
+            let owned: Vec<TopicPartition> = self
+                .offsets
+                .owned()
+                .into_iter()
+                .filter(|tp| !self.fence.is_fenced(tp))
+                .collect();
+            filter_partitions(&batch.rows, &owned)?
+        };
+        // Scoring runs beside the writes below; its holds keep the batch's offsets (and the
+        // segments that contain them) from becoming a resume position before its predictions
+        // are delivered.
+        if !self.scorers.is_empty() && rows.num_rows() > 0 {
+            let holds: Vec<(TopicPartition, i64)> = batch
+                .spans
+                .iter()
+                .filter(|(tp, _)| self.owns(tp))
+                .map(|(tp, span)| (tp.clone(), span.first))
+                .collect();
+            for scorer in &self.scorers {
+                for (tp, offset) in &holds {
+                    self.offsets.hold(tp, *offset);
+                }
+                let scored = scorer
+                    .submit(
+                        rows.clone(),
+                        batch.originals.clone(),
+                        holds.clone(),
+                        batch.consumed_at,
+                    )
+                    .await;
+                self.pending
+                    .push(Box::pin(async move { Done::Scored(scored.await) }));
+            }
+        }
+        // In the declared order (see `run_inner`); a row one sink refuses for good becomes a
+        // dead letter of that sink's stage, and the later sinks still have it.
+        let (topics, partitions, offsets) = crate::schema::provenance(&rows);
+        for i in 0..self.sinks.len() {
+            let refused = match self.sinks[i].write(&rows, shutdown).await {
+                Ok(refused) => refused,
+                Err(SinkError::Cancelled) => return Ok(false),
+                Err(e) => return Err(anyhow!(e).context(format!("sink {}", self.sinks[i].name()))),
+            };
+            for r in refused {
+                let (t, p, o) = (
+                    topics.value(r.row),
+                    partitions.value(r.row),
+                    offsets.value(r.row),
+                );
+                let original = batch
+                    .originals
+                    .as_ref()
+                    .and_then(|x| x.rejected(t, p, o, r.failure));
+                match original {
+                    Some(rejected) => self.reject(rejected)?,
+                    None => {
+                        return Err(anyhow!(
+                            "event {t}/{p}@{o} was refused by {} and its original bytes are gone",
+                            self.sinks[i].name()
+                        ))
+                    }
+                }
+            }
+        }
+        for (tp, span) in &batch.spans {
+            if self.owns(tp) {
+                self.offsets.processed(tp, *span);
+            }
+        }
+        while self.pending.len() > MAX_PENDING || self.pending_bytes > MAX_PENDING_BYTES {
+            if let Some(done) = self.pending.next().await {
+                self.acked(done)?;
+            }
+        }
+        metrics::histogram!("sluice_batch_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
+        let due: Vec<_> = self
+            .due()
+            .into_iter()
+            .filter(|(_, why)| matches!(why, Roll::Size))
+            .collect();
+        if !due.is_empty() {
+            for (tp, why) in due {
+                self.roll(&tp, why).await?;
+            }
+            self.commit().await;
+        }
+        Ok(true)
+    }
+
+    /// Partitions some sink wants made durable now (each once, with the first reason given).
+    fn due(&self) -> Vec<(TopicPartition, Roll)> {
+        let mut due: Vec<(TopicPartition, Roll)> = Vec::new();
+        for (tp, why) in self.sinks.iter().flat_map(|s| s.due()) {
+            if !due.iter().any(|(t, _)| *t == tp) {
+                due.push((tp, why));
+            }
+        }
+        due
+    }
+
+    /// The first offset of `tp` that some sink has not made durable.
+    fn not_durable_from(&self, tp: &TopicPartition) -> Option<i64> {
+        self.sinks
+            .iter()
+            .filter_map(|s| s.not_durable_from(tp))
+            .min()
+    }
+
+    /// Waits until every dead letter and prediction sent so far is acknowledged.
+    async fn flush_pending(&mut self) -> anyhow::Result<()> {
+        while let Some(done) = self.pending.next().await {
+            self.acked(done)?;
+        }
+        Ok(())
+    }
+
+    async fn roll(&mut self, tp: &TopicPartition, why: Roll) -> anyhow::Result<()> {
+        // A finished segment is also a resume position, so every dead letter and prediction
+        // below its end must be acknowledged first.
+        self.flush_pending().await?;
+        let fenced = self.fence.is_fenced(tp);
+        for sink in &mut self.sinks {
+            if fenced {
+                // Released without our answer: another member may be writing these offsets.
+                sink.discard(tp)?;
+            } else {
+                sink.make_durable(tp, why).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn roll_due(&mut self) -> anyhow::Result<()> {
+        for (tp, why) in self.due() {
+            self.roll(&tp, why).await?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the partitions' data and returns the offsets to commit before they go.
+    async fn revoke(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> anyhow::Result<Vec<(TopicPartition, i64)>> {
+        self.flush_pending().await?;
+        let mut commits = Vec::new();
+        for tp in partitions {
+            // `roll` discards a fenced partition's files; nothing of it is committed.
+            self.roll(tp, Roll::Revoke).await?;
+            if !self.fence.lift(tp) {
+                if let Some(at) = self.offsets.committable(tp, None) {
+                    commits.push((tp.clone(), at));
+                }
+            }
+            self.offsets.revoke(tp);
+        }
+        Ok(commits)
+    }
+
+    /// Commits every partition whose watermark moved. A failed commit is retried on the next
+    /// tick; the manifests keep the Parquet position meanwhile.
+    async fn commit(&mut self) {
+        let _ = self.try_commit().await;
+    }
+
+    /// [`Self::commit`], saying whether it failed.
+    async fn try_commit(&mut self) -> Result<(), KafkaError> {
+        let commits: Vec<(TopicPartition, i64)> = self
+            .offsets
+            .owned()
+            .into_iter()
+            .filter(|tp| !self.fence.is_fenced(tp))
+            .filter_map(|tp| {
+                let open = self.not_durable_from(&tp);
+                self.offsets.committable(&tp, open).map(|at| (tp, at))
+            })
+            .collect();
+        if commits.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let consumer = self.consumer.clone();
+        let list = offsets_list(&commits);
+        let result =
+            tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync)).await;
+        telemetry::stage(&self.labels, "commit", started);
+        match result {
+            Ok(Ok(())) => {
+                for (tp, at) in &commits {
+                    self.offsets.mark_committed(tp, *at);
+                }
+                self.status.progressed();
+                debug!(partitions = commits.len(), "Offsets committed.");
+                Ok(())
+            }
+            Ok(Err(error)) => {
+                metrics::counter!("sluice_commit_errors_total", "pipeline" => self.labels.clone())
+                    .increment(1);
+                warn!(%error, "Commit failed; retrying on the next tick.");
+                Err(error)
+            }
+            Err(error) => panic!("the commit task panicked: {error}"),
+        }
+    }
+
+    /// Shutdown: finish everything, wait for dead letters, commit.
+    pub(super) async fn drain(&mut self) -> anyhow::Result<()> {
+        self.flush_pending().await?;
+        let mut open: Vec<TopicPartition> = self.sinks.iter().flat_map(|s| s.holding()).collect();
+        open.sort();
+        open.dedup();
+        for tp in open {
+            self.roll(&tp, Roll::Shutdown).await?;
+        }
+        // The final commit is retried within the grace period; if it never succeeds, the exit
+        // code says so (the files are safe: their manifests are the resume position).
+        let mut backoff =
+            crate::failure::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        loop {
+            match self.try_commit().await {
+                Ok(()) => return Ok(()),
+                Err(error) if backoff.attempts() >= 5 => {
+                    return Err(anyhow!("the final commit failed: {error}"))
+                }
+                Err(_) => tokio::time::sleep(backoff.delay()).await,
+            }
+        }
+    }
+}
+
+fn payload_len(r: &Rejected) -> usize {
+    r.payload.as_ref().map_or(0, Vec::len)
+}
+
+/// Keeps only the rows of the given partitions.
+fn filter_partitions(
+    batch: &arrow::record_batch::RecordBatch,
+    owned: &[TopicPartition],
+) -> anyhow::Result<arrow::record_batch::RecordBatch> {
+    use arrow::array::BooleanArray;
+    let (topics, partitions, _) = crate::schema::provenance(batch);
+    let keep: BooleanArray = (0..batch.num_rows())
+        .map(|i| {
+            Some(
+                owned
+                    .iter()
+                    .any(|(t, p)| **t == *topics.value(i) && *p == partitions.value(i)),
+            )
+        })
+        .collect();
+    Ok(arrow::compute::filter_record_batch(batch, &keep)?)
+}
