@@ -93,9 +93,30 @@ pub fn oversized(n: u64) -> TestEvent {
     }
 }
 
-/// The test event a record's key names: `k-<n>` ([`event`]), `big-<n>` ([`oversized`]), or
-/// `hdr-<n>`: event `n` (a valid one) sent with a header name that is not UTF-8.
+/// A valid event (key `hr-<n>`, id `h-<n>`) `n` hours after 2026-01-01: consecutive ones fall
+/// into different `dt`/`hour` folders.
+pub fn hourly(n: u64) -> TestEvent {
+    let at = chrono::DateTime::from_timestamp(1_767_225_600 + n as i64 * 3_600, 0)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    TestEvent {
+        key: format!("hr-{n}"),
+        payload: format!(
+            r#"{{"id":"h-{n}","customer":"c-{}","amount":1.5,"at":"{at}"}}"#,
+            n % 97
+        )
+        .into_bytes(),
+        invalid: None,
+    }
+}
+
+/// The test event a record's key names: `k-<n>` ([`event`]), `big-<n>` ([`oversized`]),
+/// `hr-<n>` ([`hourly`]), or `hdr-<n>`: event `n` (a valid one) sent with a header name that
+/// is not UTF-8.
 pub fn event_of_key(key: &str) -> (String, TestEvent) {
+    if let Some(n) = key.strip_prefix("hr-") {
+        return (format!("h-{n}"), hourly(n.parse().unwrap()));
+    }
     if let Some(n) = key.strip_prefix("hdr-") {
         let e = event(n.parse().unwrap());
         assert!(e.invalid.is_none(), "hdr-<n> takes a valid event");

@@ -100,6 +100,7 @@ pub struct ParquetSpec {
     pub max_file_size: u64,
     pub max_file_age: Duration,
     pub idle_flush: Duration,
+    pub max_open_files: usize,
     pub spool_dir: PathBuf,
     pub storage_options: BTreeMap<String, String>,
 }
@@ -602,6 +603,8 @@ fn build_parquet(
         };
     let max_file_age = age(p, "max_file_age", &raw.max_file_age, 300);
     let idle_flush = age(p, "idle_flush", &raw.idle_flush, 30);
+    let max_open_files = p.get(&format!("{AT}.max_open_files"), &raw.max_open_files, 32);
+    let max_open_files = p.positive(&format!("{AT}.max_open_files"), max_open_files);
     let spool_dir = p
         .read(&format!("{AT}.spool_dir"), &raw.spool_dir)
         .ok()
@@ -619,6 +622,7 @@ fn build_parquet(
         max_file_size: max_file_size?,
         max_file_age: max_file_age?,
         idle_flush: idle_flush?,
+        max_open_files: max_open_files?,
         spool_dir: spool_dir?,
         storage_options,
     })

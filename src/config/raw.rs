@@ -183,6 +183,9 @@ pub struct RawParquet {
     pub max_file_age: Option<Setting<HumanDuration>>,
     /// A file is finished when no row was added for this long (default "30s").
     pub idle_flush: Option<Setting<HumanDuration>>,
+    /// Files open at once per Kafka partition, one per Hive folder (default 32): a batch that
+    /// needs more finishes the partition's segment and goes on in a new one.
+    pub max_open_files: Option<Setting<usize>>,
     /// Local folder for files being written before upload (object stores only; default: the
     /// system temporary folder).
     pub spool_dir: Option<Setting<String>>,

@@ -310,15 +310,24 @@ impl Runner {
         }
         metrics::histogram!("sluice_batch_seconds", &labels)
             .record(started.elapsed().as_secs_f64());
-        let due: Vec<_> = self
-            .due()
-            .into_iter()
-            .filter(|(_, why)| matches!(why, Roll::Size))
-            .collect();
-        if !due.is_empty() {
+        // Segments full by size, or with rows waiting for a file of their own, are finished
+        // now (again while finishing one leaves rows waiting); the others on the tick.
+        let mut rolled = false;
+        loop {
+            let due: Vec<_> = self
+                .due()
+                .into_iter()
+                .filter(|(_, why)| matches!(why, Roll::Size | Roll::OpenFiles))
+                .collect();
+            if due.is_empty() {
+                break;
+            }
             for (tp, why) in due {
                 self.roll(&tp, why).await?;
             }
+            rolled = true;
+        }
+        if rolled {
             self.commit().await;
         }
         Ok(true)
@@ -367,6 +376,17 @@ impl Runner {
         Ok(())
     }
 
+    /// Rolls `tp` until no sink holds anything of it (rows deferred for want of open files go
+    /// into a segment of their own, which is then finished too).
+    async fn roll_until_done(&mut self, tp: &TopicPartition, why: Roll) -> anyhow::Result<()> {
+        loop {
+            self.roll(tp, why).await?;
+            if !self.sinks.iter().any(|s| s.holding().contains(tp)) {
+                return Ok(());
+            }
+        }
+    }
+
     async fn roll_due(&mut self) -> anyhow::Result<()> {
         for (tp, why) in self.due() {
             self.roll(&tp, why).await?;
@@ -383,7 +403,7 @@ impl Runner {
         let mut commits = Vec::new();
         for tp in partitions {
             // `roll` discards a fenced partition's files; nothing of it is committed.
-            self.roll(tp, Roll::Revoke).await?;
+            self.roll_until_done(tp, Roll::Revoke).await?;
             if !self.fence.lift(tp) {
                 if let Some(at) = self.offsets.committable(tp, None) {
                     commits.push((tp.clone(), at));
@@ -447,7 +467,7 @@ impl Runner {
         open.sort();
         open.dedup();
         for tp in open {
-            self.roll(&tp, Roll::Shutdown).await?;
+            self.roll_until_done(&tp, Roll::Shutdown).await?;
         }
         // The final commit is retried within the grace period; if it never succeeds, the exit
         // code says so (the files are safe: their manifests are the resume position).

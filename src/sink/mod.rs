@@ -44,6 +44,8 @@ pub enum Roll {
     Size,
     Age,
     Idle,
+    /// The segment has `max_open_files` files and the next rows need another.
+    OpenFiles,
     Revoke,
     Shutdown,
 }
@@ -54,6 +56,7 @@ impl Roll {
             Self::Size => "size",
             Self::Age => "age",
             Self::Idle => "idle",
+            Self::OpenFiles => "open_files",
             Self::Revoke => "revoke",
             Self::Shutdown => "shutdown",
         }

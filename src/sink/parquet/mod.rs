@@ -20,7 +20,7 @@ mod layout;
 pub mod storage;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs::File,
     path::PathBuf,
     sync::Arc,
@@ -129,6 +129,10 @@ pub struct ParquetSink {
     partitioner: Partitioner,
     properties: WriterProperties,
     segments: HashMap<TopicPartition, Segment>,
+    /// Rows of a partition that would have opened more than `max_open_files` files in its
+    /// segment: they wait, in offset order, for the segment to be finished (`Roll::OpenFiles`),
+    /// and go into the next one.
+    deferred: HashMap<TopicPartition, RecordBatch>,
     /// Makes temporary names unique within this process.
     counter: u64,
 }
@@ -163,6 +167,7 @@ impl ParquetSink {
             partitioner,
             properties,
             segments: HashMap::new(),
+            deferred: HashMap::new(),
             counter: 0,
         })
     }
@@ -252,17 +257,42 @@ impl ParquetSink {
             return Ok(());
         }
         let (topics, partitions, offsets) = crate::schema::provenance(batch);
-        // Group rows by (topic, partition, folder), keeping their order.
+        // Group rows by (topic, partition, folder), keeping their order. A partition's rows
+        // from the first one that would open a file past `max_open_files` on are deferred,
+        // all of them, so that each segment still covers a contiguous range of offsets.
         type Group<'a> = (&'a str, i32, String);
         let mut groups: Vec<(Group, Vec<u32>)> = Vec::new();
         let mut index: HashMap<Group, usize> = HashMap::new();
+        let mut folders: HashMap<(&str, i32), BTreeSet<String>> = HashMap::new();
+        let mut deferred: HashMap<(&str, i32), Vec<u32>> = HashMap::new();
         for row in 0..batch.num_rows() {
             let folder = if self.partitioner.is_partitioned() {
                 self.partitioner.folder(batch, row)
             } else {
                 String::new()
             };
-            let key = (topics.value(row), partitions.value(row), folder);
+            let tp = (topics.value(row), partitions.value(row));
+            if let Some(rows) = deferred.get_mut(&tp) {
+                rows.push(row as u32);
+                continue;
+            }
+            let open = folders.entry(tp).or_insert_with(|| {
+                let owned: TopicPartition = (Arc::from(tp.0), tp.1);
+                self.segments
+                    .get(&owned)
+                    .map(|s| s.files.keys().cloned().collect())
+                    .unwrap_or_default()
+            });
+            let waiting = self
+                .deferred
+                .keys()
+                .any(|(t, p)| **t == *tp.0 && *p == tp.1);
+            if waiting || (!open.contains(&folder) && open.len() >= self.spec.max_open_files) {
+                deferred.insert(tp, vec![row as u32]);
+                continue;
+            }
+            open.insert(folder.clone());
+            let key = (tp.0, tp.1, folder);
             // Only a new group's key is copied; most rows join an existing group.
             let at = match index.get(&key) {
                 Some(at) => *at,
@@ -330,12 +360,33 @@ impl ParquetSink {
             segment.rows += count as u64;
             segment.touched = now;
         }
+        for ((topic, partition), rows) in deferred {
+            let tp: TopicPartition = (Arc::from(topic), partition);
+            let rows = take_record_batch(batch, &UInt32Array::from(rows))?;
+            let rows = match self.deferred.remove(&tp) {
+                Some(earlier) => {
+                    arrow::compute::concat_batches(&batch.schema(), [&earlier, &rows])?
+                }
+                None => rows,
+            };
+            self.deferred.insert(tp, rows);
+        }
         Ok(())
     }
 
-    /// The first offset of a partition's open segment: nothing from there on is durable yet.
+    /// The first offset of a partition's open segment or deferred rows: nothing from there on
+    /// is durable yet.
     pub fn open_first(&self, tp: &TopicPartition) -> Option<i64> {
-        self.segments.get(tp).map(|s| s.first)
+        let deferred = self
+            .deferred
+            .get(tp)
+            .map(|b| crate::schema::provenance(b).2.value(0));
+        self.segments
+            .get(tp)
+            .map(|s| s.first)
+            .into_iter()
+            .chain(deferred)
+            .min()
     }
 
     /// Partitions whose segment should be finished now, and why.
@@ -344,7 +395,9 @@ impl ParquetSink {
         self.segments
             .iter()
             .filter_map(|(tp, s)| {
-                let why = if s.size() >= self.spec.max_file_size {
+                let why = if self.deferred.contains_key(tp) {
+                    Roll::OpenFiles
+                } else if s.size() >= self.spec.max_file_size {
                     Roll::Size
                 } else if now.duration_since(s.opened) >= self.spec.max_file_age {
                     Roll::Age
@@ -355,6 +408,12 @@ impl ParquetSink {
                 };
                 Some((tp.clone(), why))
             })
+            .chain(
+                self.deferred
+                    .keys()
+                    .filter(|tp| !self.segments.contains_key(*tp))
+                    .map(|tp| (tp.clone(), Roll::OpenFiles)),
+            )
             .collect()
     }
 
@@ -362,6 +421,7 @@ impl ParquetSink {
     /// removed. For a partition this member no longer owns (a revocation past its deadline, a
     /// lost assignment): another member writes those offsets from the committed position.
     pub fn discard(&mut self, tp: &TopicPartition) -> Result<(), ParquetSinkError> {
+        self.deferred.remove(tp);
         if let Some(segment) = self.segments.remove(tp) {
             drop(segment);
             let removed = self.storage.clean_tmp(&tmp_prefix(&tp.0, tp.1))?;
@@ -371,9 +431,16 @@ impl ParquetSink {
         Ok(())
     }
 
-    /// Partitions with an open segment.
+    /// Partitions with an open segment (or rows deferred to the next one).
     pub fn open_partitions(&self) -> Vec<TopicPartition> {
-        self.segments.keys().cloned().collect()
+        let mut open: Vec<TopicPartition> = self.segments.keys().cloned().collect();
+        open.extend(
+            self.deferred
+                .keys()
+                .filter(|tp| !self.segments.contains_key(*tp))
+                .cloned(),
+        );
+        open
     }
 
     /// Finishes a partition's segment (see the module docs for the order of steps).
@@ -501,13 +568,20 @@ impl Sink for ParquetSink {
         self.open_partitions()
     }
 
+    /// Finishes the partition's segment; rows deferred for want of open files then go into the
+    /// next one (which may defer again: the partition is then still `due`).
     async fn make_durable(&mut self, tp: &TopicPartition, why: Roll) -> Result<(), SinkError> {
         self.finish(tp, why).await.map(drop).map_err(|e| {
             SinkError::failed(ContextError(
                 format!("finishing the Parquet segment of {}/{}", tp.0, tp.1),
                 e,
             ))
-        })
+        })?;
+        if let Some(rows) = self.deferred.remove(tp) {
+            tokio::task::block_in_place(|| ParquetSink::write(self, &rows))
+                .map_err(SinkError::failed)?;
+        }
+        Ok(())
     }
 
     async fn recover(

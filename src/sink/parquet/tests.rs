@@ -35,6 +35,7 @@ fn spec(root: &std::path::Path) -> ParquetSpec {
         max_file_size: 1 << 30,
         max_file_age: std::time::Duration::from_secs(3600),
         idle_flush: std::time::Duration::from_secs(3600),
+        max_open_files: 32,
         spool_dir: root.join("spool"),
         storage_options: Default::default(),
     }
@@ -247,4 +248,36 @@ async fn files_carry_their_provenance() {
     assert_eq!(kv["sluice.first_offset"], "4");
     assert_eq!(kv["sluice.last_offset"], "4");
     assert_eq!(kv["sluice.schema_fingerprint"], schema.fingerprint);
+}
+
+/// Review finding A9: a partition's rows never open more than `max_open_files` files. Past
+/// it the rest of the partition's rows wait (in offset order) for the segment to be finished,
+/// and each segment still covers a contiguous range of offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn open_files_per_partition_are_capped() {
+    use crate::sink::Sink;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = schema();
+    let mut spec = spec(dir.path());
+    spec.max_open_files = 1;
+    let mut sink = ParquetSink::open("p", &spec, schema.clone()).unwrap();
+    // 10:xx and 11:xx alternate: every other row needs the second folder.
+    ParquetSink::write(&mut sink, &batch(&schema, &[4, 6, 7, 8, 9])).unwrap();
+    assert_eq!(sink.segments[&tp()].files.len(), 1);
+    assert_eq!(sink.open_first(&tp()), Some(4));
+    assert_eq!(ParquetSink::due(&sink), vec![(tp(), Roll::OpenFiles)]);
+    // A later batch waits behind the deferred rows.
+    ParquetSink::write(&mut sink, &batch(&schema, &[10])).unwrap();
+    let mut ranges = Vec::new();
+    while let Some((tp, why)) = ParquetSink::due(&sink).into_iter().next() {
+        assert_eq!(why, Roll::OpenFiles);
+        let segment = &sink.segments[&tp];
+        ranges.push((segment.first, segment.last));
+        Sink::make_durable(&mut sink, &tp, why).await.unwrap();
+        assert!(sink.segments.get(&tp).is_none_or(|s| s.files.len() == 1));
+    }
+    let last = sink.finish(&tp(), Roll::Size).await.unwrap().unwrap();
+    ranges.push((last.manifest.first_offset, last.manifest.last_offset));
+    assert_eq!(ranges, vec![(4, 6), (7, 7), (8, 8), (9, 9), (10, 10)]);
+    assert_eq!(finished_files(dir.path()).len(), 5);
 }
