@@ -217,7 +217,18 @@ impl SourceContext {
             let from_commit = committed_of(&topic, partition);
             let start = from_commit.into_iter().chain(from_sinks).max();
             if let Some(start) = start {
-                debug!(%topic, partition, ?from_commit, ?from_sinks, start, "Resume position.");
+                // Review finding A19: the files' own position wins over an earlier committed
+                // offset (a crash before the commit, or an operator's reset): say so, since a
+                // reset to reprocess does not reprocess what is already in Parquet.
+                if let (Some(c), Some(s)) =
+                    (from_commit, from_sinks.filter(|s| Some(*s) > from_commit))
+                {
+                    info!(%topic, partition, committed = c, from_files = s,
+                          "Resuming after the committed offset, where the finished files end; \
+                           to reprocess, use a new pipeline name or remove its manifests.");
+                } else {
+                    debug!(%topic, partition, ?from_commit, ?from_sinks, start, "Resume position.");
+                }
                 if let Err(error) =
                     tpl.set_partition_offset(&topic, partition, Offset::Offset(start))
                 {
