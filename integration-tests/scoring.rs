@@ -386,6 +386,59 @@ fn a_version_failing_on_real_rows_from_the_start_stops_the_pipeline() {
     assert!(dead < 100, "{dead} inference dead letters");
 }
 
+/// Two pipelines naming one model share it in the process's inference service: it is loaded
+/// once, and both pipelines' events are scored by it. The same name with another path is a
+/// configuration error at start (exit 2, one `ERROR` line).
+#[test]
+fn pipelines_naming_one_model_share_it() {
+    let broker = Broker::start();
+    let a = scoring(&broker, "linear");
+    let b = scoring(&broker, "linear");
+    b.p.edit("name = \"test\"", "name = \"test-b\"");
+    b.p.edit(
+        "path = \"models/risk\"",
+        &format!("path = \"{}\"", a.repo.display()),
+    );
+    produce(&broker, &a.p.topic, 0..600);
+    produce(&broker, &b.p.topic, 600..1_200);
+    let mut sluice = a.p.spawn_together(&[&b.p], "run.log");
+    // One process, so one log (in a's folder) for both.
+    for p in [&a.p, &b.p] {
+        broker
+            .wait_committed(&p.topic, &p.group, DRAIN)
+            .unwrap_or_else(|e| panic!("{e}\n{}", a.p.log("run.log")));
+    }
+    a.p.stop(&mut sluice, "run.log");
+    let log = a.p.log("run.log");
+    assert_eq!(log.matches("Model loaded.").count(), 1, "{log}");
+    for (s, range) in [(&a, 0..600), (&b, 600..1_200)] {
+        let records = broker.read_all(&s.predictions);
+        let predicted = by_id(&records);
+        let valid: BTreeSet<String> = range
+            .filter(|n| valid_json(*n).is_some())
+            .map(|n| format!("e-{n}"))
+            .collect();
+        assert_eq!(predicted.keys().cloned().collect::<BTreeSet<_>>(), valid);
+    }
+    check_oracle(&broker, &a.p);
+
+    // The same name with another path (after the run: a process that fails at start may leave
+    // a member behind that tansu waits for).
+    let c = scoring(&broker, "linear");
+    c.p.edit("name = \"test\"", "name = \"test-c\"");
+    let mut conflict = c.p.spawn_together(&[&a.p], "conflict.log");
+    let status = wait_exit(&mut conflict.0, Duration::from_secs(60));
+    let log = c.p.log("conflict.log");
+    assert_eq!(status.code(), Some(2), "{log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(
+        errors[0].contains("\"risk\" is declared twice"),
+        "{}",
+        errors[0]
+    );
+}
+
 /// A model that raises, returns NaN or the wrong shape: exactly those events become dead
 /// letters (stage `inference`) with their original bytes; every other event is scored.
 #[test]

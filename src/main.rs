@@ -107,7 +107,12 @@ fn main() -> ExitCode {
                 .expect("building the tokio runtime");
             match runtime.block_on(run(pipelines, &listen, grace_period, stall_timeout)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) if e.chain().any(|c| c.is::<sluice::score::ModelRefused>()) => {
+                Err(e)
+                    if e.chain().any(|c| {
+                        c.downcast_ref::<sluice::score::service::ServiceError>()
+                            .is_some_and(|s| s.is_config())
+                    }) =>
+                {
                     error!("{e:#}");
                     ExitCode::from(2)
                 }
@@ -319,12 +324,15 @@ async fn run(
             });
         });
     }
+    // One inference service for the process: pipelines naming the same model share it.
+    let inference = Arc::new(sluice::score::service::Service::new(&pipelines));
     let mut tasks = tokio::task::JoinSet::new();
     for (spec, status) in pipelines.into_iter().zip(statuses) {
         let name = spec.name.clone();
         let token = shutdown.child_token();
+        let inference = inference.clone();
         tasks.spawn(async move {
-            let result = pipeline::run(spec, token, grace, stall_timeout, status).await;
+            let result = pipeline::run(spec, token, grace, stall_timeout, status, inference).await;
             (name, result)
         });
     }

@@ -90,20 +90,32 @@ time_field = "at"
         self.spawn_with(log, listen, &[])
     }
 
+    /// Starts one `sluice run` process on this pipeline and `others`; its log goes to `log`
+    /// (in this pipeline's folder).
+    pub fn spawn_together(&self, others: &[&TestPipeline], log: &str) -> KillOnDrop {
+        self.spawn_files(others, log, "off", &[])
+    }
+
     /// [`Self::spawn_listening`] with more environment variables.
     pub fn spawn_with(&self, log: &str, listen: &str, env: &[(&str, &str)]) -> KillOnDrop {
+        self.spawn_files(&[], log, listen, env)
+    }
+
+    fn spawn_files(
+        &self,
+        others: &[&TestPipeline],
+        log: &str,
+        listen: &str,
+        env: &[(&str, &str)],
+    ) -> KillOnDrop {
         let name = log;
         let log = fs::File::create(self.dir.path().join(log)).unwrap();
         let child = KillOnDrop(
             Command::new(env!("CARGO_BIN_EXE_sluice"))
-                .args([
-                    "run",
-                    self.file.to_str().unwrap(),
-                    "--listen",
-                    listen,
-                    "--grace-period",
-                    "20s",
-                ])
+                .arg("run")
+                .arg(&self.file)
+                .args(others.iter().map(|p| &p.file))
+                .args(["--listen", listen, "--grace-period", "20s"])
                 .env("RUST_LOG", "info,sluice=debug")
                 .envs(env.iter().copied())
                 .stdout(Stdio::null())

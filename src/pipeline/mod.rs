@@ -44,7 +44,7 @@ use self::runner::Runner;
 use crate::{
     config::{ErrorPolicy, Pipeline},
     decode::{Decoder, Limits},
-    score::Scorer,
+    score::{service::Service, Scorer},
     sink::{dead_letter::DeadLetters, parquet::ParquetSink, redis::RedisSink, Sink},
     source::{Batcher, Source},
     telemetry::health::Status,
@@ -57,9 +57,10 @@ pub async fn run(
     grace: Duration,
     stall_timeout: Duration,
     status: Arc<Status>,
+    inference: Arc<Service>,
 ) -> anyhow::Result<()> {
     let span = tracing::info_span!("pipeline", pipeline = %spec.name);
-    let result = run_inner(spec, shutdown, grace, stall_timeout, &status)
+    let result = run_inner(spec, shutdown, grace, stall_timeout, &status, &inference)
         .instrument(span)
         .await;
     if result.is_err() {
@@ -74,6 +75,7 @@ async fn run_inner(
     grace: Duration,
     stall_timeout: Duration,
     status: &Arc<Status>,
+    inference: &Service,
 ) -> anyhow::Result<()> {
     // The sinks of rows, in the order they write: Redis before Parquet, because a finished
     // Parquet segment is a resume position, so its rows must already be in Redis.
@@ -108,12 +110,9 @@ async fn run_inner(
     if let Some(dlq) = &dead_letters {
         dlq.check_topic().await?;
     }
-    if let Some(n) = spec.models.iter().map(|m| m.intra_op_threads).max() {
-        tch::set_num_threads(n as i32);
-    }
     let mut scorers = Vec::with_capacity(spec.models.len());
     for m in &spec.models {
-        scorers.push(Scorer::open(&spec.name, &spec.source.bootstrap_servers, m).await?);
+        scorers.push(Scorer::open(&spec.name, &spec.source.bootstrap_servers, m, inference).await?);
     }
     let decoder = Decoder::new(spec.schema.clone(), Limits::from(&spec.errors));
     let (tx, raw) = mpsc::channel(spec.batch.max_in_flight);

@@ -22,6 +22,8 @@
 pub mod features;
 pub mod model;
 pub mod runtime;
+/// The process's models, shared by every pipeline that names them.
+pub mod service;
 pub mod versions;
 
 use std::{sync::Arc, time::Instant};
@@ -36,13 +38,13 @@ use futures::future::BoxFuture;
 use rdkafka::message::{Header, OwnedHeaders};
 use serde::ser::{SerializeMap, Serializer};
 use thiserror::Error;
-use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 use self::{
     features::FeatureEncoder,
     model::{LoadedModel, Shape},
-    runtime::{JobResult, Runtime, RuntimeSpec},
+    runtime::JobResult,
+    service::{Model, Service},
     versions::Versions,
 };
 use crate::{
@@ -115,35 +117,25 @@ pub struct Scorer {
     spec: Arc<ModelSpec>,
     name: Arc<str>,
     encoder: FeatureEncoder,
-    runtime: Runtime,
+    /// The model in the process's inference service, shared with other pipelines naming it.
+    model: Arc<Model>,
     out: Predictions,
     output_topic: Arc<str>,
     feedback_topic: Option<Arc<str>>,
     pipeline: Arc<str>,
-    reloader: Option<JoinHandle<()>>,
 }
 
 impl Scorer {
-    /// Loads the newest version (blocking the caller for the warm-up) and starts the threads.
-    pub async fn open(pipeline: &str, bootstrap: &str, spec: &ModelSpec) -> anyhow::Result<Self> {
+    /// The model `spec` names, from the process's inference service (loaded and warmed up on
+    /// first use), with this pipeline's encoder and predictions producer.
+    pub async fn open(
+        pipeline: &str,
+        bootstrap: &str,
+        spec: &ModelSpec,
+        service: &Service,
+    ) -> anyhow::Result<Self> {
+        let model = service.model(spec).await?;
         let spec = Arc::new(spec.clone());
-        let s = spec.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_newest(&s))
-            .await?
-            .map_err(|reason| ModelRefused {
-                model: spec.name.clone(),
-                reason,
-            })?;
-        if spec.device == crate::config::DeviceChoice::Auto && loaded.device == tch::Device::Cpu {
-            info!(model = %spec.name, "No CUDA device available; the model runs on the CPU.");
-        }
-        info!(model = %spec.name, version = %loaded.version, device = ?loaded.device,
-              path = %loaded.candidate.path.display(), "Model loaded.");
-        versions::set_version_metrics(&spec.name, &loaded, None);
-        let runtime = Runtime::start(RuntimeSpec::from(&*spec), loaded);
-        let reloader = spec
-            .reload_interval
-            .map(|every| tokio::spawn(reload(spec.clone(), runtime.versions.clone(), every)));
         let out = Predictions::new(pipeline, bootstrap, &spec.producer_properties)
             .context("creating the predictions producer")?;
         for topic in std::iter::once(&spec.output_topic).chain(&spec.feedback_topic) {
@@ -156,8 +148,7 @@ impl Scorer {
             output_topic: Arc::from(spec.output_topic.as_str()),
             feedback_topic: spec.feedback_topic.as_deref().map(Arc::from),
             pipeline: Arc::from(pipeline),
-            runtime,
-            reloader,
+            model,
             spec,
         })
     }
@@ -180,7 +171,7 @@ impl Scorer {
         crate::telemetry::stage(&self.pipeline, "features", started);
         let admitted = encoded.rows.len().min(self.spec.queue_rows);
         let values = Arc::new(std::mem::take(&mut encoded.values));
-        let (permit, replies) = self.runtime.submit(values.clone(), admitted).await;
+        let (permit, replies) = self.model.runtime.submit(values.clone(), admitted).await;
         let ctx = Context {
             spec: self.spec.clone(),
             name: self.name.clone(),
@@ -269,14 +260,6 @@ impl Scorer {
                 Err(_) => futures::future::pending().await,
             }
         })
-    }
-}
-
-impl Drop for Scorer {
-    fn drop(&mut self) {
-        if let Some(r) = self.reloader.take() {
-            r.abort();
-        }
     }
 }
 
@@ -515,7 +498,11 @@ impl serde::Serialize for Columns<'_> {
 }
 
 /// Checks for a new version every `every`; loads, warms up and swaps it in, or refuses it.
-async fn reload(spec: Arc<ModelSpec>, versions: Arc<Versions>, every: std::time::Duration) {
+pub(super) async fn reload(
+    spec: Arc<ModelSpec>,
+    versions: Arc<Versions>,
+    every: std::time::Duration,
+) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;

@@ -53,7 +53,7 @@ struct Job {
 }
 
 /// Settings of the model threads.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RuntimeSpec {
     pub model: String,
     pub threads: usize,

@@ -370,6 +370,9 @@ pub fn consumer_config(spec: &SourceSpec) -> ClientConfig {
     for (k, v) in defaults {
         config.set(k, v);
     }
+    // Named after the group, so that broker logs and quotas tell pipelines apart (several
+    // pipelines in one process are several consumers).
+    config.set("client.id", format!("sluice-{}", spec.group_id));
     for (k, v) in &spec.properties {
         config.set(k, v);
     }
