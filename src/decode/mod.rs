@@ -216,7 +216,10 @@ fn validate_object(
     for def in &obj.fields {
         let path = || field_path(prefix, &def.name);
         match member(members, &def.name) {
-            None | Some(Json::Null) if def.required && !def.nullable => {
+            // JSON Schema's `required` means present: a required field that allows null must
+            // be there, as null or a value (review finding A17).
+            None if def.required => return Err(DecodeError::Missing { field: path() }),
+            Some(Json::Null) if def.required && !def.nullable => {
                 return Err(DecodeError::Missing { field: path() })
             }
             None => {}

@@ -230,3 +230,34 @@ fn unknown_fields_are_rejected_only_when_the_schema_says_so() {
     );
     d.push(origin(1), Some(br#"{"a":1}"#)).unwrap();
 }
+
+/// Review finding A17: `required` means present (JSON Schema's meaning), also for a field that
+/// allows null: absent is `missing_field`, an explicit null is a null.
+#[test]
+fn a_required_field_that_allows_null_must_be_present() {
+    let schema = Arc::new(
+        EventSchema::compile(&json!({
+            "type": "object",
+            "required": ["id", "order"],
+            "properties": {"id": {"type": "string"}, "order": {"type": ["string", "null"]}}
+        }))
+        .unwrap(),
+    );
+    let mut d = Decoder::new(
+        schema,
+        Limits {
+            max_event_size: 512,
+            max_depth: 8,
+        },
+    );
+    let absent = d.push(origin(1), Some(br#"{"id":"a"}"#)).unwrap_err();
+    assert_eq!(absent.reason(), "missing_field");
+    assert!(absent.to_string().contains("`order`"), "{absent}");
+    d.push(origin(2), Some(br#"{"id":"b","order":null}"#))
+        .unwrap();
+    d.push(origin(3), Some(br#"{"id":"c","order":"o-1"}"#))
+        .unwrap();
+    let batch = d.finish();
+    assert_eq!(batch.num_rows(), 2);
+    assert!(batch.column_by_name("order").unwrap().is_null(0));
+}

@@ -196,9 +196,15 @@ impl Runner {
                        stage = r.error.stage(), reason = r.error.reason(), "Dead letter.");
                 self.offsets.hold(&tp, r.offset);
                 self.pending_bytes += payload_len(&r);
-                let sent = dlq.send(r);
-                self.pending
-                    .push(Box::pin(async move { Done::DeadLetter(sent.await) }));
+                // Sent from a task of its own, so that it goes out at once rather than when this
+                // task next polls `pending` (review finding A12).
+                let sent = tokio::spawn(dlq.send(r));
+                self.pending.push(Box::pin(async move {
+                    Done::DeadLetter(
+                        sent.await
+                            .unwrap_or_else(|e| Err(DeadLetterError::Stopped(e.to_string()))),
+                    )
+                }));
                 Ok(())
             }
             _ => {

@@ -40,6 +40,9 @@ const RECORD_OVERHEAD: usize = 512;
 /// Why a dead letter could not be delivered: the pipeline fails.
 #[derive(Debug, Error)]
 pub enum DeadLetterError {
+    /// The task sending it panicked or was cancelled (a bug): the pipeline fails.
+    #[error("the task sending a dead letter stopped: {0}")]
+    Stopped(String),
     /// The broker refuses the topic itself: it does not exist, or sluice may not write to it.
     #[error(
         "the dead-letter topic {topic:?} refuses records ({source}); create it or grant \
