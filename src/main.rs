@@ -45,8 +45,10 @@ enum Command {
         /// Address of the HTTP listener for /metrics, /healthz and /readyz ("off" to disable).
         #[arg(long, default_value = "127.0.0.1:9898", env = "SLUICE_LISTEN")]
         listen: String,
-        /// How long shutdown may take to finish files and commit before the process gives up.
-        #[arg(long, default_value = "30s", value_parser = config::units::parse_duration)]
+        /// How long shutdown may take to finish files and commit before the process gives up
+        /// (exit 1). The default leaves room within Kubernetes' default
+        /// terminationGracePeriodSeconds (30) for the hard deadline, 2 s after it.
+        #[arg(long, default_value = "20s", value_parser = config::units::parse_duration)]
         grace_period: Duration,
         /// When events wait and a pipeline has taken, acknowledged and committed nothing for
         /// this long, it is stuck: /healthz answers 503 (so a supervisor restarts the process).
