@@ -3,6 +3,7 @@
     python3 models.py linear OUT.pt --seed N      a small MLP: 4 features -> one score
     python3 models.py faulty OUT.pt               raises, returns NaN or the wrong shape on cue
     python3 models.py broken OUT.pt               passes a warm-up of zeros, raises on real rows
+    python3 models.py slow OUT.pt                 a score that takes ~0.5 s per batch of 64 rows
     python3 models.py reference MODEL.pt EVENTS   one line per event: {"id":..,"score":..}
 
 The features are those of the test pipelines ([[model.inputs]]): amount, currency one-hot over
@@ -60,6 +61,21 @@ class Broken(torch.nn.Module):
         return torch.zeros(x.shape[0], 1)
 
 
+class Slow(torch.nn.Module):
+    """sigmoid(amount / 100), after a few hundred needless matrix products per batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.w = torch.nn.Parameter(torch.randn(256, 256) / 16.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ones(x.shape[0], 256)
+        for _ in range(8000):
+            y = torch.tanh(y @ self.w)
+        return torch.sigmoid(x[:, 0:1] / 100.0 + 0.0 * y[:, 0:1])
+
+
 def save(module, path):
     scripted = torch.jit.script(module)
     scripted.save(path + ".tmp")
@@ -77,6 +93,8 @@ def main(argv):
         save(Faulty().eval(), argv[1])
     elif command == "broken":
         save(Broken().eval(), argv[1])
+    elif command == "slow":
+        save(Slow().eval(), argv[1])
     elif command == "reference":
         model = torch.jit.load(argv[1])
         model.eval()

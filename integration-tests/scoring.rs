@@ -439,6 +439,44 @@ fn pipelines_naming_one_model_share_it() {
     );
 }
 
+/// RELIABILITY.md scenario 8: processing much slower than `max.poll.interval.ms` (6 s here;
+/// the model takes ~0.5 s per batch of 64 rows and queue_rows is one micro-batch, so the
+/// backlog takes about 20 s to score). The source pauses and keeps polling: the member is
+/// never expelled (no MAXPOLL, no revocation), every valid event gets one prediction, and the
+/// oracle holds.
+#[test]
+fn processing_slower_than_max_poll_interval_keeps_the_member() {
+    let broker = Broker::start();
+    let s = scoring(&broker, "slow");
+    s.p.edit(
+        "\"session.timeout.ms\" = \"6000\"",
+        "\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"6000\"",
+    );
+    produce(&broker, &s.p.topic, 0..3_000);
+    let started = Instant::now();
+    let mut sluice = s.p.spawn("run.log");
+    s.p.wait_drained(&broker, DRAIN);
+    let took = started.elapsed();
+    s.p.stop(&mut sluice, "run.log");
+    let log = s.p.log("run.log");
+    eprintln!("drained in {took:?}");
+    assert!(
+        took > Duration::from_secs(9),
+        "scoring took only {took:?}: the test did not outlast max.poll.interval.ms"
+    );
+    // Until shutdown (which leaves the group, revoking everything).
+    let running = log.split("SIGTERM received").next().unwrap();
+    assert!(!running.contains("MAXPOLL"), "{log}");
+    assert!(!running.contains("Partitions revoked"), "{log}");
+    assert_eq!(running.matches("Partitions assigned").count(), 1, "{log}");
+    check_oracle(&broker, &s.p);
+    let records = broker.read_all(&s.predictions);
+    let predicted = by_id(&records);
+    let valid = (0..3_000).filter(|n| valid_json(*n).is_some()).count();
+    assert_eq!(predicted.len(), valid);
+    assert!(predicted.values().all(|p| p.len() == 1));
+}
+
 /// A model that raises, returns NaN or the wrong shape: exactly those events become dead
 /// letters (stage `inference`) with their original bytes; every other event is scored.
 #[test]
