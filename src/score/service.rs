@@ -136,9 +136,9 @@ fn conflict(a: &ModelSpec, b: &ModelSpec) -> Option<&'static str> {
         Some("threads, batching, queue or breaker")
     } else if a.reload_interval != b.reload_interval {
         Some("reload_interval")
-    } else if format!("{:?}", a.inputs) != format!("{:?}", b.inputs) {
+    } else if a.inputs != b.inputs {
         Some("inputs")
-    } else if format!("{:?}", a.output) != format!("{:?}", b.output) {
+    } else if a.output != b.output {
         Some("output")
     } else {
         None

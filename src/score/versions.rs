@@ -56,7 +56,6 @@ impl Window {
 
 #[derive(Debug)]
 struct State {
-    serving: Arc<LoadedModel>,
     previous: Option<Arc<LoadedModel>>,
     /// The last version refused (by warm-up or by the breaker); not loaded again until it
     /// changes.
@@ -70,8 +69,8 @@ struct State {
 pub struct Versions {
     model: String,
     breaker: BreakerSpec,
-    /// Read by every batch; written only on a swap. Kept apart from `state` so that the hot
-    /// path takes a read lock only.
+    /// Read by every batch; written only under `state`'s lock (a swap, a rollback), so that
+    /// the hot path takes a read lock only.
     serving: RwLock<Arc<LoadedModel>>,
     state: Mutex<State>,
 }
@@ -82,9 +81,8 @@ impl Versions {
         Self {
             model: model.to_owned(),
             breaker,
-            serving: RwLock::new(first.clone()),
+            serving: RwLock::new(first),
             state: Mutex::new(State {
-                serving: first,
                 previous: None,
                 refused: None,
                 window: Window::default(),
@@ -117,9 +115,11 @@ impl Versions {
     pub fn swap(&self, model: LoadedModel) {
         let new = Arc::new(model);
         let mut state = self.state();
-        let old = std::mem::replace(&mut state.serving, new.clone());
+        let old = std::mem::replace(
+            &mut *self.serving.write().expect("never poisoned"),
+            new.clone(),
+        );
         set_version_metrics(&self.model, &new, Some(&old));
-        *self.serving.write().expect("never poisoned") = new.clone();
         info!(model = %self.model, from = %old.version, to = %new.version,
               "Model version swapped in.");
         state.previous = Some(old);
@@ -134,14 +134,14 @@ impl Versions {
         if let Some(reason) = &state.broken {
             return Verdict::Broken(reason.clone());
         }
-        if !Arc::ptr_eq(model, &state.serving) {
+        let bad = self.serving();
+        if !Arc::ptr_eq(model, &bad) {
             // Scored by a version already replaced: it says nothing about the one in service.
             return Verdict::Serve;
         }
         let Some(Window { rows, failed }) = state.window.add(rows, failed, self.breaker) else {
             return Verdict::Serve;
         };
-        let bad = state.serving.clone();
         metrics::counter!("sluice_model_breaker_trips_total", "model" => self.model.clone(),
             "version" => bad.version.to_string())
         .increment(1);
@@ -154,7 +154,6 @@ impl Versions {
                         version serves again and this one is refused until its file changes.");
                 set_version_metrics(&self.model, &previous, Some(&bad));
                 state.refused = Some(bad.candidate.clone());
-                state.serving = previous.clone();
                 *self.serving.write().expect("never poisoned") = previous.clone();
                 metrics::counter!("sluice_model_reloads_total", "model" => self.model.clone(),
                     "result" => "rolled_back")

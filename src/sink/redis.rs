@@ -15,7 +15,7 @@
 //!   nothing new is taken in (the source pauses), memory stays bounded, `/readyz` answers 503
 //!   and no offset past the batch is committed. A command Redis refuses for its key alone
 //!   (`WRONGTYPE`: the key holds another type; a script error on the stored fields) is
-//!   returned as a [`Refused`] row: the pipeline dead-letters that event (stage `redis`) and
+//!   returned as a refused row ([`Refusal`]): the pipeline dead-letters that event (stage `redis`) and
 //!   goes on. A refused authorization or permission (`NOPERM`) fails the pipeline.
 //!
 //! Value encoding, stable for any client: strings as they are; integers and numbers in decimal
@@ -48,7 +48,9 @@ use tracing::info;
 
 use crate::{
     config::{redact, KeyPart, RedisSpec},
+    event::Failure,
     failure::{self, Class, GaveUp, Retrying},
+    sink::{Refusal, Sink, SinkError},
     util::text::{encode, render_key},
 };
 
@@ -110,15 +112,13 @@ pub enum RedisSinkError {
     Cancelled,
 }
 
-/// A row whose features Redis refused for good; the pipeline dead-letters its event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Refused {
-    /// The row of the batch.
-    pub row: usize,
-    /// Stable short code: `wrong_type`, `script_error` or `refused`.
-    pub reason: &'static str,
-    /// The server's error.
-    pub error: String,
+/// A row whose features Redis refused for good (`reason`: `wrong_type`, `script_error`,
+/// `refused`, `future_event_time`); the pipeline dead-letters its event.
+fn refused(row: usize, reason: &'static str, error: String) -> Refusal {
+    Refusal {
+        row,
+        failure: Failure::Redis { reason, error },
+    }
 }
 
 #[derive(Clone)]
@@ -311,7 +311,7 @@ impl RedisSink {
         &mut self,
         batch: &RecordBatch,
         cancel: &CancellationToken,
-    ) -> Result<Vec<Refused>, RedisSinkError> {
+    ) -> Result<Vec<Refusal>, RedisSinkError> {
         if batch.num_rows() == 0 {
             return Ok(Vec::new());
         }
@@ -385,7 +385,7 @@ impl RedisSink {
 
     /// One script invocation per (view, key): the newest event of the batch for that key; and
     /// the rows whose event time is too far in the future to be written at all.
-    fn build(&self, batch: &RecordBatch) -> (Vec<Invocation>, Vec<Refused>) {
+    fn build(&self, batch: &RecordBatch) -> (Vec<Invocation>, Vec<Refusal>) {
         let time = batch
             .column_by_name(&self.spec.time_field)
             .expect("validated time field");
@@ -407,17 +407,19 @@ impl RedisSink {
         // below 2^53 µs, where the script's numbers (doubles) stop being exact.
         let skew = self.spec.max_event_time_skew;
         let limit = chrono::Utc::now().timestamp_micros() + skew.as_micros() as i64;
-        let future: Vec<Refused> = (0..batch.num_rows())
+        let future: Vec<Refusal> = (0..batch.num_rows())
             .filter(|r| times[*r] > limit)
-            .map(|row| Refused {
-                row,
-                reason: "future_event_time",
-                error: format!(
-                    "event time {} is more than {} after now (sink.redis.max_event_time_skew)",
-                    chrono::DateTime::from_timestamp_micros(times[row])
-                        .map_or_else(|| times[row].to_string(), |t| t.to_rfc3339()),
-                    humantime::format_duration(skew)
-                ),
+            .map(|row| {
+                refused(
+                    row,
+                    "future_event_time",
+                    format!(
+                        "event time {} is more than {} after now (sink.redis.max_event_time_skew)",
+                        chrono::DateTime::from_timestamp_micros(times[row])
+                            .map_or_else(|| times[row].to_string(), |t| t.to_rfc3339()),
+                        humantime::format_duration(skew)
+                    ),
+                )
             })
             .collect();
         let mut out = Vec::new();
@@ -479,7 +481,7 @@ impl RedisSink {
 }
 
 /// What one pipeline did: how many scripts wrote, and the rows Redis refused for good.
-type Sent = (u64, Vec<Refused>);
+type Sent = (u64, Vec<Refusal>);
 
 /// One run of the script: for `key`, from the batch's `row`.
 struct Invocation {
@@ -513,15 +515,15 @@ async fn send(
                 match reply {
                     Ok(n) => written += n,
                     Err(error) => match failure::redis(&error) {
-                        Class::PerRecord => refused.push(Refused {
-                            row: rows[i],
-                            reason: match error.code() {
+                        Class::PerRecord => refused.push(self::refused(
+                            rows[i],
+                            match error.code() {
                                 Some("WRONGTYPE") => "wrong_type",
                                 _ if error.to_string().contains("script") => "script_error",
                                 _ => "refused",
                             },
-                            error: error.to_string(),
-                        }),
+                            error.to_string(),
+                        )),
                         // Transient: the whole pipeline again (the script makes a second write of
                         // the same event a no-op); fatal: give up.
                         _ => return Err(error),
@@ -534,7 +536,7 @@ async fn send(
     .await
 }
 #[async_trait::async_trait]
-impl crate::sink::Sink for RedisSink {
+impl Sink for RedisSink {
     fn name(&self) -> &'static str {
         "redis"
     }
@@ -545,23 +547,15 @@ impl crate::sink::Sink for RedisSink {
         &mut self,
         rows: &RecordBatch,
         cancel: &CancellationToken,
-    ) -> Result<Vec<crate::sink::Refusal>, crate::sink::SinkError> {
+    ) -> Result<Vec<Refusal>, SinkError> {
         let started = Instant::now();
-        let refused = match RedisSink::write(self, rows, cancel).await {
-            Ok(refused) => refused,
-            Err(RedisSinkError::Cancelled) => return Err(crate::sink::SinkError::Cancelled),
-            Err(e) => return Err(crate::sink::SinkError::failed(e)),
-        };
+        let refused = RedisSink::write(self, rows, cancel)
+            .await
+            .map_err(|e| match e {
+                RedisSinkError::Cancelled => SinkError::Cancelled,
+                e => SinkError::failed(e),
+            })?;
         crate::telemetry::stage(&self.pipeline, "redis", started);
-        Ok(refused
-            .into_iter()
-            .map(|r| crate::sink::Refusal {
-                row: r.row,
-                failure: crate::event::Failure::Redis {
-                    reason: r.reason,
-                    error: r.error,
-                },
-            })
-            .collect())
+        Ok(refused)
     }
 }

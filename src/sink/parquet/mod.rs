@@ -263,8 +263,13 @@ impl ParquetSink {
         type Group<'a> = (&'a str, i32, String);
         let mut groups: Vec<(Group, Vec<u32>)> = Vec::new();
         let mut index: HashMap<Group, usize> = HashMap::new();
-        let mut folders: HashMap<(&str, i32), BTreeSet<String>> = HashMap::new();
-        let mut deferred: HashMap<(&str, i32), Vec<u32>> = HashMap::new();
+        /// A partition of the batch: its folders (the open segment's and the batch's so far),
+        /// or, from the first row that would need one too many, its deferred rows.
+        enum Admit {
+            Open(BTreeSet<String>),
+            Deferred(Vec<u32>),
+        }
+        let mut admit: HashMap<(&str, i32), Admit> = HashMap::new();
         for row in 0..batch.num_rows() {
             let folder = if self.partitioner.is_partitioned() {
                 self.partitioner.folder(batch, row)
@@ -272,26 +277,33 @@ impl ParquetSink {
                 String::new()
             };
             let tp = (topics.value(row), partitions.value(row));
-            if let Some(rows) = deferred.get_mut(&tp) {
-                rows.push(row as u32);
-                continue;
-            }
-            let open = folders.entry(tp).or_insert_with(|| {
+            let state = admit.entry(tp).or_insert_with(|| {
                 let owned: TopicPartition = (Arc::from(tp.0), tp.1);
-                self.segments
-                    .get(&owned)
-                    .map(|s| s.files.keys().cloned().collect())
-                    .unwrap_or_default()
+                if self.deferred.contains_key(&owned) {
+                    // Rows already wait: these go behind them.
+                    return Admit::Deferred(Vec::new());
+                }
+                Admit::Open(
+                    self.segments
+                        .get(&owned)
+                        .map(|s| s.files.keys().cloned().collect())
+                        .unwrap_or_default(),
+                )
             });
-            let waiting = self
-                .deferred
-                .keys()
-                .any(|(t, p)| **t == *tp.0 && *p == tp.1);
-            if waiting || (!open.contains(&folder) && open.len() >= self.spec.max_open_files) {
-                deferred.insert(tp, vec![row as u32]);
-                continue;
+            match state {
+                Admit::Deferred(rows) => {
+                    rows.push(row as u32);
+                    continue;
+                }
+                Admit::Open(open) if !open.contains(&folder) => {
+                    if open.len() >= self.spec.max_open_files {
+                        *state = Admit::Deferred(vec![row as u32]);
+                        continue;
+                    }
+                    open.insert(folder.clone());
+                }
+                Admit::Open(_) => {}
             }
-            open.insert(folder.clone());
             let key = (tp.0, tp.1, folder);
             // Only a new group's key is copied; most rows join an existing group.
             let at = match index.get(&key) {
@@ -360,7 +372,10 @@ impl ParquetSink {
             segment.rows += count as u64;
             segment.touched = now;
         }
-        for ((topic, partition), rows) in deferred {
+        for ((topic, partition), state) in admit {
+            let Admit::Deferred(rows) = state else {
+                continue;
+            };
             let tp: TopicPartition = (Arc::from(topic), partition);
             let rows = take_record_batch(batch, &UInt32Array::from(rows))?;
             let rows = match self.deferred.remove(&tp) {
