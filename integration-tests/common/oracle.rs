@@ -349,9 +349,12 @@ pub fn o5_files_finished_and_readable(o: &Observed) -> Result<(), Violation> {
     let mut ranges: BTreeMap<i32, BTreeSet<(i64, i64)>> = BTreeMap::new();
     for f in parquet_files(&o.output) {
         let name = f.file_stem().unwrap().to_string_lossy().into_owned();
-        let parts: Vec<&str> = name.rsplitn(3, '-').collect();
-        let (last, first): (i64, i64) = (parts[0].parse().unwrap(), parts[1].parse().unwrap());
-        let partition: i32 = parts[2].rsplit('-').next().unwrap().parse().unwrap();
+        // <pipeline>+<topic>+<partition>+<first>-<last>
+        let parts: Vec<&str> = name.split('+').collect();
+        assert_eq!(parts.len(), 4, "a finished file's name: {name}");
+        let (first, last) = parts[3].split_once('-').expect("<first>-<last>");
+        let (first, last): (i64, i64) = (first.parse().unwrap(), last.parse().unwrap());
+        let partition: i32 = parts[2].parse().unwrap();
         ranges.entry(partition).or_default().insert((first, last));
     }
     for (partition, rs) in &ranges {

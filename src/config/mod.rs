@@ -593,6 +593,21 @@ fn build_parquet(
         )
         .map(|s| s.0);
     let max_file_size = p.positive(&format!("{AT}.max_file_size"), max_file_size);
+    // A file too large for a multipart upload would fail only when it is finished.
+    let max_remote = OBJECT_STORE_PART_SIZE * OBJECT_STORE_MAX_PARTS;
+    if let (Some(Location::ObjectStore(_)), Some(size)) = (&location, max_file_size) {
+        if size > max_remote {
+            p.push(
+                &format!("{AT}.max_file_size"),
+                format!(
+                    "at most {} GiB on an object store ({} parts of {} MiB)",
+                    max_remote >> 30,
+                    OBJECT_STORE_MAX_PARTS,
+                    OBJECT_STORE_PART_SIZE >> 20
+                ),
+            );
+        }
+    }
     let age =
         |p: &mut Problems, key: &str, s: &Option<Setting<units::HumanDuration>>, default: u64| {
             let path = format!("{AT}.{key}");
@@ -629,6 +644,11 @@ fn build_parquet(
 }
 
 /// A local path (relative to the pipeline file) or an object-store URL.
+/// Part size of sluice's multipart uploads to object stores.
+pub const OBJECT_STORE_PART_SIZE: u64 = 16 << 20;
+/// The most parts of one multipart upload (S3's limit).
+pub const OBJECT_STORE_MAX_PARTS: u64 = 10_000;
+
 fn location(path: &str, base: &Path) -> Result<Location, String> {
     if path.trim().is_empty() {
         return Err("must not be empty".into());

@@ -366,3 +366,39 @@ key = "{{id}}"
         }
     );
 }
+
+/// Review finding A11: a file larger than 10,000 parts of an upload would fail only when it is
+/// finished; on an object store, `max_file_size` is bounded at validation.
+#[test]
+fn max_file_size_is_bounded_on_object_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "s.json", SCHEMA);
+    let pipeline = |path: &str, size: &str| {
+        write(
+            dir.path(),
+            "p.toml",
+            &format!(
+                r#"
+name = "p"
+schema = "s.json"
+[source]
+bootstrap_servers = "localhost:1"
+topics = ["t"]
+group_id = "g"
+[errors]
+policy = "skip"
+[sink.parquet]
+path = "{path}"
+max_file_size = "{size}"
+"#
+            ),
+        )
+    };
+    let err = load(&pipeline("s3://bucket/x", "200GiB")).unwrap_err();
+    assert_eq!(
+        err.problems,
+        ["sink.parquet.max_file_size: at most 156 GiB on an object store (10000 parts of 16 MiB)"]
+    );
+    load(&pipeline("s3://bucket/x", "1GiB")).unwrap();
+    load(&pipeline("out", "200GiB")).unwrap();
+}

@@ -1,7 +1,7 @@
 //! Names: Hive partition folders, finished files, temporary files and manifests.
 //!
 //! ```text
-//! <root>/dt=2026-11-21/hour=18/<topic>-<partition>-<first>-<last>.parquet   finished files
+//! <root>/dt=2026-11-21/hour=18/<pipeline>+<topic>+<partition>+<first>-<last>.parquet   finished
 //! <root>/_sluice/manifests/<pipeline>/<topic>/<partition>/<last>.json        one per segment
 //! <root>/_sluice/tmp/<pipeline>/<topic>+<partition>+<first>-<n>.parquet.tmp  being written (local)
 //! ```
@@ -20,9 +20,11 @@ use crate::config::PartitionKey;
 /// The Hive value for nulls.
 pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
 
-/// Finished file name of a segment, inside its Hive folder.
-pub fn file_name(topic: &str, partition: i32, first: i64, last: i64) -> String {
-    format!("{topic}-{partition}-{first:020}-{last:020}.parquet")
+/// Finished file name of a segment, inside its Hive folder. The pipeline is part of it, so
+/// that pipelines sharing a root never write one file (review finding A16); `+` is in neither
+/// pipeline nor topic names, so no two (pipeline, topic, partition) share a name.
+pub fn file_name(pipeline: &str, topic: &str, partition: i32, first: i64, last: i64) -> String {
+    format!("{pipeline}+{topic}+{partition}+{first:020}-{last:020}.parquet")
 }
 
 /// Manifest folder of a partition, relative to the root.
@@ -186,8 +188,13 @@ mod tests {
     #[test]
     fn names_sort_by_offset() {
         assert_eq!(
-            file_name("orders", 3, 10, 99),
-            "orders-3-00000000000000000010-00000000000000000099.parquet"
+            file_name("etl", "orders", 3, 10, 99),
+            "etl+orders+3+00000000000000000010-00000000000000000099.parquet"
+        );
+        // `-` and `.` are in pipeline and topic names; `+` in neither.
+        assert_ne!(
+            file_name("a-b", "c", 1, 0, 0),
+            file_name("a", "b-c", 1, 0, 0)
         );
         assert!(manifest_name("p", "t", 0, 9) < manifest_name("p", "t", 0, 10));
     }

@@ -7,7 +7,7 @@
 //! 2. write the segment's **manifest** (`_sluice/manifests/...`), listing its files and offset
 //!    range: the intent;
 //! 3. make each file visible atomically under its deterministic name
-//!    `<folder>/<topic>-<partition>-<first>-<last>.parquet`;
+//!    `<folder>/<pipeline>+<topic>+<partition>+<first>-<last>.parquet`;
 //! 4. the pipeline may now commit `last + 1`.
 //!
 //! Recovery, when a partition is assigned ([`ParquetSink::recover`]): leftover temporary files
@@ -469,7 +469,13 @@ impl ParquetSink {
         };
         let (topic, partition) = (&*tp.0, tp.1);
         let started = Instant::now();
-        let name = file_name(topic, partition, segment.first, segment.last);
+        let name = file_name(
+            &self.pipeline,
+            topic,
+            partition,
+            segment.first,
+            segment.last,
+        );
         let metadata = [
             ("sluice.pipeline", self.pipeline.clone()),
             ("sluice.schema_fingerprint", self.schema.fingerprint.clone()),
@@ -512,7 +518,7 @@ impl ParquetSink {
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
         let staging = format!("{}manifest", tmp_prefix(topic, partition));
         self.storage
-            .put(&manifest_path, json.into(), &staging)
+            .put_new(&manifest_path, json.into(), &staging)
             .await?;
         let mut bytes = 0;
         for (tmp, rel) in &files {

@@ -12,8 +12,11 @@ use std::{
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::{path::Path as ObjectPath, ObjectStore, PutPayload, WriteMultipart};
+use object_store::{
+    path::Path as ObjectPath, ObjectStore, PutMode, PutOptions, PutPayload, WriteMultipart,
+};
 use thiserror::Error;
+use tracing::warn;
 
 use crate::config::Location;
 
@@ -32,6 +35,13 @@ pub enum StorageError {
         #[source]
         source: object_store::Error,
     },
+    /// A manifest is already there: another writer (a member that lost its partitions and
+    /// goes on, or a second pipeline of the same name on this root) wrote this segment.
+    #[error(
+        "{path} already exists: another process writes this pipeline's segments under this \
+         root (a stale member, or a second pipeline with the same name)"
+    )]
+    Exists { path: String },
     #[error("cannot open {location}: {source}")]
     Open {
         location: String,
@@ -145,32 +155,48 @@ impl Storage {
                     path: path.to_string(),
                     source,
                 };
-                let upload = store.put_multipart(&path).await.map_err(err)?;
-                let mut writer = WriteMultipart::new_with_chunk_size(upload, 16 << 20);
-                let mut file = tokio::fs::File::open(tmp_file)
-                    .await
-                    .map_err(io(tmp_file))?;
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    use tokio::io::AsyncReadExt;
-                    let n = file.read(&mut buf).await.map_err(io(tmp_file))?;
-                    if n == 0 {
-                        break;
-                    }
-                    writer.wait_for_capacity(4).await.map_err(err)?;
-                    writer.write(&buf[..n]);
+                if size <= MULTIPART_CHUNK as u64 {
+                    // One request where one part would do (review finding A11).
+                    let data = tokio::fs::read(tmp_file).await.map_err(io(tmp_file))?;
+                    store
+                        .put(&path, PutPayload::from(data))
+                        .await
+                        .map_err(err)?;
+                } else {
+                    let upload = store.put_multipart(&path).await.map_err(err)?;
+                    let mut writer = WriteMultipart::new_with_chunk_size(upload, MULTIPART_CHUNK);
+                    let copied = copy_into(&mut writer, tmp_file, &path).await;
+                    let done = match copied {
+                        // `finish` aborts the upload itself when completing it fails.
+                        Ok(()) => writer.finish().await.map(|_| ()).map_err(err),
+                        Err(e) => {
+                            // Parts of an upload never completed nor aborted are kept (and
+                            // billed) until a lifecycle rule removes them.
+                            if let Err(error) = writer.abort().await {
+                                warn!(object = %path, %error,
+                                      "Cannot abort a failed multipart upload; a bucket \
+                                       lifecycle rule (AbortIncompleteMultipartUpload) removes it.");
+                            }
+                            Err(e)
+                        }
+                    };
+                    done?;
                 }
-                writer.finish().await.map_err(err)?;
                 fs::remove_file(tmp_file).map_err(io(tmp_file))?;
             }
         }
         Ok(size)
     }
 
-    /// Writes a small object atomically (manifests). Locally it is staged in the temporary
-    /// folder as `<staging>.tmp`; name it with the partition's temporary prefix so that a
-    /// crash's leftover is removed when the partition is next assigned.
-    pub async fn put(&self, rel: &str, data: Bytes, staging: &str) -> Result<(), StorageError> {
+    /// Creates a small object atomically (manifests), failing with [`StorageError::Exists`]
+    /// if it is already there, so that two writers of one segment cannot silently replace each
+    /// other's manifest (review finding A11). Locally it is staged in the temporary folder as
+    /// `<staging>.tmp`, named with the partition's temporary prefix so that a crash's leftover
+    /// is removed when the partition is next assigned, then linked into place (a link, unlike
+    /// a rename, never replaces). On object stores it is a conditional put (`If-None-Match`);
+    /// where the store does not implement one (S3 unless `conditional_put` is configured), a
+    /// plain put, with a warning once.
+    pub async fn put_new(&self, rel: &str, data: Bytes, staging: &str) -> Result<(), StorageError> {
         match self {
             Self::Local { root, tmp } => {
                 let target = root.join(rel);
@@ -181,19 +207,49 @@ impl Storage {
                 f.write_all(&data)
                     .and_then(|_| f.sync_all())
                     .map_err(io(&staging))?;
-                fs::rename(&staging, &target).map_err(io(&target))?;
-                sync_dir(dir)
+                let linked = fs::hard_link(&staging, &target);
+                fs::remove_file(&staging).map_err(io(&staging))?;
+                match linked {
+                    Ok(()) => sync_dir(dir),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Err(StorageError::Exists {
+                            path: target.display().to_string(),
+                        })
+                    }
+                    Err(e) => Err(io(&target)(e)),
+                }
             }
             Self::Remote { store, prefix, .. } => {
                 let path = Self::object(prefix, rel);
-                store
-                    .put(&path, PutPayload::from_bytes(data))
+                let create = PutOptions::from(PutMode::Create);
+                let result = match store
+                    .put_opts(&path, PutPayload::from_bytes(data.clone()), create)
                     .await
-                    .map(|_| ())
-                    .map_err(|source| StorageError::Object {
+                {
+                    Err(object_store::Error::NotImplemented) => {
+                        static ONCE: std::sync::Once = std::sync::Once::new();
+                        ONCE.call_once(|| {
+                            warn!(
+                                "This object store does not do conditional puts, so manifests \
+                                   are not fenced against a second writer; for S3, set \
+                                   `conditional_put = \"etag\"` in sink.parquet.storage_options."
+                            );
+                        });
+                        store.put(&path, PutPayload::from_bytes(data)).await
+                    }
+                    other => other,
+                };
+                match result {
+                    Ok(_) => Ok(()),
+                    Err(object_store::Error::AlreadyExists { .. })
+                    | Err(object_store::Error::Precondition { .. }) => Err(StorageError::Exists {
+                        path: path.to_string(),
+                    }),
+                    Err(source) => Err(StorageError::Object {
                         path: path.to_string(),
                         source,
-                    })
+                    }),
+                }
             }
         }
     }
@@ -299,6 +355,37 @@ impl Storage {
                 }
             }
         }
+    }
+}
+
+/// Part size of multipart uploads; files up to this size go up in one put. `validate`
+/// bounds `max_file_size` on object stores by it.
+const MULTIPART_CHUNK: usize = crate::config::OBJECT_STORE_PART_SIZE as usize;
+
+/// Streams a local file into a multipart upload.
+async fn copy_into(
+    writer: &mut WriteMultipart,
+    tmp_file: &Path,
+    path: &ObjectPath,
+) -> Result<(), StorageError> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(tmp_file)
+        .await
+        .map_err(io(tmp_file))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).await.map_err(io(tmp_file))?;
+        if n == 0 {
+            return Ok(());
+        }
+        writer
+            .wait_for_capacity(4)
+            .await
+            .map_err(|source| StorageError::Object {
+                path: path.to_string(),
+                source,
+            })?;
+        writer.write(&buf[..n]);
     }
 }
 

@@ -106,8 +106,8 @@ async fn finishing_publishes_one_file_per_folder_with_deterministic_names() {
     assert_eq!(
         finished_files(dir.path()),
         [
-            "dt=1970-01-01/hour=10/t-0-00000000000000000005-00000000000000000009.parquet",
-            "dt=1970-01-01/hour=11/t-0-00000000000000000005-00000000000000000009.parquet",
+            "dt=1970-01-01/hour=10/p+t+0+00000000000000000005-00000000000000000009.parquet",
+            "dt=1970-01-01/hour=11/p+t+0+00000000000000000005-00000000000000000009.parquet",
         ]
     );
     assert_eq!(sink.open_first(&tp()), None);
@@ -121,6 +121,55 @@ async fn finishing_publishes_one_file_per_folder_with_deterministic_names() {
     // Restart: the files say where to resume.
     let mut again = ParquetSink::open("p", &spec(dir.path()), schema).unwrap();
     assert_eq!(again.recover(&tp(), None).await.unwrap(), Some(10));
+}
+
+/// Review finding A16: two pipelines (two groups) reading one topic into one root keep
+/// their own files; before, the second overwrote the first's, and one's rollback could delete
+/// the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn pipelines_sharing_a_root_never_share_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = schema();
+    for pipeline in ["a", "b"] {
+        let mut sink = ParquetSink::open(pipeline, &spec(dir.path()), schema.clone()).unwrap();
+        assert_eq!(sink.recover(&tp(), None).await.unwrap(), None);
+        sink.write(&batch(&schema, &[5, 6, 7, 8, 9])).unwrap();
+        sink.finish(&tp(), Roll::Size).await.unwrap().unwrap();
+    }
+    let files = finished_files(dir.path());
+    assert_eq!(files.len(), 4, "{files:?}");
+    for pipeline in ["a", "b"] {
+        let mut again = ParquetSink::open(pipeline, &spec(dir.path()), schema.clone()).unwrap();
+        assert_eq!(again.recover(&tp(), None).await.unwrap(), Some(10));
+    }
+    assert_eq!(
+        finished_files(dir.path()),
+        files,
+        "recovery deleted nothing"
+    );
+}
+
+/// Review finding A11: a stale member that goes on writing a partition its successor also
+/// writes cannot replace the successor's manifest (nor publish its files over the
+/// successor's): creating a manifest fails when one is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_second_writer_of_a_segment_cannot_replace_its_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = schema();
+    let mut owner = ParquetSink::open("p", &spec(dir.path()), schema.clone()).unwrap();
+    let mut stale = ParquetSink::open("p", &spec(dir.path()), schema.clone()).unwrap();
+    owner.write(&batch(&schema, &[5, 6, 7, 8, 9])).unwrap();
+    stale.write(&batch(&schema, &[6, 7, 9])).unwrap();
+    owner.finish(&tp(), Roll::Size).await.unwrap().unwrap();
+    let files = finished_files(dir.path());
+    let err = stale.finish(&tp(), Roll::Size).await.unwrap_err();
+    assert!(
+        matches!(err, ParquetSinkError::Storage(StorageError::Exists { .. })),
+        "{err}"
+    );
+    assert_eq!(finished_files(dir.path()), files);
+    let manifest = std::fs::read_to_string(dir.path().join(manifest_name("p", "t", 0, 9))).unwrap();
+    assert!(manifest.contains("\"rows\": 5"), "{manifest}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -174,7 +223,7 @@ async fn a_crash_while_publishing_rolls_the_segment_back() {
     std::fs::write(&first_manifest, kept).unwrap();
     let second = finished_files(dir.path())
         .into_iter()
-        .find(|f| f.contains("hour=11") && f.contains("-00000000000000000002-"))
+        .find(|f| f.contains("hour=11") && f.contains("+00000000000000000002-"))
         .unwrap();
     std::fs::remove_file(dir.path().join(&second)).unwrap();
     let mut restarted = ParquetSink::open("p", &spec(dir.path()), schema).unwrap();
@@ -191,7 +240,7 @@ async fn a_crash_while_publishing_rolls_the_segment_back() {
     );
     assert!(files
         .iter()
-        .all(|f| f.contains("-00000000000000000000-00000000000000000001.")));
+        .all(|f| f.contains("+00000000000000000000-00000000000000000001.")));
 }
 
 /// Review finding A4: a committed segment whose files span two folders loses one of them
