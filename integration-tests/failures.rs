@@ -215,3 +215,177 @@ fn scattered_event_times_never_open_more_than_max_open_files() {
     assert_eq!(rows, 3_000);
     assert!(parquet_files(&p.output).len() >= 3_000);
 }
+
+/// Events for the broker tests below: enough that sluice is still consuming (from what it
+/// fetched before) while the broker is away, so dead letters and commits meet the outage.
+const BACKLOG: u64 = 30_000;
+
+/// Waits until the group has committed something: the pipeline is under way.
+fn wait_started(broker: &Broker, p: &TestPipeline) {
+    let started = Instant::now();
+    while broker
+        .committed(&p.topic, &p.group)
+        .values()
+        .all(|c| c.is_none())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "nothing committed:\n{}",
+            p.log("a.log")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Scenario 5: the broker is unreachable (frozen with SIGSTOP) for longer than the producer's
+/// message timeout while dead letters are on their way. Their delivery fails with a timeout,
+/// a transient failure: retried with backoff, never dropped, never committed past; once the
+/// broker is back, everything drains and the oracle holds.
+#[test]
+fn a_broker_away_longer_than_the_message_timeout_loses_nothing() {
+    let broker = Broker::start();
+    if !broker.is_own() {
+        eprintln!("skipped: KAFKA_BOOTSTRAP names a broker this test cannot pause");
+        return;
+    }
+    let p = TestPipeline::new(&broker, 3, "idle_flush = \"300ms\"");
+    p.edit(
+        "max_depth = 16",
+        "max_depth = 16\n[errors.producer_properties]\n\"message.timeout.ms\" = \"2000\"",
+    );
+    produce(&broker, &p.topic, 0..BACKLOG);
+    let mut a = p.spawn("a.log");
+    wait_started(&broker, &p);
+    broker.pause();
+    std::thread::sleep(Duration::from_secs(5));
+    broker.resume();
+    p.wait_drained(&broker, DRAIN);
+    p.stop(&mut a, "a.log");
+    let log = p.log("a.log");
+    assert!(
+        log.contains("Dead letter delivery failed; retrying"),
+        "no dead letter met the outage; the test did not test anything:\n{log}"
+    );
+    let (rows, dead) = check_oracle(&broker, &p);
+    assert_eq!(rows + dead, BACKLOG as usize);
+}
+
+/// Scenario 6: the broker frozen (SIGSTOP) for longer than the session timeout, with two
+/// instances in the group. Each member's session expires: its assignment is lost, so its open
+/// files are discarded, never published over what the partitions' next owner writes; both
+/// rejoin, and the oracle holds.
+#[test]
+fn a_broker_paused_longer_than_the_session_timeout_keeps_exactly_once() {
+    let broker = Broker::start();
+    if !broker.is_own() {
+        eprintln!("skipped: KAFKA_BOOTSTRAP names a broker this test cannot pause");
+        return;
+    }
+    let p = TestPipeline::new(
+        &broker,
+        4,
+        "max_file_size = \"32KiB\"\nidle_flush = \"300ms\"",
+    );
+    produce(&broker, &p.topic, 0..BACKLOG);
+    let mut a = p.spawn("a.log");
+    wait_started(&broker, &p);
+    let mut b = p.spawn("b.log");
+    p.wait_for_log("b.log", "Partitions assigned");
+    std::thread::sleep(Duration::from_secs(1));
+    broker.pause();
+    // Twice the session timeout (6 s).
+    std::thread::sleep(Duration::from_secs(12));
+    broker.resume();
+    // A member that exits non-zero is restarted, as a supervisor would. tansu may keep a dead
+    // session's partitions assigned to it (see e2e's second_instance_joins_then_dies): then a
+    // rolling restart of one member settles the group.
+    for round in 1..=3 {
+        if broker
+            .wait_committed(&p.topic, &p.group, Duration::from_secs(30))
+            .is_ok()
+        {
+            break;
+        }
+        let mut restarted = false;
+        for (member, name) in [(&mut a, "a"), (&mut b, "b")] {
+            if let Ok(Some(status)) = member.0.try_wait() {
+                assert!(!status.success(), "{name} stopped by itself with {status}");
+                eprintln!("{name} exited with {status}; restarting it");
+                *member = p.spawn(&format!("{name}-restart-{round}.log"));
+                restarted = true;
+            }
+        }
+        if !restarted {
+            eprintln!("not drained; a rolling restart of b");
+            p.stop(&mut b, "b.log");
+            std::thread::sleep(Duration::from_millis(6_500));
+            b = p.spawn(&format!("b-rolled-{round}.log"));
+        }
+    }
+    p.wait_drained(&broker, DRAIN);
+    p.stop(&mut a, "a.log");
+    p.stop(&mut b, "b.log");
+    let (rows, dead) = check_oracle(&broker, &p);
+    assert_eq!(rows + dead, BACKLOG as usize);
+}
+
+/// A small tmpfs mounted at `at`, unmounted when dropped; `None` where this process may not
+/// mount (not root, or no CAP_SYS_ADMIN).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Option<Self> {
+        fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(at.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Scenario 17: the disk under the Parquet directory fills up. A file that cannot be written
+/// is fatal for the process (its rows are in the half-written file only): sluice exits
+/// non-zero within a bound with one `ERROR` line naming the cause, commits nothing past it, and
+/// a restart after space is freed resumes with nothing lost or duplicated and no temporary
+/// file left behind.
+#[test]
+fn a_full_disk_stops_with_one_clear_line_and_a_restart_loses_nothing() {
+    let broker = Broker::start();
+    let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
+    let Some(_disk) = Tmpfs::mount(&p.output, "8m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // Leave about 300 KB free: a few files' worth.
+    let filler = p.output.join("filler");
+    fs::write(&filler, vec![0u8; 7_900_000]).unwrap();
+    let total = 40_000;
+    produce(&broker, &p.topic, 0..total);
+    let mut a = p.spawn("a.log");
+    let status = wait_exit(&mut a.0, Duration::from_secs(120));
+    let log = p.log("a.log");
+    assert!(!status.success(), "{status:?}\n{log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "one ERROR line:\n{log}");
+    assert!(
+        errors[0].contains("No space left on device"),
+        "the ERROR line names the cause:\n{log}"
+    );
+    fs::remove_file(&filler).unwrap();
+    let mut again = p.spawn("again.log");
+    p.wait_drained(&broker, DRAIN);
+    p.stop(&mut again, "again.log");
+    let (rows, dead) = check_oracle(&broker, &p);
+    assert_eq!(rows + dead, total as usize);
+}

@@ -657,6 +657,60 @@ fn a_rebalance_while_redis_is_down_writes_every_row_once() {
     assert_eq!(rows.len(), valid, "O1: no row twice");
 }
 
+/// Review finding A6: SIGTERM while a rebalance waits on the pipeline (stuck on Redis, the
+/// rebalance caused by the other member leaving). Shutdown goes through the rebalance protocol:
+/// the queued revocation is answered (its partitions finished and committed by the member that
+/// owned them), the member leaves the group and exits 0, and no revocation is left unanswered.
+/// Before, shutdown dropped the queued revocation, finished and committed the partitions
+/// outside the protocol, and the source logged that the pipeline had not answered in time.
+/// Then a fresh member drains everything exactly once.
+#[test]
+fn a_sigterm_during_a_rebalance_leaves_through_the_protocol() {
+    let broker = Broker::start();
+    let mut redis = RedisServer::start(&[]);
+    let p = TestPipeline::new(&broker, 4, "idle_flush = \"300ms\"");
+    // A revocation deadline (a third of max.poll.interval.ms) far longer than the test's wait.
+    p.edit(
+        "\"session.timeout.ms\" = \"6000\"",
+        "\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"90000\"",
+    );
+    with_redis(&p, &redis.url(), "");
+    produce_features(&broker, &p.topic, 0..1_000);
+    let mut a = p.spawn("a.log");
+    let mut b = p.spawn("b.log");
+    p.wait_for_log("b.log", "Partitions assigned");
+    p.wait_drained(&broker, DRAIN);
+    redis.kill();
+    produce_features(&broker, &p.topic, 1_000..2_000);
+    std::thread::sleep(Duration::from_secs(2));
+    // Both are stuck writing to Redis. `b` stops: it leaves the group, so `a`'s partitions
+    // are revoked while `a` waits on Redis.
+    sigterm(&b.0);
+    let status = wait_exit(&mut b.0, Duration::from_secs(30));
+    assert!(status.success(), "exit {status:?}\n{}", p.log("b.log"));
+    p.wait_for_log("a.log", "Partitions revoked");
+    std::thread::sleep(Duration::from_millis(500));
+    sigterm(&a.0);
+    let status = wait_exit(&mut a.0, Duration::from_secs(30));
+    let a_log = p.log("a.log");
+    assert!(status.success(), "exit {status:?}\n{a_log}");
+    assert!(
+        !a_log.contains("did not finish the revoked partitions in time"),
+        "the revocation queued at shutdown was never answered:\n{a_log}"
+    );
+    b = p.spawn("c.log");
+    redis.restart();
+    p.wait_drained(&broker, DRAIN);
+    p.stop(&mut b, "c.log");
+    assert_features(&redis, &expected(&broker, &p.topic));
+    let rows = read_rows(&p.output);
+    let valid = (0..2_000).filter(|n| feature_event(*n).2).count();
+    let distinct: std::collections::BTreeSet<_> =
+        rows.iter().map(|r| (r.partition, r.offset)).collect();
+    assert_eq!(distinct.len(), valid, "every valid event in Parquet");
+    assert_eq!(rows.len(), valid, "O1: no row twice");
+}
+
 /// The progress watchdog: while Redis is down, events wait and nothing moves, so after the
 /// stall timeout `/healthz` answers 503 (a supervisor would restart the process) with one
 /// `ERROR` line; once Redis is back and the pipeline moves, it answers 200 again. Before,
@@ -702,4 +756,180 @@ fn a_stuck_pipeline_turns_healthz_red_until_it_moves_again() {
         "one ERROR line:\n{log}"
     );
     assert_features(&redis, &expected(&broker, &p.topic));
+}
+
+/// Scenario 4 with the whole failure model at once: for `SLUICE_CHAOS_SECS` (default 60; the
+/// long run is 600), with production going on, two members of one group are killed
+/// (SIGKILL) or stopped (SIGTERM) at random and restarted, and Redis goes away (SIGKILL) for
+/// a few seconds at a time. Afterwards, with everything back: every valid event is in Parquet
+/// exactly once, every invalid one in the dead-letter topic, Redis equals the newest event per
+/// entity, and every offset is committed. The seed (`SLUICE_CHAOS_SEED`) is printed.
+#[test]
+fn chaos_of_kills_stops_and_redis_outages_keeps_the_promise() {
+    use rand::{Rng, SeedableRng};
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    let secs: u64 = std::env::var("SLUICE_CHAOS_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let seed: u64 = std::env::var("SLUICE_CHAOS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        });
+    eprintln!("chaos for {secs} s, SLUICE_CHAOS_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let broker = Broker::start();
+    let mut redis = RedisServer::start(&[]);
+    let p = TestPipeline::new(
+        &broker,
+        4,
+        "max_file_size = \"32KiB\"\nidle_flush = \"300ms\"",
+    );
+    with_redis(&p, &redis.url(), "");
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let (bootstrap, topic, stop) = (broker.bootstrap.clone(), p.topic.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let b = Broker::external(&bootstrap);
+            let mut n = 0;
+            while !stop.load(Ordering::Acquire) {
+                produce_features(&b, &topic, n..n + 500);
+                n += 500;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            n
+        })
+    };
+    let mut spawned = 0;
+    let mut spawn = |p: &TestPipeline, i: usize| {
+        spawned += 1;
+        p.spawn(&format!("m{i}-{spawned}.log"))
+    };
+    let mut members = [spawn(&p, 0), spawn(&p, 1)];
+    let (mut kills, mut stops, mut outages) = (0, 0, 0);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_millis(rng.random_range(1_000..4_000)));
+        let i = rng.random_range(0..members.len());
+        match rng.random_range(0..4) {
+            0 => {
+                kills += 1;
+                sigkill(&mut members[i].0);
+                members[i] = spawn(&p, i);
+            }
+            1 => {
+                stops += 1;
+                sigterm(&members[i].0);
+                // Within the grace period and its hard deadline (20 s + a margin), whatever
+                // it is doing.
+                let status = wait_exit(&mut members[i].0, Duration::from_secs(30));
+                eprintln!("member {i} stopped with {status}");
+                members[i] = spawn(&p, i);
+            }
+            2 => {
+                outages += 1;
+                redis.kill();
+                std::thread::sleep(Duration::from_millis(rng.random_range(500..5_000)));
+                redis.restart();
+            }
+            _ => {}
+        }
+        // A member that exits by itself (non-zero: fail-stop) is restarted, as a supervisor
+        // would.
+        for (i, member) in members.iter_mut().enumerate() {
+            if let Ok(Some(status)) = member.0.try_wait() {
+                assert!(
+                    !status.success(),
+                    "member {i} stopped by itself with {status}"
+                );
+                eprintln!("member {i} exited with {status}; restarting it");
+                *member = spawn(&p, i);
+            }
+        }
+    }
+    stop.store(true, Ordering::Release);
+    let total = producer.join().unwrap();
+    eprintln!("{total} events; {kills} kills, {stops} stops, {outages} Redis outages");
+    // Settle: restart the dead, and (tansu may keep a dead session's partitions assigned to
+    // it, see e2e's second_instance_joins_then_dies) roll a member if the group does not move.
+    for round in 0..4 {
+        if broker
+            .wait_committed(&p.topic, &p.group, Duration::from_secs(30))
+            .is_ok()
+        {
+            break;
+        }
+        for (i, member) in members.iter_mut().enumerate() {
+            if let Ok(Some(status)) = member.0.try_wait() {
+                eprintln!("member {i} exited with {status}; restarting it");
+                *member = spawn(&p, i);
+            }
+        }
+        if round > 0 {
+            let i = round % members.len();
+            sigterm(&members[i].0);
+            wait_exit(&mut members[i].0, Duration::from_secs(30));
+            std::thread::sleep(Duration::from_millis(6_500));
+            members[i] = spawn(&p, i);
+        }
+    }
+    p.wait_drained(&broker, DRAIN);
+    for member in &mut members {
+        sigterm(&member.0);
+        wait_exit(&mut member.0, Duration::from_secs(30));
+    }
+    assert!(kills + stops + outages > 0, "no fault was injected");
+    assert_features(&redis, &expected(&broker, &p.topic));
+    let rows = read_rows(&p.output);
+    let valid: std::collections::BTreeSet<(i32, i64)> = broker
+        .read_all(&p.topic)
+        .into_iter()
+        .filter(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.payload)
+                .is_ok_and(|v| v["amount"].is_number())
+        })
+        .map(|r| (r.partition, r.offset))
+        .collect();
+    assert_eq!(
+        valid.len() as u64,
+        (0..total).filter(|n| feature_event(*n).2).count() as u64
+    );
+    let distinct: std::collections::BTreeSet<_> =
+        rows.iter().map(|r| (r.partition, r.offset)).collect();
+    assert_eq!(
+        distinct, valid,
+        "O2: every valid event in Parquet, nothing else"
+    );
+    assert_eq!(rows.len(), valid.len(), "O1: no row twice");
+    let dead: std::collections::BTreeSet<(i32, i64)> = broker
+        .read_all(&p.dlq)
+        .iter()
+        .map(|d| {
+            let n = |h| d.header(h).and_then(|v| v.parse().ok()).unwrap_or(-1);
+            (n("sluice.partition") as i32, n("sluice.offset"))
+        })
+        .collect();
+    let invalid = (0..total).filter(|n| !feature_event(*n).2).count();
+    assert_eq!(dead.len(), invalid, "O2: every invalid event dead-lettered");
+    assert!(dead.is_disjoint(&valid), "O3: no valid event dead-lettered");
+    let mut left = Vec::new();
+    let mut stack = vec![p.output.join("_sluice/tmp")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                left.push(e.path());
+            }
+        }
+    }
+    assert!(left.is_empty(), "O5: temporary files left: {left:?}");
 }

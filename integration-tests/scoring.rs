@@ -133,18 +133,6 @@ fn by_id(records: &[Record]) -> BTreeMap<String, Vec<(Value, &Record)>> {
     out
 }
 
-fn wait_for_log(p: &TestPipeline, log: &str, needle: &str) {
-    let started = Instant::now();
-    while !p.log(log).contains(needle) {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no {needle:?} in the log:\n{}",
-            p.log(log)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Every valid event gets exactly one prediction equal to PyTorch's output for the version
 /// that made it; version 2 published during the run takes over; a corrupt version 3 is
 /// refused and version 2 keeps serving.
@@ -158,14 +146,14 @@ fn predictions_match_pytorch_across_hot_reloads() {
     s.p.wait_drained(&broker, DRAIN);
 
     let v2 = publish(&s.repo, 2, "linear", 2);
-    wait_for_log(&s.p, "run.log", "Model version swapped in");
+    s.p.wait_for_log("run.log", "Model version swapped in");
     produce(&broker, &s.p.topic, 1_500..3_000);
     s.p.wait_drained(&broker, DRAIN);
 
     let corrupt = s.repo.join("3/model.pt");
     fs::create_dir_all(corrupt.parent().unwrap()).unwrap();
     fs::write(&corrupt, b"PK\x03\x04 this is not a TorchScript archive").unwrap();
-    wait_for_log(&s.p, "run.log", "Model version refused");
+    s.p.wait_for_log("run.log", "Model version refused");
     produce(&broker, &s.p.topic, 3_000..4_500);
     s.p.wait_drained(&broker, DRAIN);
 
@@ -286,7 +274,7 @@ fn a_version_failing_on_real_rows_is_rolled_back() {
     produce(&broker, &s.p.topic, 0..1_000);
     s.p.wait_drained(&broker, DRAIN);
     publish(&s.repo, 2, "broken", 0);
-    wait_for_log(&s.p, "run.log", "Model version swapped in");
+    s.p.wait_for_log("run.log", "Model version swapped in");
     produce(&broker, &s.p.topic, 1_000..3_000);
     s.p.wait_drained(&broker, DRAIN);
     // Several reload intervals pass with version 2 still the newest in the repository.
@@ -613,7 +601,7 @@ fn kill_9_loses_no_prediction() {
         }
         // Predictions can also grow from the previous instance's last records becoming
         // visible: kill only an instance that has joined, as this test means to.
-        wait_for_log(&s.p, &log, "Partitions assigned");
+        s.p.wait_for_log(&log, "Partitions assigned");
         std::thread::sleep(Duration::from_millis(rng.random_range(0..400)));
         sigkill(&mut sluice.0);
         produce(&broker, &s.p.topic, next..next + 500);

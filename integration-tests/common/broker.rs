@@ -141,6 +141,30 @@ impl Broker {
         }
     }
 
+    /// Freezes the broker process (SIGSTOP): connections stay open and nothing answers, as
+    /// with a broker behind a network partition. Only for a broker this test started.
+    pub fn pause(&self) {
+        let process = self
+            .process
+            .as_ref()
+            .expect("only a broker the test started pauses");
+        send_signal(process.id(), "STOP");
+    }
+
+    /// Lets a paused broker go on (SIGCONT).
+    pub fn resume(&self) {
+        let process = self
+            .process
+            .as_ref()
+            .expect("only a broker the test started pauses");
+        send_signal(process.id(), "CONT");
+    }
+
+    /// Whether this test runs its own broker (which it may pause), not `KAFKA_BOOTSTRAP`.
+    pub fn is_own(&self) -> bool {
+        self.process.is_some()
+    }
+
     /// A handle on a broker that someone else runs.
     pub fn external(bootstrap: &str) -> Self {
         Self {

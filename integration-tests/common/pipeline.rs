@@ -166,6 +166,19 @@ time_field = "at"
         }
     }
 
+    /// Waits until the log `log` contains `needle`; fails with the log after 60 s.
+    pub fn wait_for_log(&self, log: &str, needle: &str) {
+        let started = std::time::Instant::now();
+        while !self.log(log).contains(needle) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no {needle:?} in the log:\n{}",
+                self.log(log)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn log(&self, name: &str) -> String {
         fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }

@@ -88,7 +88,7 @@ pub fn sigkill(child: &mut Child) {
     let _ = child.wait();
 }
 
-fn send_signal(pid: u32, signal: &str) {
+pub fn send_signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
         .args([&format!("-{signal}"), &pid.to_string()])
         .status()

@@ -22,9 +22,12 @@
 //! 2. the segment's files are finished and published ([`crate::sink::parquet`]);
 //! 3. the offset is committed: the contiguous watermark of [`offsets::Offsets`].
 //!
-//! Shutdown: stop intake, finish every open segment, wait for dead letters, commit, then leave
-//! the group, all within the grace period; past it, the process exits without committing
-//! (nothing is lost: uncommitted data is consumed again and files are recovered).
+//! Shutdown goes through the rebalance protocol: the source stops taking messages and leaves
+//! the group, whose revocation of every partition the pipeline answers as in any rebalance
+//! (finish the partitions' segments, wait for their dead letters and predictions, commit);
+//! batches still queued are dropped, uncommitted. All within the grace period; past it, the
+//! process exits non-zero without committing (nothing is lost: uncommitted data is consumed
+//! again and files are recovered).
 
 pub mod offsets;
 mod runner;
@@ -125,7 +128,7 @@ async fn run_inner(
     )
     .context("creating the Kafka consumer")?;
     // The decode thread ends by itself when the source or this task lets go of its channels.
-    let (rx, _decode) =
+    let (mut rx, _decode) =
         // Originals are kept for the stages that may still reject a valid event: the models
         // and Redis.
         crate::decode::stage::spawn(
@@ -147,12 +150,16 @@ async fn run_inner(
     }) / 2;
     let mut runner = Runner::new(&spec, &source, status.clone(), sinks, dead_letters, scorers);
     info!(topics = ?spec.source.topics, group = %spec.source.group_id, "Pipeline started.");
-    let result = runner.run(rx, &shutdown, &source.exited, tick).await;
-    source.stop_intake();
+    let result = runner.run(&mut rx, &shutdown, &source.exited, tick).await;
     let drained = match &result {
         Ok(()) => {
             info!(grace = ?grace, "Shutting down: finishing files and committing.");
-            match tokio::time::timeout(grace, runner.drain()).await {
+            source.leave();
+            let leave = async {
+                runner.leave(&mut rx, &source.exited).await?;
+                runner.drain().await
+            };
+            match tokio::time::timeout(grace, leave).await {
                 Ok(r) => r,
                 Err(_) => Err(anyhow!(
                     "shutdown took longer than the grace period of {grace:?}; \
@@ -163,6 +170,10 @@ async fn run_inner(
         // After a failure nothing more is made durable: restart recovers from the manifests.
         Err(_) => Ok(()),
     };
+    source.stop_intake();
+    // Before the consumer closes: a revocation it still sends (after a failure, the member
+    // holds its partitions) must find the channel closed, not wait for an answer.
+    drop(rx);
     drop(runner);
     tokio::task::spawn_blocking(move || source.close())
         .await

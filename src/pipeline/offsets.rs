@@ -46,11 +46,16 @@ impl Offsets {
         self.partitions.keys().cloned().collect()
     }
 
-    /// Every offset of `span` has been handed to a sink or the dead-letter topic.
-    pub fn processed(&mut self, tp: &TopicPartition, span: Span) {
-        if let Some(p) = self.partitions.get_mut(tp) {
-            p.next = Some(p.next.map_or(span.next, |n| n.max(span.next)));
-        }
+    /// Every offset of `span` has been handed to a sink or the dead-letter topic. Returns how
+    /// many offsets before it were never seen (the span does not follow the last one): an
+    /// offset reset after retention overtook the consumer, compaction, or transaction markers.
+    pub fn processed(&mut self, tp: &TopicPartition, span: Span) -> i64 {
+        let Some(p) = self.partitions.get_mut(tp) else {
+            return 0;
+        };
+        let skipped = p.next.map_or(0, |n| (span.first - n).max(0));
+        p.next = Some(p.next.map_or(span.next, |n| n.max(span.next)));
+        skipped
     }
 
     /// Nothing at or after `offset` may be committed until [`Offsets::release`].
@@ -126,6 +131,47 @@ mod tests {
             },
         );
         assert_eq!(o.committable(&tp(), Some(12)), Some(12));
+    }
+
+    /// Review finding A14: offsets the consumer never saw are counted, not silently
+    /// committed over.
+    #[test]
+    fn offsets_never_seen_are_counted() {
+        let mut o = Offsets::default();
+        o.assign(tp());
+        assert_eq!(o.processed(&tp(), Span { first: 4, next: 10 }), 0);
+        assert_eq!(
+            o.processed(
+                &tp(),
+                Span {
+                    first: 10,
+                    next: 12
+                }
+            ),
+            0
+        );
+        assert_eq!(
+            o.processed(
+                &tp(),
+                Span {
+                    first: 20,
+                    next: 25
+                }
+            ),
+            8
+        );
+        assert_eq!(
+            o.processed(
+                &tp(),
+                Span {
+                    first: 22,
+                    next: 24
+                }
+            ),
+            0,
+            "a replay"
+        );
+        assert_eq!(o.committable(&tp(), None), Some(25));
     }
 
     #[test]

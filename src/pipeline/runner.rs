@@ -61,6 +61,8 @@ pub(super) struct Runner {
     /// Payload bytes of the dead letters in `pending`.
     pending_bytes: usize,
     offsets: Offsets,
+    /// Shutting down: revocations are the member leaving the group.
+    leaving: bool,
 }
 
 impl Runner {
@@ -84,12 +86,13 @@ impl Runner {
             pending: FuturesUnordered::new(),
             pending_bytes: 0,
             offsets: Offsets::default(),
+            leaving: false,
         }
     }
 
     pub(super) async fn run(
         &mut self,
-        mut rx: mpsc::Receiver<SourceEvent<SourceBatch>>,
+        rx: &mut mpsc::Receiver<SourceEvent<SourceBatch>>,
         shutdown: &CancellationToken,
         source_exited: &CancellationToken,
         tick: Duration,
@@ -116,28 +119,63 @@ impl Runner {
                             return Ok(());
                         }
                     }
-                    Some(SourceEvent::Assigned { partitions, reply }) => {
-                        let mut resume = Vec::with_capacity(partitions.len());
-                        for (tp, committed) in partitions {
-                            self.offsets.assign(tp.clone());
-                            // The least advanced sink's position: each needs what follows it.
-                            let mut at: Option<i64> = None;
-                            for sink in &mut self.sinks {
-                                if let Some(p) = sink.recover(&tp, committed).await? {
-                                    at = Some(at.map_or(p, |a| a.min(p)));
-                                }
-                            }
-                            resume.push((tp, at));
-                        }
-                        let _ = reply.send(resume);
-                    }
-                    Some(SourceEvent::Revoked { partitions, reply }) => {
-                        let commits = self.revoke(&partitions).await?;
-                        let _ = reply.send(commits);
-                    }
+                    Some(rebalance) => self.rebalance(rebalance).await?,
                 }
             }
         }
+    }
+
+    /// Shutdown through the rebalance protocol, after [`crate::source::Source::leave`]: the
+    /// source's revocation of every partition is answered as in any rebalance (the partitions
+    /// finished and committed), until the source thread ends. Batches still queued are
+    /// dropped: none of their offsets is committed, so the next owner consumes them again.
+    pub(super) async fn leave(
+        &mut self,
+        rx: &mut mpsc::Receiver<SourceEvent<SourceBatch>>,
+        source_exited: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        self.leaving = true;
+        loop {
+            tokio::select! {
+                biased;
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => self.acked(done)?,
+                event = rx.recv() => match event {
+                    None => return Ok(()),
+                    Some(SourceEvent::Batch(_)) => {}
+                    Some(rebalance) => self.rebalance(rebalance).await?,
+                },
+                // After the channel: every revocation the thread sent before it ended is in it.
+                _ = source_exited.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// Answers an assignment (each partition's resume position) or a revocation (the offsets
+    /// to commit before the partitions go).
+    async fn rebalance(&mut self, event: SourceEvent<SourceBatch>) -> anyhow::Result<()> {
+        match event {
+            SourceEvent::Assigned { partitions, reply } => {
+                let mut resume = Vec::with_capacity(partitions.len());
+                for (tp, committed) in partitions {
+                    self.offsets.assign(tp.clone());
+                    // The least advanced sink's position: each needs what follows it.
+                    let mut at: Option<i64> = None;
+                    for sink in &mut self.sinks {
+                        if let Some(p) = sink.recover(&tp, committed).await? {
+                            at = Some(at.map_or(p, |a| a.min(p)));
+                        }
+                    }
+                    resume.push((tp, at));
+                }
+                let _ = reply.send(resume);
+            }
+            SourceEvent::Revoked { partitions, reply } => {
+                let commits = self.revoke(&partitions).await?;
+                let _ = reply.send(commits);
+            }
+            SourceEvent::Batch(_) => unreachable!("batches are not rebalances"),
+        }
+        Ok(())
     }
 
     fn acked(&mut self, done: Done) -> anyhow::Result<()> {
@@ -306,7 +344,10 @@ impl Runner {
         }
         for (tp, span) in &batch.spans {
             if self.owns(tp) {
-                self.offsets.processed(tp, *span);
+                let skipped = self.offsets.processed(tp, *span);
+                if skipped > 0 {
+                    self.skipped(tp, *span, skipped);
+                }
             }
         }
         while self.pending.len() > MAX_PENDING || self.pending_bytes > MAX_PENDING_BYTES {
@@ -337,6 +378,21 @@ impl Runner {
             self.commit().await;
         }
         Ok(true)
+    }
+
+    /// Offsets before `span` that the consumer never saw: counted, and logged when more than
+    /// one (a single one is a transaction marker; more, compaction, or an offset reset because
+    /// retention deleted them before they were consumed: review finding A14).
+    fn skipped(&self, tp: &TopicPartition, span: crate::event::Span, skipped: i64) {
+        metrics::counter!("sluice_offsets_skipped_total", "pipeline" => self.labels.clone(),
+            "topic" => tp.0.to_string())
+        .increment(skipped as u64);
+        if skipped > 1 {
+            warn!(topic = %tp.0, partition = tp.1, from = span.first - skipped, to = span.first,
+                  "Offsets never consumed: deleted by retention before sluice read them (the \
+                   consumer resumed at the earliest offset left), compacted, or transaction \
+                   markers.");
+        }
     }
 
     /// Partitions some sink wants made durable now (each once, with the first reason given).
@@ -409,7 +465,12 @@ impl Runner {
         let mut commits = Vec::new();
         for tp in partitions {
             // `roll` discards a fenced partition's files; nothing of it is committed.
-            self.roll_until_done(tp, Roll::Revoke).await?;
+            let why = if self.leaving {
+                Roll::Shutdown
+            } else {
+                Roll::Revoke
+            };
+            self.roll_until_done(tp, why).await?;
             if !self.fence.lift(tp) {
                 if let Some(at) = self.offsets.committable(tp, None) {
                     commits.push((tp.clone(), at));
@@ -466,7 +527,8 @@ impl Runner {
         }
     }
 
-    /// Shutdown: finish everything, wait for dead letters, commit.
+    /// Shutdown, after [`Self::leave`]: finish whatever is still held (partitions the source
+    /// could not release through the group), wait for dead letters, commit.
     pub(super) async fn drain(&mut self) -> anyhow::Result<()> {
         self.flush_pending().await?;
         let mut open: Vec<TopicPartition> = self.sinks.iter().flat_map(|s| s.holding()).collect();

@@ -100,6 +100,8 @@ pub struct SourceContext {
     revoke_deadline: Duration,
     /// Events wait in the outbox for room in the channel.
     waiting: Arc<AtomicBool>,
+    /// Where a partition without any position starts.
+    start_from: StartFrom,
 }
 
 impl ClientContext for SourceContext {
@@ -216,7 +218,15 @@ impl SourceContext {
         for ((topic, partition), from_sinks) in resume {
             let from_commit = committed_of(&topic, partition);
             let start = from_commit.into_iter().chain(from_sinks).max();
-            if let Some(start) = start {
+            let Some(start) = start else {
+                if let Err(error) =
+                    tpl.set_partition_offset(&topic, partition, initial_offset(self.start_from))
+                {
+                    error!(%error, %topic, partition, "Cannot set the start offset.");
+                }
+                continue;
+            };
+            {
                 // Review finding A19: the files' own position wins over an earlier committed
                 // offset (a crash before the commit, or an operator's reset): say so, since a
                 // reset to reprocess does not reprocess what is already in Parquet.
@@ -382,14 +392,20 @@ pub fn consumer_config(spec: &SourceSpec) -> ClientConfig {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
-        .set(
-            "auto.offset.reset",
-            match spec.start_from {
-                StartFrom::Earliest => "earliest",
-                StartFrom::Latest => "latest",
-            },
-        );
+        // `start_from` is applied in the assignment, to partitions with no position at all;
+        // this reset is for an offset that is no longer on the broker mid-stream (retention
+        // overtook a paused consumer): resume at the earliest one still there, losing only
+        // what is already gone, never jumping to the end (review finding A14).
+        .set("auto.offset.reset", "earliest");
     config
+}
+
+/// Where a partition with neither a committed offset nor a position in the sinks starts.
+fn initial_offset(start_from: StartFrom) -> Offset {
+    match start_from {
+        StartFrom::Earliest => Offset::Beginning,
+        StartFrom::Latest => Offset::End,
+    }
 }
 
 /// A running source thread.
@@ -398,6 +414,8 @@ pub struct Source {
     /// Partitions released without the pipeline's answer.
     pub fence: Arc<Fence>,
     stop: Arc<AtomicBool>,
+    /// Set by [`Source::leave`]: the poll thread unsubscribes and ends once it holds nothing.
+    leave: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     /// Cancelled when the poll thread ends, however it ends (a panic included): a pipeline
     /// whose source is gone must fail, not wait.
@@ -448,23 +466,25 @@ impl Source {
             fence: fence.clone(),
             revoke_deadline: Duration::from_millis(poll_interval / 3),
             waiting: waiting.clone(),
+            start_from: spec.start_from,
         };
         let consumer: KafkaConsumer = config.create_with_context(context)?;
         let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let consumer = Arc::new(consumer);
         let stop = Arc::new(AtomicBool::new(false));
+        let leave = Arc::new(AtomicBool::new(false));
         let exited = tokio_util::sync::CancellationToken::new();
         let thread = std::thread::Builder::new()
             .name(format!("source-{pipeline}"))
             .spawn({
                 let consumer = consumer.clone();
-                let stop = stop.clone();
+                let (stop, leave) = (stop.clone(), leave.clone());
                 let guard = ExitGuard(exited.clone());
                 let span = tracing::info_span!("source", pipeline);
                 move || {
                     let _guard = guard;
-                    span.in_scope(|| poll_loop(&consumer, &stop))
+                    span.in_scope(|| poll_loop(&consumer, &stop, &leave))
                 }
             })
             .expect("spawning a thread");
@@ -472,6 +492,7 @@ impl Source {
             consumer,
             fence,
             stop,
+            leave,
             thread: Some(thread),
             exited,
             waiting,
@@ -484,6 +505,14 @@ impl Source {
         self.stop.store(true, Ordering::Release);
     }
 
+    /// Shutdown through the rebalance protocol (review finding A6): the poll thread stops
+    /// taking messages and unsubscribes, so every partition is revoked as in any rebalance
+    /// (the pipeline finishes and commits them, within the revocation deadline); it ends
+    /// ([`Source::exited`]) once the member holds no partition.
+    pub fn leave(&self) {
+        self.leave.store(true, Ordering::Release);
+    }
+
     /// Waits for the poll thread; the consumer leaves the group when its last handle drops.
     pub fn close(mut self) {
         self.stop_intake();
@@ -493,10 +522,21 @@ impl Source {
     }
 }
 
-fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool) {
+fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool, leave: &AtomicBool) {
     let ctx = consumer.context();
     let mut paused = false;
+    let mut left = false;
     while !stop.load(Ordering::Acquire) {
+        if !left && leave.load(Ordering::Acquire) {
+            left = true;
+            // What is consumed but not yet sent is consumed again by the partitions' next owner.
+            ctx.shared.lock().expect("source state lock").batcher.take();
+            consumer.unsubscribe();
+            info!(pipeline = %ctx.pipeline, "Leaving the group.");
+        }
+        if left && holds_nothing(consumer, ctx) {
+            return;
+        }
         // Offer queued batches to the pipeline without blocking.
         let (blocked, wait) = {
             let mut shared = ctx.shared.lock().expect("source state lock");
@@ -541,6 +581,7 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool) {
         });
         let mut shared = ctx.shared.lock().expect("source state lock");
         match polled {
+            Some(Ok(_)) if left => {}
             Some(Ok(msg)) => shared.batcher.push(&msg),
             Some(Err(error)) => warn!(%error, "Consume error."),
             None => {}
@@ -552,6 +593,18 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool) {
             }
         }
     }
+}
+
+/// The member has released every partition and the pipeline has every event sent to it.
+fn holds_nothing(consumer: &KafkaConsumer, ctx: &SourceContext) -> bool {
+    let released = consumer.assignment().map_or(true, |a| a.count() == 0);
+    released
+        && ctx
+            .shared
+            .lock()
+            .expect("source state lock")
+            .outbox
+            .is_empty()
 }
 
 /// How long the source waits for room in the channel before it pauses its partitions.
