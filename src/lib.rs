@@ -27,7 +27,8 @@
 //! - [`score`]: TorchScript models on their own threads: batching, versions, the breaker.
 //! - [`sink`]: where batches go: [`sink::redis`], [`sink::parquet`], [`sink::dead_letter`] and
 //!   [`sink::predictions`].
-//! - [`pipeline`]: owns the tasks, the per-partition offset tracking and the commit protocol.
+//! - [`pipeline`]: owns the tasks, the per-partition offset tracking and the commit protocol;
+//!   [`pipeline::PipelineError`] is why a pipeline stopped, with the exit code it means.
 //! - [`failure`]: the failure model: transient, per-record or fatal, and the one retry loop.
 //! - [`telemetry`]: logs, Prometheus metrics, `/healthz`, `/readyz` ([`telemetry::health`]).
 //! - [`util`]: the text form of scalar values and key templates, shared by sinks and models.

@@ -109,18 +109,9 @@ fn main() -> ExitCode {
                 .expect("building the tokio runtime");
             match runtime.block_on(run(pipelines, &listen, grace_period, stall_timeout)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e)
-                    if e.chain().any(|c| {
-                        c.downcast_ref::<sluice::score::service::ServiceError>()
-                            .is_some_and(|s| s.is_config())
-                    }) =>
-                {
-                    error!("{e:#}");
-                    ExitCode::from(2)
-                }
-                Err(e) => {
-                    error!("{e:#}");
-                    ExitCode::from(1)
+                Err(Failed { code, error }) => {
+                    error!("{error:#}");
+                    ExitCode::from(code)
                 }
             }
         }
@@ -283,18 +274,36 @@ fn validate(files: &[PathBuf]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Why `sluice run` failed: the error to print, and the exit code its kind means.
+struct Failed {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl From<anyhow::Error> for Failed {
+    fn from(error: anyhow::Error) -> Self {
+        Self { code: 1, error }
+    }
+}
+
+impl From<std::io::Error> for Failed {
+    fn from(error: std::io::Error) -> Self {
+        anyhow::Error::from(error).into()
+    }
+}
+
 async fn run(
     pipelines: Vec<config::Pipeline>,
     listen: &str,
     grace: Duration,
     stall_timeout: Duration,
-) -> anyhow::Result<()> {
+) -> Result<(), Failed> {
     let shutdown = CancellationToken::new();
     let statuses: Vec<Arc<telemetry::health::Status>> = pipelines
         .iter()
         .map(|_| Arc::new(telemetry::health::Status::new()))
         .collect();
-    let metrics = telemetry::init_metrics()?;
+    let metrics = telemetry::init_metrics().map_err(anyhow::Error::from)?;
     if listen != "off" {
         let addr = telemetry::parse_listen(listen).map_err(anyhow::Error::msg)?;
         let listener = tokio::net::TcpListener::bind(addr)
@@ -344,9 +353,13 @@ async fn run(
         if let Err(e) = result {
             // The first failure is the cause, logged once by `main`; later ones follow from it.
             if first_error.is_some() {
+                let e = anyhow::Error::from(e);
                 tracing::warn!(pipeline = %name, "Pipeline stopped: {e:#}");
             } else {
-                first_error = Some(e.context(format!("pipeline {name}")));
+                first_error = Some(Failed {
+                    code: e.exit_code(),
+                    error: anyhow::Error::from(e).context(format!("pipeline {name}")),
+                });
             }
             // One failed pipeline stops the process, so a supervisor restarts all of it.
             shutdown.cancel();

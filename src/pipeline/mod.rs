@@ -29,6 +29,7 @@
 //! process exits non-zero without committing (nothing is lost: uncommitted data is consumed
 //! again and files are recovered).
 
+mod error;
 pub mod offsets;
 mod runner;
 mod watchdog;
@@ -38,11 +39,11 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{anyhow, Context as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
+pub use self::error::PipelineError;
 use self::runner::Runner;
 use crate::{
     config::{ErrorPolicy, Pipeline},
@@ -61,7 +62,7 @@ pub async fn run(
     stall_timeout: Duration,
     status: Arc<Status>,
     inference: Arc<Service>,
-) -> anyhow::Result<()> {
+) -> Result<(), PipelineError> {
     let span = tracing::info_span!("pipeline", pipeline = %spec.name);
     let result = run_inner(spec, shutdown, grace, stall_timeout, &status, &inference)
         .instrument(span)
@@ -79,7 +80,7 @@ async fn run_inner(
     stall_timeout: Duration,
     status: &Arc<Status>,
     inference: &Service,
-) -> anyhow::Result<()> {
+) -> Result<(), PipelineError> {
     // The sinks of rows, in the order they write: Redis before Parquet, because a finished
     // Parquet segment is a resume position, so its rows must already be in Redis.
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
@@ -90,8 +91,12 @@ async fn run_inner(
     }
     if let Some(pq) = &spec.parquet {
         sinks.push(Box::new(
-            ParquetSink::open(&spec.name, pq, spec.schema.clone())
-                .with_context(|| format!("opening {}", pq.location))?,
+            ParquetSink::open(&spec.name, pq, spec.schema.clone()).map_err(|source| {
+                PipelineError::Parquet {
+                    location: pq.location.to_string(),
+                    source: Box::new(source),
+                }
+            })?,
         ));
     }
     let dead_letters = match &spec.errors.policy {
@@ -106,7 +111,10 @@ async fn run_inner(
                 producer_properties,
                 spec.errors.max_event_size,
             )
-            .context("creating the dead-letter producer")?,
+            .map_err(|source| PipelineError::Kafka {
+                what: "dead-letter producer",
+                source,
+            })?,
         ),
         _ => None,
     };
@@ -126,7 +134,10 @@ async fn run_inner(
         tx,
         status.joined.clone(),
     )
-    .context("creating the Kafka consumer")?;
+    .map_err(|source| PipelineError::Kafka {
+        what: "Kafka consumer",
+        source,
+    })?;
     // The decode thread ends by itself when the source or this task lets go of its channels.
     let (mut rx, _decode) =
         // Originals are kept for the stages that may still reject a valid event: the models
@@ -154,17 +165,14 @@ async fn run_inner(
     let drained = match &result {
         Ok(()) => {
             info!(grace = ?grace, "Shutting down: finishing files and committing.");
-            source.leave();
+            source.leave(grace / 4);
             let leave = async {
                 runner.leave(&mut rx, &source.exited).await?;
                 runner.drain().await
             };
             match tokio::time::timeout(grace, leave).await {
                 Ok(r) => r,
-                Err(_) => Err(anyhow!(
-                    "shutdown took longer than the grace period of {grace:?}; \
-                                        uncommitted data will be consumed again"
-                )),
+                Err(_) => Err(PipelineError::Grace(grace)),
             }
         }
         // After a failure nothing more is made durable: restart recovers from the manifests.

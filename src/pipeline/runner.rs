@@ -7,7 +7,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::anyhow;
 use futures::{future::BoxFuture, stream::FuturesUnordered, StreamExt};
 use rdkafka::{
     consumer::{CommitMode, Consumer},
@@ -17,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::offsets::Offsets;
+use super::{offsets::Offsets, PipelineError};
 use crate::{
     config::{ErrorPolicy, Pipeline},
     event::{Rejected, SourceBatch, SourceEvent, TopicPartition},
@@ -96,7 +95,7 @@ impl Runner {
         shutdown: &CancellationToken,
         source_exited: &CancellationToken,
         tick: Duration,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), PipelineError> {
         let mut ticker = tokio::time::interval(tick.max(Duration::from_millis(10)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -106,14 +105,14 @@ impl Runner {
                 _ = shutdown.cancelled() => return Ok(()),
                 // Only a stopped pipeline stops the source: it ended (a panic) by itself.
                 _ = source_exited.cancelled() => {
-                    return Err(anyhow!("the Kafka source thread stopped unexpectedly"))
+                    return Err(PipelineError::SourceExited)
                 }
                 _ = ticker.tick() => {
                     self.roll_due().await?;
                     self.commit().await;
                 }
                 event = rx.recv() => match event {
-                    None => return Err(anyhow!("the Kafka source stopped")),
+                    None => return Err(PipelineError::SourceClosed),
                     Some(SourceEvent::Batch(batch)) => {
                         if !self.batch(batch, shutdown).await? {
                             return Ok(());
@@ -133,7 +132,7 @@ impl Runner {
         &mut self,
         rx: &mut mpsc::Receiver<SourceEvent<SourceBatch>>,
         source_exited: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), PipelineError> {
         self.leaving = true;
         loop {
             tokio::select! {
@@ -152,7 +151,7 @@ impl Runner {
 
     /// Answers an assignment (each partition's resume position) or a revocation (the offsets
     /// to commit before the partitions go).
-    async fn rebalance(&mut self, event: SourceEvent<SourceBatch>) -> anyhow::Result<()> {
+    async fn rebalance(&mut self, event: SourceEvent<SourceBatch>) -> Result<(), PipelineError> {
         match event {
             SourceEvent::Assigned { partitions, reply } => {
                 let mut resume = Vec::with_capacity(partitions.len());
@@ -161,7 +160,12 @@ impl Runner {
                     // The least advanced sink's position: each needs what follows it.
                     let mut at: Option<i64> = None;
                     for sink in &mut self.sinks {
-                        if let Some(p) = sink.recover(&tp, committed).await? {
+                        let name = sink.name();
+                        let recovered = sink
+                            .recover(&tp, committed)
+                            .await
+                            .map_err(PipelineError::sink(name))?;
+                        if let Some(p) = recovered {
                             at = Some(at.map_or(p, |a| a.min(p)));
                         }
                     }
@@ -178,7 +182,7 @@ impl Runner {
         Ok(())
     }
 
-    fn acked(&mut self, done: Done) -> anyhow::Result<()> {
+    fn acked(&mut self, done: Done) -> Result<(), PipelineError> {
         self.status.progressed();
         match done {
             Done::DeadLetter(r) => {
@@ -215,20 +219,19 @@ impl Runner {
     }
 
     /// Applies the error policy to one rejected event.
-    fn reject(&mut self, r: Rejected) -> anyhow::Result<()> {
+    fn reject(&mut self, r: Rejected) -> Result<(), PipelineError> {
         let tp = (r.topic.clone(), r.partition);
         if !self.owns(&tp) {
             return Ok(());
         }
         match (&self.policy, &self.dead_letters) {
-            (ErrorPolicy::Fail, _) => Err(anyhow!(
-                "event {}/{}@{} rejected at stage {} ({}) and errors.policy is \"fail\"",
-                r.topic,
-                r.partition,
-                r.offset,
-                r.error.stage(),
-                r.error
-            )),
+            (ErrorPolicy::Fail, _) => Err(PipelineError::Rejected {
+                topic: r.topic.to_string(),
+                partition: r.partition,
+                offset: r.offset,
+                stage: r.error.stage(),
+                reason: r.error.to_string(),
+            }),
             (ErrorPolicy::DeadLetter { .. }, Some(dlq)) => {
                 debug!(topic = %r.topic, partition = r.partition, offset = r.offset,
                        stage = r.error.stage(), reason = r.error.reason(), "Dead letter.");
@@ -260,7 +263,7 @@ impl Runner {
         &mut self,
         batch: SourceBatch,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<bool> {
+    ) -> Result<bool, PipelineError> {
         let started = Instant::now();
         self.status.progressed();
         let labels = [("pipeline", self.labels.clone())];
@@ -319,7 +322,7 @@ impl Runner {
             let refused = match self.sinks[i].write(&rows, shutdown).await {
                 Ok(refused) => refused,
                 Err(SinkError::Cancelled) => return Ok(false),
-                Err(e) => return Err(anyhow!(e).context(format!("sink {}", self.sinks[i].name()))),
+                Err(e) => return Err(PipelineError::sink(self.sinks[i].name())(e)),
             };
             for r in refused {
                 let (t, p, o) = (
@@ -334,10 +337,12 @@ impl Runner {
                 match original {
                     Some(rejected) => self.reject(rejected)?,
                     None => {
-                        return Err(anyhow!(
-                            "event {t}/{p}@{o} was refused by {} and its original bytes are gone",
-                            self.sinks[i].name()
-                        ))
+                        return Err(PipelineError::OriginalGone {
+                            topic: t.to_owned(),
+                            partition: p,
+                            offset: o,
+                            sink: self.sinks[i].name(),
+                        })
                     }
                 }
             }
@@ -415,14 +420,14 @@ impl Runner {
     }
 
     /// Waits until every dead letter and prediction sent so far is acknowledged.
-    async fn flush_pending(&mut self) -> anyhow::Result<()> {
+    async fn flush_pending(&mut self) -> Result<(), PipelineError> {
         while let Some(done) = self.pending.next().await {
             self.acked(done)?;
         }
         Ok(())
     }
 
-    async fn roll(&mut self, tp: &TopicPartition, why: Roll) -> anyhow::Result<()> {
+    async fn roll(&mut self, tp: &TopicPartition, why: Roll) -> Result<(), PipelineError> {
         // A finished segment is also a resume position, so every dead letter and prediction
         // below its end must be acknowledged first.
         self.flush_pending().await?;
@@ -430,9 +435,13 @@ impl Runner {
         for sink in &mut self.sinks {
             if fenced {
                 // Released without our answer: another member may be writing these offsets.
-                sink.discard(tp)?;
+                let name = sink.name();
+                sink.discard(tp).map_err(PipelineError::sink(name))?;
             } else {
-                sink.make_durable(tp, why).await?;
+                let name = sink.name();
+                sink.make_durable(tp, why)
+                    .await
+                    .map_err(PipelineError::sink(name))?;
             }
         }
         Ok(())
@@ -440,7 +449,11 @@ impl Runner {
 
     /// Rolls `tp` until no sink holds anything of it (rows deferred for want of open files go
     /// into a segment of their own, which is then finished too).
-    async fn roll_until_done(&mut self, tp: &TopicPartition, why: Roll) -> anyhow::Result<()> {
+    async fn roll_until_done(
+        &mut self,
+        tp: &TopicPartition,
+        why: Roll,
+    ) -> Result<(), PipelineError> {
         loop {
             self.roll(tp, why).await?;
             if !self.sinks.iter().any(|s| s.holding().contains(tp)) {
@@ -449,7 +462,7 @@ impl Runner {
         }
     }
 
-    async fn roll_due(&mut self) -> anyhow::Result<()> {
+    async fn roll_due(&mut self) -> Result<(), PipelineError> {
         for (tp, why) in self.due() {
             self.roll(&tp, why).await?;
         }
@@ -460,7 +473,7 @@ impl Runner {
     async fn revoke(
         &mut self,
         partitions: &[TopicPartition],
-    ) -> anyhow::Result<Vec<(TopicPartition, i64)>> {
+    ) -> Result<Vec<(TopicPartition, i64)>, PipelineError> {
         self.flush_pending().await?;
         let mut commits = Vec::new();
         for tp in partitions {
@@ -529,7 +542,7 @@ impl Runner {
 
     /// Shutdown, after [`Self::leave`]: finish whatever is still held (partitions the source
     /// could not release through the group), wait for dead letters, commit.
-    pub(super) async fn drain(&mut self) -> anyhow::Result<()> {
+    pub(super) async fn drain(&mut self) -> Result<(), PipelineError> {
         self.flush_pending().await?;
         let mut open: Vec<TopicPartition> = self.sinks.iter().flat_map(|s| s.holding()).collect();
         open.sort();
@@ -545,7 +558,7 @@ impl Runner {
             match self.try_commit().await {
                 Ok(()) => return Ok(()),
                 Err(error) if backoff.attempts() >= 5 => {
-                    return Err(anyhow!("the final commit failed: {error}"))
+                    return Err(PipelineError::FinalCommit(error))
                 }
                 Err(_) => tokio::time::sleep(backoff.delay()).await,
             }
@@ -561,7 +574,7 @@ fn payload_len(r: &Rejected) -> usize {
 fn filter_partitions(
     batch: &arrow::record_batch::RecordBatch,
     owned: &[TopicPartition],
-) -> anyhow::Result<arrow::record_batch::RecordBatch> {
+) -> Result<arrow::record_batch::RecordBatch, PipelineError> {
     use arrow::array::BooleanArray;
     let (topics, partitions, _) = crate::schema::provenance(batch);
     let keep: BooleanArray = (0..batch.num_rows())

@@ -28,7 +28,6 @@ pub mod versions;
 
 use std::{sync::Arc, time::Instant};
 
-use anyhow::Context as _;
 use arrow::{
     array::{Array, ArrayRef, AsArray},
     datatypes::DataType,
@@ -96,6 +95,24 @@ pub enum ScoreError {
     NoOriginal { model: Arc<str>, event: String },
 }
 
+/// Why a pipeline cannot use a model at start.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Service(#[from] service::ServiceError),
+    #[error("creating the predictions producer")]
+    Producer(#[source] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Topic(#[from] crate::sink::TopicError),
+}
+
+impl OpenError {
+    /// A problem of the configuration (the model files or their declarations).
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Service(s) if s.is_config())
+    }
+}
+
 /// Loads the newest version of a model and checks it; the error says why it cannot serve.
 pub fn load_newest(spec: &ModelSpec) -> Result<LoadedModel, String> {
     let device = model::device(spec.device)?;
@@ -133,11 +150,11 @@ impl Scorer {
         bootstrap: &str,
         spec: &ModelSpec,
         service: &Service,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, OpenError> {
         let model = service.model(spec).await?;
         let spec = Arc::new(spec.clone());
         let out = Predictions::new(pipeline, bootstrap, &spec.producer_properties)
-            .context("creating the predictions producer")?;
+            .map_err(OpenError::Producer)?;
         for topic in std::iter::once(&spec.output_topic).chain(&spec.feedback_topic) {
             out.check_topic(topic).await?;
         }

@@ -102,6 +102,8 @@ pub struct SourceContext {
     waiting: Arc<AtomicBool>,
     /// Where a partition without any position starts.
     start_from: StartFrom,
+    /// Between joining (at start, or after a revocation) and the next assignment.
+    joining: AtomicBool,
 }
 
 impl ClientContext for SourceContext {
@@ -320,8 +322,11 @@ impl ConsumerContext for SourceContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.on_assign(consumer, tpl);
                 self.joined.store(true, Ordering::Release);
+                self.joining.store(false, Ordering::Release);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // The member rejoins after the revocation.
+                self.joining.store(true, Ordering::Release);
                 // A lost assignment (session timed out, fenced) is not membership; a revocation
                 // in an ordinary rebalance is followed by an assignment.
                 if consumer.assignment_lost() {
@@ -415,7 +420,7 @@ pub struct Source {
     pub fence: Arc<Fence>,
     stop: Arc<AtomicBool>,
     /// Set by [`Source::leave`]: the poll thread unsubscribes and ends once it holds nothing.
-    leave: Arc<AtomicBool>,
+    leave: Arc<Leave>,
     thread: Option<JoinHandle<()>>,
     /// Cancelled when the poll thread ends, however it ends (a panic included): a pipeline
     /// whose source is gone must fail, not wait.
@@ -467,13 +472,14 @@ impl Source {
             revoke_deadline: Duration::from_millis(poll_interval / 3),
             waiting: waiting.clone(),
             start_from: spec.start_from,
+            joining: AtomicBool::new(true),
         };
         let consumer: KafkaConsumer = config.create_with_context(context)?;
         let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let consumer = Arc::new(consumer);
         let stop = Arc::new(AtomicBool::new(false));
-        let leave = Arc::new(AtomicBool::new(false));
+        let leave = Arc::new(Leave::default());
         let exited = tokio_util::sync::CancellationToken::new();
         let thread = std::thread::Builder::new()
             .name(format!("source-{pipeline}"))
@@ -508,9 +514,11 @@ impl Source {
     /// Shutdown through the rebalance protocol (review finding A6): the poll thread stops
     /// taking messages and unsubscribes, so every partition is revoked as in any rebalance
     /// (the pipeline finishes and commits them, within the revocation deadline); it ends
-    /// ([`Source::exited`]) once the member holds no partition.
-    pub fn leave(&self) {
-        self.leave.store(true, Ordering::Release);
+    /// ([`Source::exited`]) once the member holds no partition. A member in the middle of
+    /// joining first waits for its assignment, at most `join_wait`: leaving a group in the
+    /// middle of a join can wedge it on some brokers (tansu 0.6 never assigns anything again).
+    pub fn leave(&self, join_wait: Duration) {
+        *self.leave.0.lock().expect("leave lock") = Some(join_wait);
     }
 
     /// Waits for the poll thread; the consumer leaves the group when its last handle drops.
@@ -522,17 +530,30 @@ impl Source {
     }
 }
 
-fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool, leave: &AtomicBool) {
+/// A request to leave the group: how long to wait for a join under way to finish first.
+#[derive(Default)]
+struct Leave(Mutex<Option<Duration>>);
+
+fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool, leave: &Leave) {
     let ctx = consumer.context();
     let mut paused = false;
+    // Since when the pipeline asked to leave; and whether the member has unsubscribed.
+    let mut leaving: Option<Instant> = None;
     let mut left = false;
     while !stop.load(Ordering::Acquire) {
-        if !left && leave.load(Ordering::Acquire) {
-            left = true;
-            // What is consumed but not yet sent is consumed again by the partitions' next owner.
-            ctx.shared.lock().expect("source state lock").batcher.take();
-            consumer.unsubscribe();
-            info!(pipeline = %ctx.pipeline, "Leaving the group.");
+        let join_wait = *leave.0.lock().expect("leave lock");
+        if let (false, Some(join_wait)) = (left, join_wait) {
+            let since = *leaving.get_or_insert_with(|| {
+                // What is consumed but not yet sent is consumed again by the partitions' next
+                // owner.
+                ctx.shared.lock().expect("source state lock").batcher.take();
+                Instant::now()
+            });
+            if !ctx.joining.load(Ordering::Acquire) || since.elapsed() >= join_wait {
+                left = true;
+                consumer.unsubscribe();
+                info!(pipeline = %ctx.pipeline, "Leaving the group.");
+            }
         }
         if left && holds_nothing(consumer, ctx) {
             return;
@@ -581,7 +602,7 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool, leave: &AtomicBool) {
         });
         let mut shared = ctx.shared.lock().expect("source state lock");
         match polled {
-            Some(Ok(_)) if left => {}
+            Some(Ok(_)) if leaving.is_some() => {}
             Some(Ok(msg)) => shared.batcher.push(&msg),
             Some(Err(error)) => warn!(%error, "Consume error."),
             None => {}

@@ -34,8 +34,17 @@ pub fn init_logs(json: bool) {
     }
 }
 
+/// Why metrics could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("installing the metrics recorder")]
+    Recorder(#[from] metrics_exporter_prometheus::BuildError),
+    #[error("starting the metrics upkeep thread")]
+    Thread(#[from] std::io::Error),
+}
+
 /// Installs the global metrics recorder.
-pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+pub fn init_metrics() -> Result<PrometheusHandle, MetricsError> {
     let seconds = [
         0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.5,
         2.0, 3.0, 5.0, 10.0, 30.0,
@@ -69,7 +78,7 @@ pub async fn serve(
     metrics: PrometheusHandle,
     pipelines: Vec<Arc<Status>>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let state = AppState {
         metrics,
         pipelines: Arc::new(pipelines),
@@ -101,8 +110,7 @@ pub async fn serve(
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
-    Ok(())
+        .await
 }
 
 /// Records the wall time of one pipeline stage since `started` in
