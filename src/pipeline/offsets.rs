@@ -33,6 +33,19 @@ impl Offsets {
         self.partitions.insert(tp, Partition::default());
     }
 
+    /// Where a newly assigned partition starts, given its committed offset: a start past the
+    /// commit (the sinks' files end there: a crash or a lost assignment after finishing, before
+    /// committing) is itself committable, every offset below it being durable already; else
+    /// a partition with nothing more to consume would never commit up to its end.
+    pub fn resume(&mut self, tp: &TopicPartition, committed: Option<i64>, start: Option<i64>) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.committed = committed;
+            if let Some(start) = start.filter(|s| committed.is_none_or(|c| *s > c)) {
+                p.next = Some(start);
+            }
+        }
+    }
+
     /// Stops tracking a revoked partition.
     pub fn revoke(&mut self, tp: &TopicPartition) {
         self.partitions.remove(tp);
@@ -172,6 +185,23 @@ mod tests {
             "a replay"
         );
         assert_eq!(o.committable(&tp(), None), Some(25));
+    }
+
+    /// Scenario 6 in CI: files finished past the committed offset, then the assignment was
+    /// lost; the next owner resumed after the files, found nothing more to consume, and never
+    /// committed the partition's end.
+    #[test]
+    fn a_resume_position_past_the_commit_is_committed() {
+        let mut o = Offsets::default();
+        o.assign(tp());
+        o.resume(&tp(), Some(7_000), Some(7_500));
+        assert_eq!(o.committable(&tp(), None), Some(7_500));
+        o.assign(tp());
+        o.resume(&tp(), Some(7_500), Some(7_500));
+        assert_eq!(o.committable(&tp(), None), None, "already committed");
+        o.assign(tp());
+        o.resume(&tp(), Some(7_500), None);
+        assert_eq!(o.committable(&tp(), None), None);
     }
 
     #[test]

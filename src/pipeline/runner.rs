@@ -169,6 +169,7 @@ impl Runner {
                             at = Some(at.map_or(p, |a| a.min(p)));
                         }
                     }
+                    self.offsets.resume(&tp, committed, at);
                     resume.push((tp, at));
                 }
                 let _ = reply.send(resume);
