@@ -144,25 +144,31 @@ impl Broker {
     /// Freezes the broker process (SIGSTOP): connections stay open and nothing answers, as
     /// with a broker behind a network partition. Only for a broker this test started.
     pub fn pause(&self) {
-        let process = self
-            .process
-            .as_ref()
-            .expect("only a broker the test started pauses");
-        send_signal(process.id(), "STOP");
+        self.signal("STOP");
     }
 
     /// Lets a paused broker go on (SIGCONT).
     pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, signal: &str) {
         let process = self
             .process
             .as_ref()
             .expect("only a broker the test started pauses");
-        send_signal(process.id(), "CONT");
+        send_signal(process.id(), signal);
     }
 
-    /// Whether this test runs its own broker (which it may pause), not `KAFKA_BOOTSTRAP`.
-    pub fn is_own(&self) -> bool {
-        self.process.is_some()
+    /// A broker this test runs itself (one it may pause), or `None` (with a line saying the
+    /// test is skipped) when `KAFKA_BOOTSTRAP` names someone else's.
+    pub fn start_own() -> Option<Self> {
+        let broker = Self::start();
+        if broker.process.is_none() {
+            eprintln!("skipped: KAFKA_BOOTSTRAP names a broker this test cannot pause");
+            return None;
+        }
+        Some(broker)
     }
 
     /// A handle on a broker that someone else runs.

@@ -518,7 +518,8 @@ impl Source {
     /// joining first waits for its assignment, at most `join_wait`: leaving a group in the
     /// middle of a join can wedge it on some brokers (tansu 0.6 never assigns anything again).
     pub fn leave(&self, join_wait: Duration) {
-        *self.leave.0.lock().expect("leave lock") = Some(join_wait);
+        let ms = u64::try_from(join_wait.as_millis()).unwrap_or(u64::MAX - 1);
+        self.leave.0.store(ms.min(u64::MAX - 1), Ordering::Release);
     }
 
     /// Waits for the poll thread; the consumer leaves the group when its last handle drops.
@@ -530,9 +531,22 @@ impl Source {
     }
 }
 
-/// A request to leave the group: how long to wait for a join under way to finish first.
-#[derive(Default)]
-struct Leave(Mutex<Option<Duration>>);
+/// A request to leave the group: how long to wait for a join under way to finish first, in
+/// milliseconds; `u64::MAX` until asked (read on every poll, so an atomic, not a lock).
+struct Leave(std::sync::atomic::AtomicU64);
+
+impl Default for Leave {
+    fn default() -> Self {
+        Self(std::sync::atomic::AtomicU64::new(u64::MAX))
+    }
+}
+
+impl Leave {
+    fn join_wait(&self) -> Option<Duration> {
+        let ms = self.0.load(Ordering::Acquire);
+        (ms != u64::MAX).then(|| Duration::from_millis(ms))
+    }
+}
 
 fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool, leave: &Leave) {
     let ctx = consumer.context();
@@ -541,8 +555,7 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool, leave: &Leave) {
     let mut leaving: Option<Instant> = None;
     let mut left = false;
     while !stop.load(Ordering::Acquire) {
-        let join_wait = *leave.0.lock().expect("leave lock");
-        if let (false, Some(join_wait)) = (left, join_wait) {
+        if let (false, Some(join_wait)) = (left, leave.join_wait()) {
             let since = *leaving.get_or_insert_with(|| {
                 // What is consumed but not yet sent is consumed again by the partitions' next
                 // owner.
