@@ -12,9 +12,7 @@ use std::{
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::{
-    path::Path as ObjectPath, ObjectStore, PutMode, PutOptions, PutPayload, WriteMultipart,
-};
+use object_store::{path::Path as ObjectPath, ObjectStore, PutMode, PutOptions, PutPayload};
 use thiserror::Error;
 use tracing::warn;
 
@@ -163,24 +161,21 @@ impl Storage {
                         .await
                         .map_err(err)?;
                 } else {
-                    let upload = store.put_multipart(&path).await.map_err(err)?;
-                    let mut writer = WriteMultipart::new_with_chunk_size(upload, MULTIPART_CHUNK);
-                    let copied = copy_into(&mut writer, tmp_file, &path).await;
-                    let done = match copied {
-                        // `finish` aborts the upload itself when completing it fails.
-                        Ok(()) => writer.finish().await.map(|_| ()).map_err(err),
-                        Err(e) => {
-                            // Parts of an upload never completed nor aborted are kept (and
-                            // billed) until a lifecycle rule removes them.
-                            if let Err(error) = writer.abort().await {
-                                warn!(object = %path, %error,
-                                      "Cannot abort a failed multipart upload; a bucket \
-                                       lifecycle rule (AbortIncompleteMultipartUpload) removes it.");
-                            }
-                            Err(e)
-                        }
+                    let mut upload = store.put_multipart(&path).await.map_err(err)?;
+                    let sent = match upload_parts(upload.as_mut(), tmp_file, &path).await {
+                        Ok(()) => upload.complete().await.map(|_| ()).map_err(err),
+                        Err(e) => Err(e),
                     };
-                    done?;
+                    if sent.is_err() {
+                        // Parts of an upload never completed nor aborted are kept (and billed)
+                        // until a lifecycle rule removes them (review finding A11).
+                        if let Err(error) = upload.abort().await {
+                            warn!(object = %path, %error,
+                                  "Cannot abort a failed multipart upload; a bucket lifecycle \
+                                   rule (AbortIncompleteMultipartUpload) removes it.");
+                        }
+                    }
+                    sent?;
                 }
                 fs::remove_file(tmp_file).map_err(io(tmp_file))?;
             }
@@ -362,31 +357,58 @@ impl Storage {
 /// bounds `max_file_size` on object stores by it.
 const MULTIPART_CHUNK: usize = crate::config::OBJECT_STORE_PART_SIZE as usize;
 
-/// Streams a local file into a multipart upload.
-async fn copy_into(
-    writer: &mut WriteMultipart,
+/// At most this many parts of one file are in flight at once (memory: parts × part size).
+const PARTS_IN_FLIGHT: usize = 4;
+
+/// Sends `tmp_file` as the parts of `upload`, in order, a few at a time. The caller completes
+/// the upload, or aborts it when this fails: a part's failure is known here, while the upload
+/// can still be aborted (`WriteMultipart::finish` returns a failed part's error without
+/// aborting).
+async fn upload_parts(
+    upload: &mut dyn object_store::MultipartUpload,
     tmp_file: &Path,
     path: &ObjectPath,
 ) -> Result<(), StorageError> {
+    use futures::stream::{FuturesUnordered, StreamExt};
     use tokio::io::AsyncReadExt;
     let mut file = tokio::fs::File::open(tmp_file)
         .await
         .map_err(io(tmp_file))?;
-    let mut buf = vec![0u8; 1 << 20];
+    let mut in_flight: FuturesUnordered<object_store::UploadPart> = FuturesUnordered::new();
+    let failed = |source: object_store::Error| StorageError::Object {
+        path: path.to_string(),
+        source,
+    };
     loop {
-        let n = file.read(&mut buf).await.map_err(io(tmp_file))?;
-        if n == 0 {
-            return Ok(());
+        let mut part = Vec::with_capacity(MULTIPART_CHUNK);
+        while part.len() < MULTIPART_CHUNK {
+            let read = (&mut file)
+                .take((MULTIPART_CHUNK - part.len()) as u64)
+                .read_to_end(&mut part)
+                .await
+                .map_err(io(tmp_file))?;
+            if read == 0 {
+                break;
+            }
         }
-        writer
-            .wait_for_capacity(4)
-            .await
-            .map_err(|source| StorageError::Object {
-                path: path.to_string(),
-                source,
-            })?;
-        writer.write(&buf[..n]);
+        if part.is_empty() {
+            break;
+        }
+        let last = part.len() < MULTIPART_CHUNK;
+        while in_flight.len() >= PARTS_IN_FLIGHT {
+            if let Some(sent) = in_flight.next().await {
+                sent.map_err(failed)?;
+            }
+        }
+        in_flight.push(upload.put_part(PutPayload::from(part)));
+        if last {
+            break;
+        }
     }
+    while let Some(sent) = in_flight.next().await {
+        sent.map_err(failed)?;
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StorageError> {
@@ -440,6 +462,207 @@ pub async fn list_recursive(storage: &Storage, rel: &str) -> Result<Vec<String>,
                         .unwrap_or_else(|| o.location.to_string())
                 })
                 .collect())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        fmt,
+        sync::{
+            atomic::{AtomicBool, AtomicUsize, Ordering},
+            Arc,
+        },
+    };
+
+    use async_trait::async_trait;
+    use futures::stream::BoxStream;
+    use object_store::{
+        memory::InMemory, path::Path as ObjectPath, GetOptions, GetResult, ListResult,
+        MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload,
+        PutResult, UploadPart,
+    };
+
+    use super::{Storage, StorageError, MULTIPART_CHUNK};
+
+    /// An in-memory store whose multipart uploads refuse part `fail_part` (counted from 0),
+    /// and which records what was asked of it.
+    #[derive(Debug, Default)]
+    struct Refusing {
+        inner: InMemory,
+        fail_part: Option<usize>,
+        puts: AtomicUsize,
+        uploads: AtomicUsize,
+        aborted: Arc<AtomicBool>,
+    }
+
+    impl fmt::Display for Refusing {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "Refusing")
+        }
+    }
+
+    #[derive(Debug)]
+    struct Upload {
+        inner: Box<dyn MultipartUpload>,
+        part: usize,
+        fail_part: Option<usize>,
+        aborted: Arc<AtomicBool>,
+    }
+
+    #[async_trait]
+    impl MultipartUpload for Upload {
+        fn put_part(&mut self, data: PutPayload) -> UploadPart {
+            let part = self.part;
+            self.part += 1;
+            if Some(part) == self.fail_part {
+                return Box::pin(async move {
+                    Err(object_store::Error::Generic {
+                        store: "Refusing",
+                        source: format!("part {part} refused").into(),
+                    })
+                });
+            }
+            self.inner.put_part(data)
+        }
+
+        async fn complete(&mut self) -> object_store::Result<PutResult> {
+            self.inner.complete().await
+        }
+
+        async fn abort(&mut self) -> object_store::Result<()> {
+            self.aborted.store(true, Ordering::Release);
+            self.inner.abort().await
+        }
+    }
+
+    #[async_trait]
+    impl ObjectStore for Refusing {
+        async fn put_opts(
+            &self,
+            location: &ObjectPath,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            self.puts.fetch_add(1, Ordering::AcqRel);
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &ObjectPath,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.uploads.fetch_add(1, Ordering::AcqRel);
+            Ok(Box::new(Upload {
+                inner: self.inner.put_multipart_opts(location, opts).await?,
+                part: 0,
+                fail_part: self.fail_part,
+                aborted: self.aborted.clone(),
+            }))
+        }
+
+        async fn get_opts(
+            &self,
+            location: &ObjectPath,
+            options: GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        async fn delete(&self, location: &ObjectPath) -> object_store::Result<()> {
+            self.inner.delete(location).await
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> object_store::Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy(&self, from: &ObjectPath, to: &ObjectPath) -> object_store::Result<()> {
+            self.inner.copy(from, to).await
+        }
+
+        async fn copy_if_not_exists(
+            &self,
+            from: &ObjectPath,
+            to: &ObjectPath,
+        ) -> object_store::Result<()> {
+            self.inner.copy_if_not_exists(from, to).await
+        }
+    }
+
+    /// A storage on `store`, and a finished temporary file of `size` bytes in its folder.
+    fn with_file(
+        store: Arc<Refusing>,
+        size: usize,
+    ) -> (tempfile::TempDir, Storage, std::path::PathBuf, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let file = dir.path().join("segment.parquet.tmp");
+        std::fs::write(&file, &data).unwrap();
+        let storage = Storage::Remote {
+            store,
+            prefix: ObjectPath::from("root"),
+            tmp: dir.path().to_owned(),
+        };
+        (dir, storage, file, data)
+    }
+
+    #[tokio::test]
+    async fn a_small_file_is_one_put_and_a_large_one_goes_up_in_parts() {
+        for (size, puts, uploads) in [(1_000, 1, 0), (2 * MULTIPART_CHUNK + 7, 0, 1)] {
+            let store = Arc::new(Refusing::default());
+            let (_dir, storage, file, data) = with_file(store.clone(), size);
+            assert_eq!(
+                storage.publish(&file, "dt=1/a.parquet").await.unwrap(),
+                size as u64
+            );
+            assert_eq!(storage.get("dt=1/a.parquet").await.unwrap().unwrap(), data);
+            assert!(!file.exists(), "the temporary file is removed");
+            assert_eq!(
+                store.puts.load(Ordering::Acquire),
+                puts,
+                "puts of {size} bytes"
+            );
+            assert_eq!(store.uploads.load(Ordering::Acquire), uploads);
+        }
+    }
+
+    /// Review finding A11: a multipart upload that fails is aborted (else its parts are kept,
+    /// and billed, until a lifecycle rule removes them), whether the first part fails (found
+    /// while parts are still being sent) or the last (found only when waiting for them all),
+    /// and nothing becomes visible.
+    #[tokio::test]
+    async fn a_failed_multipart_upload_is_aborted_and_shows_nothing() {
+        for fail_part in [0, 2] {
+            let store = Arc::new(Refusing {
+                fail_part: Some(fail_part),
+                ..Default::default()
+            });
+            let (_dir, storage, file, _) = with_file(store.clone(), 2 * MULTIPART_CHUNK + 7);
+            let error = storage.publish(&file, "dt=1/a.parquet").await.unwrap_err();
+            assert!(
+                matches!(&error, StorageError::Object { path, .. } if path == "root/dt=1/a.parquet"),
+                "{error}"
+            );
+            assert!(error.to_string().contains("refused"), "{error}");
+            assert!(
+                store.aborted.load(Ordering::Acquire),
+                "part {fail_part} failed and the upload was not aborted"
+            );
+            assert!(!storage.exists("dt=1/a.parquet").await.unwrap());
+            assert!(file.exists(), "the temporary file stays for the retry");
         }
     }
 }
