@@ -226,10 +226,11 @@ fn validate(files: &[PathBuf]) -> ExitCode {
         if let Some(r) = &p.redis {
             let urls: Vec<String> = r.urls.iter().map(|u| config::redact(u)).collect();
             println!(
-                "  sink redis: {} {:?}, event time {:?}",
+                "  sink redis: {} {:?}, event time {:?} (at most {:?} ahead)",
                 if r.cluster { "cluster" } else { "server" },
                 urls,
-                r.time_field
+                r.time_field,
+                r.max_event_time_skew
             );
             for v in &r.views {
                 let key: String = v
@@ -263,11 +264,18 @@ fn validate(files: &[PathBuf]) -> ExitCode {
                     .map(|t| format!(", feedback to {t:?}"))
                     .unwrap_or_default()
             );
+            println!(
+                "    circuit breaker: a version failing on {}% of {} rows is rolled back",
+                m.breaker.failure_rate * 100.0,
+                m.breaker.min_rows
+            );
         }
         if let Some(pq) = &p.parquet {
             println!(
-                "  sink parquet: {} partitioned by {:?}, {:?}, files up to {} bytes / {:?} / idle {:?}",
-                pq.location, pq.partition_by, pq.compression, pq.max_file_size, pq.max_file_age, pq.idle_flush
+                "  sink parquet: {} partitioned by {:?}, {:?}, files up to {} bytes / {:?} / idle {:?}, \
+                 at most {} open per partition",
+                pq.location, pq.partition_by, pq.compression, pq.max_file_size, pq.max_file_age,
+                pq.idle_flush, pq.max_open_files
             );
         }
     }

@@ -32,6 +32,8 @@
 mod error;
 pub mod offsets;
 mod runner;
+#[cfg(test)]
+mod tests;
 mod watchdog;
 
 use std::{
@@ -159,7 +161,15 @@ async fn run_inner(
     let tick = spec.parquet.as_ref().map_or(Duration::from_secs(1), |pq| {
         pq.idle_flush.min(Duration::from_secs(1))
     }) / 2;
-    let mut runner = Runner::new(&spec, &source, status.clone(), sinks, dead_letters, scorers);
+    let mut runner = Runner::new(
+        &spec.name,
+        spec.errors.policy.clone(),
+        source.consumer.clone(),
+        source.fence.clone(),
+        status.clone(),
+        sinks,
+    )
+    .with_records(dead_letters, scorers);
     info!(topics = ?spec.source.topics, group = %spec.source.group_id, "Pipeline started.");
     let result = runner.run(&mut rx, &shutdown, &source.exited, tick).await;
     let drained = match &result {

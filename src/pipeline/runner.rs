@@ -8,24 +8,21 @@ use std::{
 };
 
 use futures::{future::BoxFuture, stream::FuturesUnordered, StreamExt};
-use rdkafka::{
-    consumer::{CommitMode, Consumer},
-    error::KafkaError,
-};
+use rdkafka::error::KafkaError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{offsets::Offsets, PipelineError};
 use crate::{
-    config::{ErrorPolicy, Pipeline},
+    config::ErrorPolicy,
     event::{Rejected, SourceBatch, SourceEvent, TopicPartition},
     score::{Scored, Scorer},
     sink::{
         dead_letter::{DeadLetterError, DeadLetters},
         Roll, Sink, SinkError,
     },
-    source::{offsets_list, Fence, KafkaConsumer, Source},
+    source::{Committer, Fence},
     telemetry,
     telemetry::health::Status,
 };
@@ -46,7 +43,7 @@ enum Done {
 pub(super) struct Runner {
     labels: String,
     policy: ErrorPolicy,
-    consumer: Arc<KafkaConsumer>,
+    committer: Arc<dyn Committer>,
     /// Partitions the source released without our answer: never published nor committed.
     fence: Arc<Fence>,
     /// Where progress is recorded for the watchdog.
@@ -65,28 +62,41 @@ pub(super) struct Runner {
 }
 
 impl Runner {
+    /// A runner of the pipeline `name`, committing through `committer`, its sinks of rows
+    /// written in the order given; see [`Self::with_records`] for the producers of records.
     pub(super) fn new(
-        spec: &Pipeline,
-        source: &Source,
+        name: &str,
+        policy: ErrorPolicy,
+        committer: Arc<dyn Committer>,
+        fence: Arc<Fence>,
         status: Arc<Status>,
         sinks: Vec<Box<dyn Sink>>,
-        dead_letters: Option<DeadLetters>,
-        scorers: Vec<Scorer>,
     ) -> Self {
         Self {
-            labels: spec.name.clone(),
-            policy: spec.errors.policy.clone(),
-            consumer: source.consumer.clone(),
-            fence: source.fence.clone(),
+            labels: name.to_owned(),
+            policy,
+            committer,
+            fence,
             status,
             sinks,
-            dead_letters,
-            scorers,
+            dead_letters: None,
+            scorers: Vec::new(),
             pending: FuturesUnordered::new(),
             pending_bytes: 0,
             offsets: Offsets::default(),
             leaving: false,
         }
+    }
+
+    /// Where rejected events go, and the models that score the rows.
+    pub(super) fn with_records(
+        mut self,
+        dead_letters: Option<DeadLetters>,
+        scorers: Vec<Scorer>,
+    ) -> Self {
+        self.dead_letters = dead_letters;
+        self.scorers = scorers;
+        self
     }
 
     pub(super) async fn run(
@@ -118,7 +128,12 @@ impl Runner {
                             return Ok(());
                         }
                     }
-                    Some(rebalance) => self.rebalance(rebalance).await?,
+                    Some(SourceEvent::Assigned { partitions, reply }) => {
+                        let _ = reply.send(self.assigned(partitions).await?);
+                    }
+                    Some(SourceEvent::Revoked { partitions, reply }) => {
+                        let _ = reply.send(self.revoke(&partitions).await?);
+                    }
                 }
             }
         }
@@ -141,7 +156,12 @@ impl Runner {
                 event = rx.recv() => match event {
                     None => return Ok(()),
                     Some(SourceEvent::Batch(_)) => {}
-                    Some(rebalance) => self.rebalance(rebalance).await?,
+                    Some(SourceEvent::Assigned { partitions, reply }) => {
+                        let _ = reply.send(self.assigned(partitions).await?);
+                    }
+                    Some(SourceEvent::Revoked { partitions, reply }) => {
+                        let _ = reply.send(self.revoke(&partitions).await?);
+                    }
                 },
                 // After the channel: every revocation the thread sent before it ended is in it.
                 _ = source_exited.cancelled() => return Ok(()),
@@ -149,38 +169,31 @@ impl Runner {
         }
     }
 
-    /// Answers an assignment (each partition's resume position) or a revocation (the offsets
-    /// to commit before the partitions go).
-    async fn rebalance(&mut self, event: SourceEvent<SourceBatch>) -> Result<(), PipelineError> {
-        match event {
-            SourceEvent::Assigned { partitions, reply } => {
-                let mut resume = Vec::with_capacity(partitions.len());
-                for (tp, committed) in partitions {
-                    self.offsets.assign(tp.clone());
-                    // The least advanced sink's position: each needs what follows it.
-                    let mut at: Option<i64> = None;
-                    for sink in &mut self.sinks {
-                        let name = sink.name();
-                        let recovered = sink
-                            .recover(&tp, committed)
-                            .await
-                            .map_err(PipelineError::sink(name))?;
-                        if let Some(p) = recovered {
-                            at = Some(at.map_or(p, |a| a.min(p)));
-                        }
-                    }
-                    self.offsets.resume(&tp, committed, at);
-                    resume.push((tp, at));
+    /// Takes on newly assigned partitions (each with its committed offset): returns where each
+    /// resumes by the sinks' own records.
+    async fn assigned(
+        &mut self,
+        partitions: Vec<(TopicPartition, Option<i64>)>,
+    ) -> Result<Vec<(TopicPartition, Option<i64>)>, PipelineError> {
+        let mut resume = Vec::with_capacity(partitions.len());
+        for (tp, committed) in partitions {
+            self.offsets.assign(tp.clone());
+            // The least advanced sink's position: each needs what follows it.
+            let mut at: Option<i64> = None;
+            for sink in &mut self.sinks {
+                let name = sink.name();
+                let recovered = sink
+                    .recover(&tp, committed)
+                    .await
+                    .map_err(PipelineError::sink(name))?;
+                if let Some(p) = recovered {
+                    at = Some(at.map_or(p, |a| a.min(p)));
                 }
-                let _ = reply.send(resume);
             }
-            SourceEvent::Revoked { partitions, reply } => {
-                let commits = self.revoke(&partitions).await?;
-                let _ = reply.send(commits);
-            }
-            SourceEvent::Batch(_) => unreachable!("batches are not rebalances"),
+            self.offsets.resume(&tp, committed, at);
+            resume.push((tp, at));
         }
-        Ok(())
+        Ok(resume)
     }
 
     fn acked(&mut self, done: Done) -> Result<(), PipelineError> {
@@ -517,10 +530,8 @@ impl Runner {
             return Ok(());
         }
         let started = Instant::now();
-        let consumer = self.consumer.clone();
-        let list = offsets_list(&commits);
-        let result =
-            tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync)).await;
+        let (committer, list) = (self.committer.clone(), commits.clone());
+        let result = tokio::task::spawn_blocking(move || committer.commit_offsets(&list)).await;
         telemetry::stage(&self.labels, "commit", started);
         match result {
             Ok(Ok(())) => {

@@ -1,31 +1,26 @@
 //! The Kafka source: one OS thread per pipeline polls a consumer-group member, copies
 //! messages into micro-batches ([`batch`]) and sends them, in order, on a bounded channel.
 //!
-//! Rebalances are handled on the same thread, in librdkafka's rebalance callback, and flow
-//! through the same channel as the batches, so the pipeline sees them in order:
-//! - **assign**: the pipeline recovers each partition's position from its sinks; the partition
-//!   starts at max(committed offset, sinks' resume offset);
-//! - **revoke**: the open micro-batch is sent first, then the pipeline finishes the partitions'
-//!   files and returns the offsets to commit; the callback commits them synchronously before
-//!   the partitions are released, so nothing is written for a partition after it is revoked.
-//!   The callback waits for the pipeline at most a **deadline** (a third of
-//!   `max.poll.interval.ms`, the rebalance timeout, so that the member rejoins in time); when
-//!   it passes, or when the assignment was **lost** (a session timeout: another member may
-//!   own the partitions already), the partitions are [`Fence`]d before they are released: the
-//!   pipeline then discards their open files instead of publishing them, and commits nothing
-//!   for them.
+//! Rebalances ([`rebalance`]) are handled on the same thread, in librdkafka's rebalance
+//! callback, and flow through the same channel as the batches, so the pipeline sees them in
+//! order: on assignment it recovers each partition's position from its sinks, on revocation it
+//! finishes the partitions and returns the offsets to commit. Neither waits for the pipeline
+//! longer than a deadline shorter than the rebalance timeout: a late assignment stays paused
+//! until the pipeline has recovered it; a late revocation is [`Fence`]d (its open files are
+//! discarded, never published).
 //!
 //! Backpressure: when the channel is full, the thread pauses every assigned partition and keeps
 //! polling (serving rebalances and heartbeats within `max.poll.interval.ms`) until the batch is
 //! accepted, then resumes; librdkafka refetches from the last delivered offset.
 
 pub mod batch;
+mod rebalance;
 
 use std::{
     collections::{BTreeMap, VecDeque},
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc as std_mpsc, Arc, Mutex,
+        Arc, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -33,14 +28,13 @@ use std::{
 
 use rdkafka::{
     config::ClientConfig,
-    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol},
+    consumer::{BaseConsumer, CommitMode, Consumer},
     error::KafkaError,
     statistics::Statistics,
-    types::RDKafkaRespErr,
     ClientContext, Offset, TopicPartitionList,
 };
 use tokio::sync::mpsc;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 pub use self::batch::Batcher;
 use crate::{
@@ -74,6 +68,19 @@ impl Fence {
 /// A consumer-group member with sluice's context.
 pub type KafkaConsumer = BaseConsumer<SourceContext>;
 
+/// Where the pipeline commits the offsets it has made durable: the group, through the source's
+/// consumer (in the runner's unit tests, a record of the commits).
+pub trait Committer: Send + Sync {
+    /// Commits synchronously; it blocks, so call it off the async workers.
+    fn commit_offsets(&self, offsets: &[(TopicPartition, i64)]) -> Result<(), KafkaError>;
+}
+
+impl Committer for KafkaConsumer {
+    fn commit_offsets(&self, offsets: &[(TopicPartition, i64)]) -> Result<(), KafkaError> {
+        self.commit(&offsets_list(offsets), CommitMode::Sync)
+    }
+}
+
 /// State shared between the poll loop and librdkafka's callbacks, which run on the same
 /// thread during `poll`; the lock is never held across `poll`.
 struct Shared {
@@ -96,8 +103,10 @@ pub struct SourceContext {
     joined: Arc<AtomicBool>,
     /// Partitions released without the pipeline's answer.
     fence: Arc<Fence>,
-    /// How long a revocation waits for the pipeline.
-    revoke_deadline: Duration,
+    /// How long a rebalance waits for the pipeline.
+    deadline: Duration,
+    /// Partitions assigned while the pipeline was busy: paused until it has recovered them.
+    recovering: Mutex<Vec<rebalance::Recovering>>,
     /// Events wait in the outbox for room in the channel.
     waiting: Arc<AtomicBool>,
     /// Where a partition without any position starts.
@@ -123,245 +132,6 @@ impl ClientContext for SourceContext {
     fn error(&self, error: KafkaError, reason: &str) {
         warn!(pipeline = %self.pipeline, %error, reason, "Kafka client error.");
     }
-}
-
-impl SourceContext {
-    /// Sends every queued event, waiting for room: used inside rebalances, where order matters
-    /// more than latency. Returns false if the pipeline is gone.
-    fn drain_outbox_blocking(&self, shared: &mut Shared) -> bool {
-        if let Some(batch) = shared.batcher.take() {
-            shared.outbox.push_back(SourceEvent::Batch(batch));
-        }
-        while let Some(ev) = shared.outbox.pop_front() {
-            if self.tx.blocking_send(ev).is_err() {
-                shared.closed = true;
-                shared.outbox.clear();
-                return false;
-            }
-        }
-        !shared.closed
-    }
-
-    /// Asks the pipeline something and waits for the answer; `None` if it is gone.
-    fn ask<T>(&self, make: impl FnOnce(std_mpsc::SyncSender<T>) -> SourceEvent) -> Option<T> {
-        let mut shared = self.shared.lock().expect("source state lock");
-        if !self.drain_outbox_blocking(&mut shared) {
-            return None;
-        }
-        let (reply, answer) = std_mpsc::sync_channel(1);
-        if self.tx.blocking_send(make(reply)).is_err() {
-            shared.closed = true;
-            return None;
-        }
-        drop(shared);
-        answer.recv().ok()
-    }
-
-    /// Like [`Self::ask`], but gives up at `deadline`: then the event stays queued, in order,
-    /// for the poll loop to deliver later, and `None` is returned.
-    fn ask_until<T>(
-        &self,
-        deadline: Instant,
-        make: impl FnOnce(std_mpsc::SyncSender<T>) -> SourceEvent,
-    ) -> Option<T> {
-        let mut shared = self.shared.lock().expect("source state lock");
-        let (reply, answer) = std_mpsc::sync_channel(1);
-        queue_in_order(&mut shared, make(reply));
-        while let Some(ev) = shared.outbox.pop_front() {
-            match send_until(&self.tx, ev, deadline) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(ev)) => {
-                    shared.outbox.push_front(ev);
-                    return None;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    shared.closed = true;
-                    shared.outbox.clear();
-                    return None;
-                }
-            }
-        }
-        drop(shared);
-        answer
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .ok()
-    }
-
-    fn on_assign(&self, consumer: &KafkaConsumer, tpl: &mut TopicPartitionList) {
-        let partitions = partitions_of(tpl);
-        info!(pipeline = %self.pipeline, partitions = ?names(&partitions), "Partitions assigned.");
-        // The committed offsets first: recovery needs them to tell a committed segment (whose
-        // files are never deleted) from one that was never committed (rolled back).
-        let committed = consumer
-            .committed_offsets(tpl.clone(), Duration::from_secs(30))
-            .map_err(
-                |error| warn!(%error, "Cannot read committed offsets; using the sinks' positions."),
-            )
-            .ok();
-        let committed_of = |topic: &str, partition: i32| {
-            committed
-                .as_ref()
-                .and_then(|c| c.find_partition(topic, partition))
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                })
-        };
-        let with_commits = partitions
-            .iter()
-            .map(|tp| (tp.clone(), committed_of(&tp.0, tp.1)))
-            .collect();
-        let resume = self
-            .ask(|reply| SourceEvent::Assigned {
-                partitions: with_commits,
-                reply,
-            })
-            .unwrap_or_default();
-        for ((topic, partition), from_sinks) in resume {
-            let from_commit = committed_of(&topic, partition);
-            let start = from_commit.into_iter().chain(from_sinks).max();
-            let Some(start) = start else {
-                if let Err(error) =
-                    tpl.set_partition_offset(&topic, partition, initial_offset(self.start_from))
-                {
-                    error!(%error, %topic, partition, "Cannot set the start offset.");
-                }
-                continue;
-            };
-            {
-                // Review finding A19: the files' own position wins over an earlier committed
-                // offset (a crash before the commit, or an operator's reset): say so, since a
-                // reset to reprocess does not reprocess what is already in Parquet.
-                if let (Some(c), Some(s)) =
-                    (from_commit, from_sinks.filter(|s| Some(*s) > from_commit))
-                {
-                    info!(%topic, partition, committed = c, from_files = s,
-                          "Resuming after the committed offset, where the finished files end; \
-                           to reprocess, use a new pipeline name or remove its manifests.");
-                } else {
-                    debug!(%topic, partition, ?from_commit, ?from_sinks, start, "Resume position.");
-                }
-                if let Err(error) =
-                    tpl.set_partition_offset(&topic, partition, Offset::Offset(start))
-                {
-                    error!(%error, %topic, partition, "Cannot set the start offset.");
-                }
-            }
-        }
-        let result = match consumer.rebalance_protocol() {
-            RebalanceProtocol::Cooperative => consumer.incremental_assign(tpl),
-            _ => consumer.assign(tpl),
-        };
-        if let Err(error) = result {
-            error!(%error, "Assign failed.");
-        }
-    }
-
-    fn on_revoke(&self, consumer: &KafkaConsumer, tpl: &TopicPartitionList) {
-        let partitions = partitions_of(tpl);
-        let lost = consumer.assignment_lost();
-        info!(pipeline = %self.pipeline, partitions = ?names(&partitions), lost,
-              "Partitions revoked.");
-        let event = |reply| SourceEvent::Revoked {
-            partitions: partitions.clone(),
-            reply,
-        };
-        let commits = if lost {
-            // Another member may own them already: publish and commit nothing of them.
-            self.fence.fence(&partitions);
-            let (reply, _) = std_mpsc::sync_channel(1);
-            queue_in_order(
-                &mut self.shared.lock().expect("source state lock"),
-                event(reply),
-            );
-            warn!(pipeline = %self.pipeline, partitions = ?names(&partitions),
-                  "Assignment lost; their open files will be discarded.");
-            None
-        } else {
-            let deadline = Instant::now() + self.revoke_deadline;
-            let answer = self.ask_until(deadline, event);
-            let gone = self.shared.lock().expect("source state lock").closed;
-            if answer.is_none() {
-                // Fence before releasing: the pipeline may still finish files of these
-                // partitions while another member takes them over.
-                self.fence.fence(&partitions);
-            }
-            if answer.is_none() && !gone {
-                warn!(pipeline = %self.pipeline, partitions = ?names(&partitions),
-                      deadline = ?self.revoke_deadline,
-                      "The pipeline did not finish the revoked partitions in time; their open \
-                       files will be discarded and consumed again by their next owner.");
-            }
-            answer
-        };
-        if let Some(commits) = commits.filter(|c| !c.is_empty()) {
-            if let Err(error) = consumer.commit(&offsets_list(&commits), CommitMode::Sync) {
-                // The files are finished; their manifests keep the position, so the next
-                // owner will not duplicate them. Only dead letters may be sent again.
-                warn!(%error, "Commit on revoke failed.");
-            }
-        }
-        let result = match consumer.rebalance_protocol() {
-            RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
-            _ => consumer.unassign(),
-        };
-        if let Err(error) = result {
-            error!(%error, "Unassign failed.");
-        }
-    }
-}
-
-impl ConsumerContext for SourceContext {
-    fn rebalance(
-        &self,
-        consumer: &KafkaConsumer,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.on_assign(consumer, tpl);
-                self.joined.store(true, Ordering::Release);
-                self.joining.store(false, Ordering::Release);
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                // The member rejoins after the revocation.
-                self.joining.store(true, Ordering::Release);
-                // A lost assignment (session timed out, fenced) is not membership; a revocation
-                // in an ordinary rebalance is followed by an assignment.
-                if consumer.assignment_lost() {
-                    self.joined.store(false, Ordering::Release);
-                }
-                self.on_revoke(consumer, tpl);
-            }
-            other => {
-                error!(error = ?other, "Rebalance error; dropping the assignment.");
-                self.joined.store(false, Ordering::Release);
-                let _ = consumer.unassign();
-            }
-        }
-        self.rebalanced.store(true, Ordering::Release);
-    }
-}
-
-/// Queues `event` for the pipeline behind the open micro-batch (closed first), so that the
-/// pipeline sees everything consumed before it; the poll loop delivers the queue in order.
-fn queue_in_order(shared: &mut Shared, event: SourceEvent) {
-    if let Some(batch) = shared.batcher.take() {
-        shared.outbox.push_back(SourceEvent::Batch(batch));
-    }
-    shared.outbox.push_back(event);
-}
-
-fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
-    tpl.elements()
-        .iter()
-        .map(|e| (Arc::from(e.topic()), e.partition()))
-        .collect()
-}
-
-fn names(partitions: &[TopicPartition]) -> Vec<String> {
-    partitions.iter().map(|(t, p)| format!("{t}/{p}")).collect()
 }
 
 /// A topic-partition list with offsets, for commits.
@@ -469,7 +239,8 @@ impl Source {
             rebalanced: AtomicBool::new(false),
             joined,
             fence: fence.clone(),
-            revoke_deadline: Duration::from_millis(poll_interval / 3),
+            deadline: Duration::from_millis(poll_interval / 3),
+            recovering: Mutex::new(Vec::new()),
             waiting: waiting.clone(),
             start_from: spec.start_from,
             joining: AtomicBool::new(true),
@@ -600,14 +371,15 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool, leave: &Leave) {
         };
         let rebalanced = ctx.rebalanced.swap(false, Ordering::AcqRel);
         if blocked && (!paused || rebalanced) {
-            set_paused(consumer, true);
+            set_paused(consumer, ctx, true);
             paused = true;
             metrics::counter!("sluice_source_pauses_total", "pipeline" => ctx.pipeline.clone())
                 .increment(1);
         } else if !blocked && paused {
-            set_paused(consumer, false);
+            set_paused(consumer, ctx, false);
             paused = false;
         }
+        ctx.recovered(consumer, paused);
         let polled = consumer.poll(if blocked {
             Duration::from_millis(50)
         } else {
@@ -661,10 +433,25 @@ fn send_until(
     }
 }
 
-fn set_paused(consumer: &KafkaConsumer, pause: bool) {
-    let Ok(assignment) = consumer.assignment() else {
+/// Pauses or resumes every assigned partition, except that partitions still being recovered
+/// ([`rebalance`]) stay paused.
+fn set_paused(consumer: &KafkaConsumer, ctx: &SourceContext, pause: bool) {
+    let Ok(mut assignment) = consumer.assignment() else {
         return;
     };
+    if !pause {
+        let recovering = ctx.recovering.lock().expect("recovering lock");
+        if !recovering.is_empty() {
+            let mut rest = TopicPartitionList::new();
+            for e in assignment.elements() {
+                let tp: TopicPartition = (Arc::from(e.topic()), e.partition());
+                if !recovering.iter().any(|r| r.partitions().any(|p| *p == tp)) {
+                    rest.add_partition(e.topic(), e.partition());
+                }
+            }
+            assignment = rest;
+        }
+    }
     let result = if pause {
         consumer.pause(&assignment)
     } else {
