@@ -259,8 +259,14 @@ time_field = "at"
         .output()
         .unwrap();
     assert!(good.status.success());
-    assert!(String::from_utf8_lossy(&good.stdout)
-        .contains("created_at: Timestamp(µs, \"UTC\") not null"));
+    let described = String::from_utf8_lossy(&good.stdout);
+    for line in [
+        "created_at: Timestamp(µs, \"UTC\") not null",
+        "at most 32 open per partition",
+        "circuit breaker: a version failing on 50% of 100 rows is rolled back",
+    ] {
+        assert!(described.contains(line), "{line:?} not in\n{described}");
+    }
 }
 
 /// The Parquet sink on object storage: a local S3-compatible server (moto) started by the

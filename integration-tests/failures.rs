@@ -143,6 +143,39 @@ fn a_restart_never_deletes_the_files_of_a_committed_segment() {
     );
 }
 
+/// Review finding A19 (RELIABILITY scenario 18): an operator resets the group to the earliest
+/// offset while sluice is stopped. The files already hold those rows, so the restart resumes
+/// where they end (exactly once wins over the reset), says so with both positions, and writes
+/// no row twice; the events produced since are written.
+#[test]
+fn a_reset_to_the_earliest_is_logged_and_writes_no_row_twice() {
+    let broker = Broker::start();
+    let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
+    produce(&broker, &p.topic, 0..1_000);
+    let mut sluice = p.spawn("first.log");
+    p.wait_drained(&broker, DRAIN);
+    p.stop(&mut sluice, "first.log");
+    broker.reset_committed(&p.topic, &p.group, 0);
+    assert!(
+        broker
+            .committed(&p.topic, &p.group)
+            .values()
+            .all(|c| *c == Some(0)),
+        "the reset took"
+    );
+    produce(&broker, &p.topic, 1_000..1_200);
+    let mut sluice = p.spawn("second.log");
+    p.wait_drained(&broker, DRAIN);
+    p.stop(&mut sluice, "second.log");
+    let log = p.log("second.log");
+    assert!(
+        log.contains("Resuming after the committed offset, where the finished files end"),
+        "the restart says why it does not reprocess:\n{log}"
+    );
+    let (rows, dead) = check_oracle(&broker, &p);
+    assert_eq!(rows + dead, 1_200);
+}
+
 /// Review finding A3: a header name that is not UTF-8 once panicked the source thread, and
 /// intake stopped for good with green health. Now that event is a dead letter (`bad_header`,
 /// original bytes) and the partition drains.
@@ -271,10 +304,18 @@ fn a_broker_away_longer_than_the_message_timeout_loses_nothing() {
     assert_eq!(rows + dead, backlog as usize);
 }
 
+/// `/readyz`'s status code, or `None` while nothing listens (the process exited).
+fn readyz(port: u16) -> Option<u16> {
+    std::net::TcpStream::connect(("127.0.0.1", port))
+        .ok()
+        .map(|_| http_get(port, "/readyz").0)
+}
+
 /// Scenario 6: the broker frozen (SIGSTOP) for longer than the session timeout, with two
 /// instances in the group. Each member's session expires: its assignment is lost, so its open
 /// files are discarded, never published over what the partitions' next owner writes; both
-/// rejoin, and the oracle holds.
+/// rejoin, and the oracle holds. Review finding A15: meanwhile `/readyz` says the member is
+/// out of its group (503), and ready again once it has rejoined.
 #[test]
 fn a_broker_paused_longer_than_the_session_timeout_keeps_exactly_once() {
     let Some(broker) = Broker::start_own() else {
@@ -286,44 +327,40 @@ fn a_broker_paused_longer_than_the_session_timeout_keeps_exactly_once() {
         "max_file_size = \"32KiB\"\nidle_flush = \"300ms\"",
     );
     produce(&broker, &p.topic, 0..BACKLOG);
-    let mut a = p.spawn("a.log");
+    let mut group = Members::start(&p, &["a"]);
     wait_started(&broker, &p);
-    let mut b = p.spawn("b.log");
-    p.wait_for_log("b.log", "Partitions assigned");
+    group.add("b");
     std::thread::sleep(Duration::from_secs(1));
+    let port = group.port(0);
+    assert_eq!(readyz(port), Some(200), "a is ready before the pause");
     broker.pause();
     // Twice the session timeout (6 s).
-    std::thread::sleep(Duration::from_secs(12));
-    broker.resume();
-    // A member that exits non-zero is restarted, as a supervisor would. tansu may keep a dead
-    // session's partitions assigned to it (see e2e's second_instance_joins_then_dies): then a
-    // rolling restart of one member settles the group.
-    for round in 1..=3 {
-        if broker
-            .wait_committed(&p.topic, &p.group, Duration::from_secs(30))
-            .is_ok()
-        {
-            break;
-        }
-        let mut restarted = false;
-        for (member, name) in [(&mut a, "a"), (&mut b, "b")] {
-            if let Ok(Some(status)) = member.0.try_wait() {
-                assert!(!status.success(), "{name} stopped by itself with {status}");
-                eprintln!("{name} exited with {status}; restarting it");
-                *member = p.spawn(&format!("{name}-restart-{round}.log"));
-                restarted = true;
-            }
-        }
-        if !restarted {
-            eprintln!("not drained; a rolling restart of b");
-            p.stop(&mut b, "b.log");
-            std::thread::sleep(Duration::from_millis(6_500));
-            b = p.spawn(&format!("b-rolled-{round}.log"));
-        }
+    let paused = Instant::now();
+    let mut unready = false;
+    while paused.elapsed() < Duration::from_secs(12) {
+        unready |= readyz(port) == Some(503);
+        std::thread::sleep(Duration::from_millis(200));
     }
+    broker.resume();
+    assert!(
+        unready,
+        "/readyz stayed 200 while a's session expired:\n{}",
+        p.log("a.log")
+    );
+    // A member that exits non-zero is restarted, as a supervisor would.
+    group.settle(&broker, 4);
     p.wait_drained(&broker, DRAIN);
-    p.stop(&mut a, "a.log");
-    p.stop(&mut b, "b.log");
+    // The first a, if it is still running, has rejoined its group.
+    let rejoined = Instant::now();
+    while readyz(port) == Some(503) {
+        assert!(
+            rejoined.elapsed() < Duration::from_secs(30),
+            "/readyz stayed 503 after a rejoined:\n{}",
+            p.log("a.log")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    group.stop_all();
     let (rows, dead) = check_oracle(&broker, &p);
     assert_eq!(rows + dead, BACKLOG as usize);
 }

@@ -583,9 +583,53 @@ fn an_event_time_far_in_the_future_is_a_dead_letter_not_a_frozen_entity() {
     assert_eq!(refused[0].payload, future.as_bytes(), "original bytes");
 }
 
+/// Review finding A8.3: a pipeline of two topics; each entity has one event in each, with the
+/// same event time at the same partition and offset. The newer by (time, topic, partition,
+/// offset) wins whichever comes second: the second topic's. Before, the topic was not part of
+/// the order, so the event written second compared equal and was dropped as stale.
+#[test]
+fn equal_event_times_in_two_topics_are_ordered_by_topic() {
+    let broker = Broker::start();
+    let redis = RedisServer::start(&[]);
+    let p = TestPipeline::new(&broker, 1, "idle_flush = \"300ms\"");
+    let second = format!("{}-b", p.topic);
+    broker.create_topic(&second, 1);
+    p.edit(
+        &format!("topics = [\"{}\"]", p.topic),
+        &format!("topics = [\"{}\", \"{second}\"]", p.topic),
+    );
+    with_redis(&p, &redis.url(), "");
+    let events = |prefix: &'static str, amount: &'static str| {
+        (0..40).map(move |n| {
+            let payload = format!(
+                r#"{{"id":"{prefix}-{n}","customer":"c-{n}","amount":{amount},"at":"2026-11-21T10:00:00Z"}}"#
+            );
+            (format!("c-{n}"), payload.into_bytes())
+        })
+    };
+    produce_records(&broker, &p.topic, events("a", "1.25"));
+    let mut sluice = p.spawn("run.log");
+    p.wait_drained(&broker, DRAIN);
+    // Written after the first topic's, at the same offsets (0 to 39 of partition 0).
+    produce_records(&broker, &second, events("b", "2.25"));
+    broker.wait_committed(&second, &p.group, DRAIN).unwrap();
+    p.stop(&mut sluice, "run.log");
+    let got = redis.hashes("cust:");
+    assert_eq!(got.len(), 40, "entities in Redis");
+    for (key, hash) in &got {
+        assert_eq!(hash.get("_topic"), Some(&second), "{key}: {hash:?}");
+        assert_eq!(
+            hash.get("last_amount").map(String::as_str),
+            Some("2.25"),
+            "{key}: {hash:?}"
+        );
+    }
+}
+
 /// Review findings A5 and A6: a rebalance while every instance is stuck writing to Redis (down
-/// longer than `max.poll.interval.ms`). Revocation waits for the pipeline at most a third of
-/// that; past it the partitions are fenced, so their open files are discarded, never published
+/// longer than `max.poll.interval.ms`). Revocation and assignment wait for the pipeline at most
+/// a third of that (a late assignment stays paused until the pipeline has recovered it); past
+/// it a revocation's partitions are fenced, so their open files are discarded, never published
 /// over what their next owner writes. After Redis comes back: every valid event is in Parquet
 /// exactly once, Redis equals the newest event per entity, and every offset is committed.
 #[test]
@@ -599,54 +643,42 @@ fn a_rebalance_while_redis_is_down_writes_every_row_once() {
     );
     with_redis(&p, &redis.url(), "");
     produce_features(&broker, &p.topic, 0..1_000);
-    let mut a = p.spawn("a.log");
+    let mut group = Members::start(&p, &["a"]);
     p.wait_drained(&broker, DRAIN);
-    let mut b = p.spawn("b.log");
-    let mut c = p.spawn("c.log");
+    group.add("b");
+    group.add("c");
     std::thread::sleep(Duration::from_secs(10));
     redis.kill();
     // Every member now holds open segments and waits for Redis.
     produce_features(&broker, &p.topic, 1_000..3_000);
     std::thread::sleep(Duration::from_secs(2));
     // A member dies: the group rebalances while the other two are stuck.
-    sigkill(&mut c.0);
+    group.kill_for_good(2);
     std::thread::sleep(Duration::from_secs(25));
     redis.restart();
-    let drained = |timeout| broker.wait_committed(&p.topic, &p.group, timeout).is_ok();
     // A member that exits non-zero is restarted, as a supervisor would: a stale member's
     // recovery on this shared root can fail the current owner's finish, which then stops
     // (fail-stop: nothing past it committed; see the closing note of issue 11).
-    let mut restarts = 0;
-    let mut supervise = |member: &mut KillOnDrop, name: &str| {
-        if let Ok(Some(status)) = member.0.try_wait() {
-            assert!(!status.success(), "{name} stopped by itself with {status}");
-            restarts += 1;
-            eprintln!("{name} exited with {status}; restarting it");
-            *member = p.spawn(&format!("{name}-restart-{restarts}.log"));
-        }
-    };
-    // tansu (unlike Apache Kafka) may keep the killed member's partitions assigned to it; a
-    // rolling restart of a survivor (a graceful leave and join) then settles the group, as in
-    // e2e's second_instance_joins_then_dies. Only against tansu: a real broker must settle.
-    if !drained(Duration::from_secs(60)) {
-        supervise(&mut a, "a");
-        supervise(&mut b, "b");
-        if std::env::var("KAFKA_BOOTSTRAP").is_err() && !drained(Duration::from_secs(20)) {
-            eprintln!("the killed member's partitions were not reassigned; restarting a survivor");
-            p.stop(&mut b, "b.log");
-            std::thread::sleep(Duration::from_millis(6_500));
-            b = p.spawn("b-restarted.log");
-        }
-    }
+    group.settle(&broker, 5);
     p.wait_drained(&broker, DRAIN);
-    for (member, log) in [(&mut a, "a.log"), (&mut b, "b.log")] {
-        p.stop(member, log);
-    }
+    group.stop_all();
     let logs = ["a.log", "b.log", "c.log"].map(|l| p.log(l)).join("\n");
     assert!(
         logs.contains("did not finish the revoked partitions in time")
             || logs.contains("Assignment lost"),
         "the rebalance never waited on a stuck pipeline; the test did not test anything"
+    );
+    // The members kept polling while their pipelines were stuck: an assignment the pipeline
+    // could not recover in time stayed paused instead of blocking the poll thread (which
+    // got the member expelled from its group, and on tansu wedged the group).
+    eprintln!(
+        "late assignments: {}",
+        logs.matches("did not recover the assigned partitions in time")
+            .count()
+    );
+    assert!(
+        !logs.contains("maximum poll interval"),
+        "a member stopped polling for longer than max.poll.interval.ms:\n{logs}"
     );
     assert_features(&redis, &expected(&broker, &p.topic));
     let rows = read_rows(&p.output);
@@ -813,37 +845,21 @@ fn chaos_of_kills_stops_and_redis_outages_keeps_the_promise() {
             n
         })
     };
-    // Each new member is let into the group before the next fault: tansu 0.6 wedges a group
-    // for good when a member leaves it in the middle of joining (no member is ever assigned
-    // anything again), which Apache Kafka does not.
-    let mut spawned = 0;
-    let mut spawn = |p: &TestPipeline, i: usize| {
-        spawned += 1;
-        let log = format!("m{i}-{spawned}.log");
-        let member = p.spawn(&log);
-        p.wait_for_log(&log, "Partitions assigned");
-        member
-    };
-    let mut members = [spawn(&p, 0), spawn(&p, 1)];
+    // Each new member is let into the group before the next fault (see `Members::start`).
+    let mut group = Members::start(&p, &["m0", "m1"]);
     let (mut kills, mut stops, mut outages) = (0, 0, 0);
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_millis(rng.random_range(1_000..4_000)));
-        let i = rng.random_range(0..members.len());
+        let i = rng.random_range(0..group.count());
         match rng.random_range(0..4) {
             0 => {
                 kills += 1;
-                sigkill(&mut members[i].0);
-                members[i] = spawn(&p, i);
+                group.kill(i);
             }
             1 => {
                 stops += 1;
-                sigterm(&members[i].0);
-                // Within the grace period and its hard deadline (20 s + a margin), whatever
-                // it is doing.
-                let status = wait_exit(&mut members[i].0, Duration::from_secs(30));
-                eprintln!("member {i} stopped with {status}");
-                members[i] = spawn(&p, i);
+                group.stop(i);
             }
             2 => {
                 outages += 1;
@@ -853,50 +869,14 @@ fn chaos_of_kills_stops_and_redis_outages_keeps_the_promise() {
             }
             _ => {}
         }
-        // A member that exits by itself (non-zero: fail-stop) is restarted, as a supervisor
-        // would.
-        for (i, member) in members.iter_mut().enumerate() {
-            if let Ok(Some(status)) = member.0.try_wait() {
-                assert!(
-                    !status.success(),
-                    "member {i} stopped by itself with {status}"
-                );
-                eprintln!("member {i} exited with {status}; restarting it");
-                *member = spawn(&p, i);
-            }
-        }
+        group.restart_exited();
     }
     stop.store(true, Ordering::Release);
     let total = producer.join().unwrap();
     eprintln!("{total} events; {kills} kills, {stops} stops, {outages} Redis outages");
-    // Settle: restart the dead, and (tansu may keep a dead session's partitions assigned to
-    // it, see e2e's second_instance_joins_then_dies) roll a member if the group does not move.
-    for round in 0..4 {
-        if broker
-            .wait_committed(&p.topic, &p.group, Duration::from_secs(30))
-            .is_ok()
-        {
-            break;
-        }
-        for (i, member) in members.iter_mut().enumerate() {
-            if let Ok(Some(status)) = member.0.try_wait() {
-                eprintln!("member {i} exited with {status}; restarting it");
-                *member = spawn(&p, i);
-            }
-        }
-        if round > 0 {
-            let i = round % members.len();
-            sigterm(&members[i].0);
-            wait_exit(&mut members[i].0, Duration::from_secs(30));
-            std::thread::sleep(Duration::from_millis(6_500));
-            members[i] = spawn(&p, i);
-        }
-    }
+    group.settle(&broker, 5);
     p.wait_drained(&broker, DRAIN);
-    for member in &mut members {
-        sigterm(&member.0);
-        wait_exit(&mut member.0, Duration::from_secs(30));
-    }
+    group.stop_all();
     assert!(kills + stops + outages > 0, "no fault was injected");
     assert_features(&redis, &expected(&broker, &p.topic));
     let rows = read_rows(&p.output);

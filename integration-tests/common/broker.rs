@@ -327,6 +327,19 @@ impl Broker {
             .collect()
     }
 
+    /// Commits `offset` for every partition of `topic` in `group`, as an operator's
+    /// `kafka-consumer-groups --reset-offsets --to-offset` does (the group has no members).
+    pub fn reset_committed(&self, topic: &str, group: &str, offset: i64) {
+        let mut tpl = TopicPartitionList::new();
+        for p in self.end_offsets(topic).keys() {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(offset))
+                .unwrap();
+        }
+        self.consumer(group)
+            .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+            .unwrap();
+    }
+
     /// Waits until the group has committed the end of every partition.
     pub fn wait_committed(
         &self,

@@ -5,6 +5,7 @@
 //! - [`broker`]: the broker process, its admin and readers, producing events;
 //! - [`events`]: the test events (valid, and broken in every way sluice must name);
 //! - [`pipeline`]: a pipeline file for one test and the `sluice` process running it;
+//! - [`members`]: several instances of one pipeline in a group, restarted as a supervisor would;
 //! - [`process`]: ports, names, signals, helper programs, HTTP;
 //! - [`oracle`]: the delivery promise's properties, each a function that returns its violation;
 //! - [`redis_server`]: a `redis-server` for one test.
@@ -12,6 +13,7 @@
 
 pub mod broker;
 pub mod events;
+pub mod members;
 pub mod oracle;
 pub mod pipeline;
 pub mod process;
@@ -19,4 +21,6 @@ pub mod redis_server;
 
 // Not every test uses every part.
 #[allow(unused_imports)]
-pub use self::{broker::*, events::*, oracle::*, pipeline::*, process::*, redis_server::*};
+pub use self::{
+    broker::*, events::*, members::*, oracle::*, pipeline::*, process::*, redis_server::*,
+};
