@@ -30,6 +30,7 @@
 //! - [`pipeline`]: owns the tasks, the per-partition offset tracking and the commit protocol;
 //!   [`pipeline::PipelineError`] is why a pipeline stopped, with the exit code it means.
 //! - [`failure`]: the failure model: transient, per-record or fatal, and the one retry loop.
+//! - [`train`]: the learning loop, being built: so far the holdout metrics of promotion gates.
 //! - [`telemetry`]: logs, Prometheus metrics, `/healthz`, `/readyz` ([`telemetry::health`]).
 //! - [`util`]: the text form of scalar values and key templates, shared by sinks and models.
 
@@ -43,6 +44,7 @@ pub mod score;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod train;
 pub mod util;
 
 /// The layout is part of the design: these tests keep the module map above current and the
