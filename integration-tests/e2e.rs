@@ -132,9 +132,7 @@ fn kill_9_and_restart_keeps_exactly_once() {
         // to members that died less than session.timeout.ms ago, so wait that out.
         std::thread::sleep(SESSION_TIMEOUT);
     }
-    let mut sluice = p.spawn("final.log");
-    p.wait_drained(&broker, DRAIN);
-    p.stop(&mut sluice, "final.log");
+    p.run_until_drained(&broker, DRAIN, "final.log");
     let (rows, dead) = check_oracle(&broker, &p);
     assert_eq!(rows + dead, total as usize);
 }
@@ -330,9 +328,7 @@ fn s3_sink_writes_readable_files_exactly_once() {
     std::fs::write(&p.file, text).unwrap();
     let total = 1_400u64;
     produce(&broker, &p.topic, 0..total);
-    let mut sluice = p.spawn("run.log");
-    p.wait_drained(&broker, DRAIN);
-    p.stop(&mut sluice, "run.log");
+    p.run_until_drained(&broker, DRAIN, "run.log");
     let valid = (0..total).filter(|n| event(*n).invalid.is_none()).count();
     let counts: Vec<usize> = run(&["read", "lake", "events/"])
         .split(' ')

@@ -39,9 +39,7 @@ fn oversized_invalid_events_are_dead_lettered_and_the_rest_drains() {
         (0..2).map(oversized).map(|e| (e.key, e.payload)),
     );
     produce_records(&broker, &p.topic, mix(1_000..2_000));
-    let mut sluice = p.spawn("run.log");
-    p.wait_drained(&broker, DRAIN);
-    p.stop(&mut sluice, "run.log");
+    p.run_until_drained(&broker, DRAIN, "run.log");
     check_oracle(&broker, &p);
     let dead = broker.read_all(&p.dlq);
     let big = |key: &str| {
@@ -104,9 +102,7 @@ fn a_restart_never_deletes_the_files_of_a_committed_segment() {
     let broker = Broker::start();
     let p = TestPipeline::new(&broker, 1, "idle_flush = \"300ms\"");
     produce(&broker, &p.topic, 0..600);
-    let mut sluice = p.spawn("first.log");
-    p.wait_drained(&broker, DRAIN);
-    p.stop(&mut sluice, "first.log");
+    p.run_until_drained(&broker, DRAIN, "first.log");
     // The newest segment (whose manifest recovery reads), with files in several hour folders
     // (they share the offset range in the name, zero-padded, so the last name is the newest).
     let mut segments: std::collections::BTreeMap<String, Vec<std::path::PathBuf>> =
@@ -120,9 +116,7 @@ fn a_restart_never_deletes_the_files_of_a_committed_segment() {
     let (gone, kept) = files.split_first().unwrap();
     std::fs::remove_file(gone).unwrap();
     produce(&broker, &p.topic, 600..700);
-    let mut sluice = p.spawn("second.log");
-    p.wait_drained(&broker, DRAIN);
-    p.stop(&mut sluice, "second.log");
+    p.run_until_drained(&broker, DRAIN, "second.log");
     for f in kept {
         assert!(f.exists(), "a committed file was deleted: {}", f.display());
     }
@@ -152,9 +146,7 @@ fn a_reset_to_the_earliest_is_logged_and_writes_no_row_twice() {
     let broker = Broker::start();
     let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
     produce(&broker, &p.topic, 0..1_000);
-    let mut sluice = p.spawn("first.log");
-    p.wait_drained(&broker, DRAIN);
-    p.stop(&mut sluice, "first.log");
+    p.run_until_drained(&broker, DRAIN, "first.log");
     broker.reset_committed(&p.topic, &p.group, 0);
     assert!(
         broker
@@ -164,9 +156,7 @@ fn a_reset_to_the_earliest_is_logged_and_writes_no_row_twice() {
         "the reset took"
     );
     produce(&broker, &p.topic, 1_000..1_200);
-    let mut sluice = p.spawn("second.log");
-    p.wait_drained(&broker, DRAIN);
-    p.stop(&mut sluice, "second.log");
+    p.run_until_drained(&broker, DRAIN, "second.log");
     let log = p.log("second.log");
     assert!(
         log.contains("Resuming after the committed offset, where the finished files end"),
@@ -187,9 +177,7 @@ fn a_header_name_that_is_not_utf8_is_a_dead_letter_and_the_rest_drains() {
     let valid = event(200);
     produce_with_raw_header(&broker, &p.topic, "hdr-200", &valid.payload, b"\xffname");
     produce(&broker, &p.topic, 201..400);
-    let mut sluice = p.spawn("run.log");
-    p.wait_drained(&broker, DRAIN);
-    p.stop(&mut sluice, "run.log");
+    p.run_until_drained(&broker, DRAIN, "run.log");
     let (rows, dead) = check_oracle(&broker, &p);
     assert_eq!(rows + dead, 400);
     let bad = broker
@@ -335,12 +323,7 @@ fn a_broker_paused_longer_than_the_session_timeout_keeps_exactly_once() {
     assert_eq!(readyz(port), Some(200), "a is ready before the pause");
     broker.pause();
     // Twice the session timeout (6 s).
-    let paused = Instant::now();
-    let mut unready = false;
-    while paused.elapsed() < Duration::from_secs(12) {
-        unready |= readyz(port) == Some(503);
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let unready = seen_within(Duration::from_secs(12), || readyz(port) == Some(503));
     broker.resume();
     assert!(
         unready,
@@ -351,15 +334,11 @@ fn a_broker_paused_longer_than_the_session_timeout_keeps_exactly_once() {
     group.settle(&broker, 4);
     p.wait_drained(&broker, DRAIN);
     // The first a, if it is still running, has rejoined its group.
-    let rejoined = Instant::now();
-    while readyz(port) == Some(503) {
-        assert!(
-            rejoined.elapsed() < Duration::from_secs(30),
-            "/readyz stayed 503 after a rejoined:\n{}",
-            p.log("a.log")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        || format!("/readyz stayed 503 after a rejoined:\n{}", p.log("a.log")),
+        || readyz(port) != Some(503),
+    );
     group.stop_all();
     let (rows, dead) = check_oracle(&broker, &p);
     assert_eq!(rows + dead, BACKLOG as usize);
@@ -419,9 +398,7 @@ fn a_full_disk_stops_with_one_clear_line_and_a_restart_loses_nothing() {
         "the ERROR line names the cause:\n{log}"
     );
     fs::remove_file(&filler).unwrap();
-    let mut again = p.spawn("again.log");
-    p.wait_drained(&broker, DRAIN);
-    p.stop(&mut again, "again.log");
+    p.run_until_drained(&broker, DRAIN, "again.log");
     let (rows, dead) = check_oracle(&broker, &p);
     assert_eq!(rows + dead, total as usize);
 }

@@ -142,9 +142,7 @@ fn features_equal_the_newest_event_and_replays_never_roll_back() {
     produce_features(&broker, &p.topic, 0..3_000);
     // Duplicates of earlier events, delivered again later.
     produce_features(&broker, &p.topic, (0..3_000).step_by(13));
-    let mut sluice = p.spawn("run.log");
-    p.wait_drained(&broker, DRAIN);
-    p.stop(&mut sluice, "run.log");
+    p.run_until_drained(&broker, DRAIN, "run.log");
     let want = expected(&broker, &p.topic);
     assert_eq!(want.len(), 40);
     assert_features(&redis, &want);
@@ -184,20 +182,17 @@ fn a_redis_outage_pauses_the_pipeline_and_loses_nothing() {
     let port = free_port();
     let mut sluice = p.spawn_listening("run.log", &format!("127.0.0.1:{port}"));
     produce_features(&broker, &p.topic, 0..500);
-    let started = Instant::now();
-    while http_get(port, "/readyz").0 != 200 {
-        assert!(started.elapsed() < Duration::from_secs(60), "never ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(60),
+        || "never ready".into(),
+        || http_get(port, "/readyz").0 == 200,
+    );
     redis.kill();
     // Events keep arriving while Redis is down.
     produce_features(&broker, &p.topic, 500..2_000);
-    let down = Instant::now();
-    let mut saw_unready = false;
-    while down.elapsed() < Duration::from_secs(10) {
-        saw_unready |= http_get(port, "/readyz").0 == 503;
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let saw_unready = seen_within(Duration::from_secs(10), || {
+        http_get(port, "/readyz").0 == 503
+    });
     assert!(saw_unready, "/readyz stayed ready while Redis was down");
     redis.restart();
     produce_features(&broker, &p.topic, 2_000..2_500);
@@ -483,9 +478,7 @@ fn features_over_tls_with_a_private_ca() {
     );
     std::fs::write(&p.file, text).unwrap();
     produce_features(&broker, &p.topic, 0..600);
-    let mut sluice = p.spawn("run.log");
-    p.wait_drained(&broker, DRAIN);
-    p.stop(&mut sluice, "run.log");
+    p.run_until_drained(&broker, DRAIN, "run.log");
     let want = expected(&broker, &p.topic);
     for (key, hash) in &want {
         let out = Command::new("redis-cli")
@@ -515,9 +508,7 @@ fn a_key_of_the_wrong_type_dead_letters_its_events_and_the_rest_drains() {
     let p = TestPipeline::new(&broker, 3, "idle_flush = \"300ms\"");
     with_redis(&p, &redis.url(), "");
     produce_features(&broker, &p.topic, 0..3_000);
-    let mut sluice = p.spawn("run.log");
-    p.wait_drained(&broker, DRAIN);
-    p.stop(&mut sluice, "run.log");
+    p.run_until_drained(&broker, DRAIN, "run.log");
     let mut want = expected(&broker, &p.topic);
     want.remove("cust:c-7");
     assert_features(&redis, &want);
@@ -566,9 +557,7 @@ fn an_event_time_far_in_the_future_is_a_dead_letter_not_a_frozen_entity() {
         std::iter::once(("c-3".to_owned(), future.as_bytes().to_vec())),
     );
     produce_features(&broker, &p.topic, 0..2_000);
-    let mut sluice = p.spawn("run.log");
-    p.wait_drained(&broker, DRAIN);
-    p.stop(&mut sluice, "run.log");
+    p.run_until_drained(&broker, DRAIN, "run.log");
     assert_features(&redis, &expected(&broker, &p.topic));
     let refused: Vec<_> = broker
         .read_all(&p.dlq)
@@ -761,25 +750,21 @@ fn a_stuck_pipeline_turns_healthz_red_until_it_moves_again() {
     assert_eq!(http_get(port, "/healthz").0, 200);
     redis.kill();
     produce_features(&broker, &p.topic, 500..8_000);
-    let down = Instant::now();
-    while http_get(port, "/healthz").0 != 503 {
-        assert!(
-            down.elapsed() < Duration::from_secs(60),
-            "/healthz stayed 200 while the pipeline was stuck:\n{}",
-            p.log("run.log")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        Duration::from_secs(60),
+        || {
+            let log = p.log("run.log");
+            format!("/healthz stayed 200 while the pipeline was stuck:\n{log}")
+        },
+        || http_get(port, "/healthz").0 == 503,
+    );
     redis.restart();
     p.wait_drained(&broker, DRAIN);
-    let back = Instant::now();
-    while http_get(port, "/healthz").0 != 200 {
-        assert!(
-            back.elapsed() < Duration::from_secs(10),
-            "/healthz stayed 503"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || "/healthz stayed 503".into(),
+        || http_get(port, "/healthz").0 == 200,
+    );
     p.stop(&mut sluice, "run.log");
     let log = p.log("run.log");
     assert_eq!(

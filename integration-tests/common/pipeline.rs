@@ -146,6 +146,14 @@ time_field = "at"
         assert!(status.success(), "exit {status:?}\n{}", self.log(log));
     }
 
+    /// Runs `sluice` on this pipeline until it has committed everything, then stops it
+    /// cleanly; its log goes to `log`.
+    pub fn run_until_drained(&self, broker: &Broker, timeout: Duration, log: &str) {
+        let mut sluice = self.spawn(log);
+        self.wait_drained(broker, timeout);
+        self.stop(&mut sluice, log);
+    }
+
     /// Waits until the pipeline has committed everything; on timeout, fails with its logs.
     pub fn wait_drained(&self, broker: &Broker, timeout: Duration) {
         if let Err(e) = broker.wait_committed(&self.topic, &self.group, timeout) {

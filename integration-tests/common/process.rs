@@ -110,3 +110,23 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStat
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Polls `done` every 100 ms until it holds; after `timeout`, fails with `why()`.
+pub fn wait_until(timeout: Duration, why: impl Fn() -> String, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < timeout, "{}", why());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether `seen` holds at least once while polled every 200 ms for `window`.
+pub fn seen_within(window: Duration, mut seen: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    let mut any = false;
+    while started.elapsed() < window {
+        any |= seen();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    any
+}

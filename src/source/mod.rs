@@ -107,6 +107,9 @@ pub struct SourceContext {
     deadline: Duration,
     /// Partitions assigned while the pipeline was busy: paused until it has recovered them.
     recovering: Mutex<Vec<rebalance::Recovering>>,
+    /// `recovering` is not empty (read on every poll without the lock); stale `true` only
+    /// costs one look.
+    any_recovering: AtomicBool,
     /// Events wait in the outbox for room in the channel.
     waiting: Arc<AtomicBool>,
     /// Where a partition without any position starts.
@@ -241,6 +244,7 @@ impl Source {
             fence: fence.clone(),
             deadline: Duration::from_millis(poll_interval / 3),
             recovering: Mutex::new(Vec::new()),
+            any_recovering: AtomicBool::new(false),
             waiting: waiting.clone(),
             start_from: spec.start_from,
             joining: AtomicBool::new(true),

@@ -151,6 +151,7 @@ impl SourceContext {
                         committed: committed.clone(),
                         attempts: 0,
                     });
+                self.any_recovering.store(true, Ordering::Release);
                 (Vec::new(), true)
             }
         };
@@ -204,6 +205,10 @@ impl SourceContext {
     /// were assigned (late, see the module docs) move to their resume position and are
     /// resumed, unless `paused` (backpressure), whose end resumes them.
     pub(super) fn recovered(&self, consumer: &KafkaConsumer, paused: bool) {
+        // Called on every poll: almost always nothing is being recovered.
+        if !self.any_recovering.load(Ordering::Acquire) {
+            return;
+        }
         let mut recovering = self.recovering.lock().expect("recovering lock");
         recovering.retain_mut(|r| {
             if let Err(answer) = &r.answer {
@@ -245,6 +250,8 @@ impl SourceContext {
             }
             false
         });
+        self.any_recovering
+            .store(!recovering.is_empty(), Ordering::Release);
     }
 
     /// Where each recovered partition resumes, by its committed offset and the pipeline's
