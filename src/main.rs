@@ -224,10 +224,19 @@ fn validate(files: &[PathBuf]) -> ExitCode {
             config::ErrorPolicy::Fail => println!("  errors: stop the pipeline"),
         }
         if let Some(r) = &p.redis {
-            let urls: Vec<String> = r.urls.iter().map(|u| config::redact(u)).collect();
+            let urls: Vec<String> = r
+                .connection
+                .urls
+                .iter()
+                .map(|u| config::redact(u))
+                .collect();
             println!(
                 "  sink redis: {} {:?}, event time {:?} (at most {:?} ahead)",
-                if r.cluster { "cluster" } else { "server" },
+                if r.connection.cluster {
+                    "cluster"
+                } else {
+                    "server"
+                },
                 urls,
                 r.time_field,
                 r.max_event_time_skew
@@ -268,6 +277,22 @@ fn validate(files: &[PathBuf]) -> ExitCode {
                 "    circuit breaker: a version failing on {}% of {} rows is rolled back",
                 m.breaker.failure_rate * 100.0,
                 m.breaker.min_rows
+            );
+        }
+        if let Some(j) = &p.join {
+            println!(
+                "  join of model {:?}: feedback {:?} + labels {:?} -> examples {:?}, maturity {:?}, \
+                 unlabelled {:?}, grace {:?}, remembered {:?}, {} shards in Redis {}",
+                j.model,
+                j.feedback_topic,
+                j.labels_topic,
+                j.examples_topic,
+                j.maturity,
+                j.unlabelled,
+                j.grace,
+                j.remember,
+                j.shards,
+                j.redis.shown()
             );
         }
         if let Some(pq) = &p.parquet {

@@ -10,6 +10,13 @@ use std::{
 
 use super::*;
 
+/// The consumer settings of every test pipeline: tansu's session timeout, and metadata
+/// refreshed often enough to see new partitions.
+pub const SOURCE_PROPERTIES: &str = r#"[source.properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+"topic.metadata.refresh.interval.ms" = "1000""#;
+
 /// A pipeline for a test: its file, topics, group and output folder.
 pub struct TestPipeline {
     pub dir: tempfile::TempDir,
@@ -42,10 +49,7 @@ schema = "schema.json"
 bootstrap_servers = "{bootstrap}"
 topics = ["{topic}"]
 group_id = "{group}"
-[source.properties]
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "500"
-"topic.metadata.refresh.interval.ms" = "1000"
+{SOURCE_PROPERTIES}
 [batch]
 max_rows = 500
 max_delay = "100ms"

@@ -5,6 +5,7 @@
 //! with its key path, e.g. `sink.parquet.max_file_size: expected a size like "128MiB", got "big"`.
 
 mod env;
+mod join;
 mod model;
 mod raw;
 mod redis;
@@ -22,11 +23,12 @@ use parquet::basic::{Compression, GzipLevel, ZstdLevel};
 
 use self::raw::{Properties, RawParquet, RawPipeline, Setting};
 pub use self::{
+    join::{JoinSpec, Unlabelled},
     model::{
         BreakerSpec, DeviceChoice, Encoding, InputSpec, ModelSource, ModelSpec, OutputSpec,
         TimePart,
     },
-    redis::{redact, KeyPart, RedisSpec, ViewSpec},
+    redis::{redact, KeyPart, RedisConnection, RedisSpec, ViewSpec},
 };
 use crate::schema::{EventSchema, Kind};
 
@@ -45,6 +47,8 @@ pub struct Pipeline {
     pub redis: Option<RedisSpec>,
     /// Models that score every valid event; empty when none.
     pub models: Vec<ModelSpec>,
+    /// Set for a join pipeline (feedback + labels → examples); it has no other sink.
+    pub join: Option<JoinSpec>,
 }
 
 #[derive(Debug, Clone)]
@@ -271,18 +275,36 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
         );
     }
 
-    let schema_path = p.required("schema", &raw.schema).map(|s| base.join(s));
-    let schema = schema_path
-        .as_ref()
-        .and_then(|path| match EventSchema::load(path) {
-            Ok(s) => Some(Arc::new(s)),
-            Err(errors) => {
-                for e in errors {
-                    p.push("schema", e);
+    let join = raw.join.as_ref().map(|j| join::build_join(j, base, p));
+    let (schema_path, schema) = if join.is_some() {
+        if raw.schema.is_some() {
+            p.push(
+                "schema",
+                "a join pipeline reads feedback records and labels, whose schema is built in; \
+                 leave it out",
+            );
+        }
+        let schema = EventSchema::compile(&serde_json::from_str(join::SCHEMA).expect("JSON"))
+            .expect("the built-in join schema compiles");
+        (
+            Some(PathBuf::from("<built-in: join>")),
+            Some(Arc::new(schema)),
+        )
+    } else {
+        let schema_path = p.required("schema", &raw.schema).map(|s| base.join(s));
+        let schema = schema_path
+            .as_ref()
+            .and_then(|path| match EventSchema::load(path) {
+                Ok(s) => Some(Arc::new(s)),
+                Err(errors) => {
+                    for e in errors {
+                        p.push("schema", e);
+                    }
+                    None
                 }
-                None
-            }
-        });
+            });
+        (schema_path, schema)
+    };
 
     let source = {
         let s = raw.source.as_ref();
@@ -294,7 +316,19 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
             if bootstrap.as_deref().is_some_and(|b| b.trim().is_empty()) {
                 p.push("source.bootstrap_servers", "must not be empty");
             }
-            let topics = p.required("source.topics", &s.topics);
+            let topics = match &join {
+                Some(j) => {
+                    if s.topics.is_some() {
+                        p.push(
+                            "source.topics",
+                            "a join pipeline consumes join.feedback_topic and join.labels_topic; \
+                             leave it out",
+                        );
+                    }
+                    j.as_ref().map(JoinSpec::topics)
+                }
+                None => p.required("source.topics", &s.topics),
+            };
             if let Some(t) = &topics {
                 if t.is_empty() {
                     p.push("source.topics", "must name at least one topic");
@@ -443,7 +477,33 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
     }
     let models = raw.model.as_deref().unwrap_or_default();
     let models = model::build_models(models, base, schema.as_deref(), &topics, p);
-    if parquet.is_none() && redis.is_none() && models.as_ref().is_some_and(Vec::is_empty) {
+    if let Some(j) = &join {
+        if parquet.is_some() || redis.is_some() || models.as_ref().is_some_and(|m| !m.is_empty()) {
+            p.push(
+                "join",
+                "a join pipeline produces examples only: give sinks and models a pipeline of \
+                 their own",
+            );
+        }
+        if policy
+            .as_ref()
+            .is_some_and(|p| !matches!(p, ErrorPolicy::DeadLetter { .. }))
+        {
+            p.push(
+                "errors.policy",
+                "a join pipeline needs \"dead_letter\": duplicate, late and unknown labels go \
+                 there",
+            );
+        }
+        if let (Some(j), Some(ErrorPolicy::DeadLetter { topic, .. })) = (j, &policy) {
+            if *topic == j.examples_topic {
+                p.push(
+                    "errors.dead_letter_topic",
+                    "must differ from join.examples_topic",
+                );
+            }
+        }
+    } else if parquet.is_none() && redis.is_none() && models.as_ref().is_some_and(Vec::is_empty) {
         p.push(
             "sink",
             "at least one sink is required (sink.parquet, sink.redis, or a [[model]])",
@@ -476,6 +536,10 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
             None => None,
         },
         models: models?,
+        join: match join {
+            Some(spec) => Some(spec?),
+            None => None,
+        },
     })
 }
 

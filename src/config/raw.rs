@@ -73,6 +73,8 @@ pub struct RawPipeline {
     pub sink: Option<RawSinks>,
     /// `[[model]]` sections: TorchScript models that score every valid event.
     pub model: Option<Vec<RawModel>>,
+    /// `[join]`: this pipeline joins a model's feedback with labels into training examples.
+    pub join: Option<super::join::RawJoin>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +145,17 @@ pub struct RawRedis {
     pub max_event_time_skew: Option<Setting<HumanDuration>>,
     /// Feature views: each writes one hash per entity.
     pub views: Option<Vec<RawView>>,
+}
+
+/// Where a Redis server or cluster is (the same keys as in `[sink.redis]`).
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRedisConnection {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS; secrets through `${VAR}`.
+    pub url: Option<Setting<String>>,
+    /// Cluster mode: seed node URLs; `url` is then not used.
+    pub cluster_nodes: Option<Setting<Vec<String>>>,
+    /// PEM file of the CA that signed the server's certificate (relative to this file).
+    pub tls_ca_file: Option<Setting<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

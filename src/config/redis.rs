@@ -3,19 +3,44 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use super::{
-    raw::{RawRedis, RawView},
+    raw::{RawRedis, RawRedisConnection, RawView},
     valid_name, Problems,
 };
 use crate::schema::{EventSchema, Kind};
 
-/// A validated Redis sink.
+/// Where a Redis server or cluster is, and how to trust it.
 #[derive(Clone)]
-pub struct RedisSpec {
+pub struct RedisConnection {
     /// Connection URLs: one, or the cluster's seed nodes. Hold secrets: never log them.
     pub urls: Vec<String>,
     pub cluster: bool,
     /// CA certificate (PEM) for `rediss://`, instead of the system's roots.
     pub tls_ca_file: Option<std::path::PathBuf>,
+}
+
+impl RedisConnection {
+    /// The first URL with its password hidden, for messages.
+    pub fn shown(&self) -> String {
+        redact(&self.urls[0])
+    }
+}
+
+impl std::fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConnection")
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+            )
+            .field("cluster", &self.cluster)
+            .finish()
+    }
+}
+
+/// A validated Redis sink.
+#[derive(Clone)]
+pub struct RedisSpec {
+    pub connection: RedisConnection,
     pub time_field: String,
     pub max_in_flight: usize,
     pub pipeline_size: usize,
@@ -27,11 +52,7 @@ pub struct RedisSpec {
 impl std::fmt::Debug for RedisSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSpec")
-            .field(
-                "urls",
-                &self.urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
-            )
-            .field("cluster", &self.cluster)
+            .field("connection", &self.connection)
             .field("time_field", &self.time_field)
             .field("views", &self.views)
             .finish()
@@ -150,50 +171,16 @@ pub(super) fn build_redis(
     p: &mut Problems,
 ) -> Option<RedisSpec> {
     const AT: &str = "sink.redis";
-    let url = p.read(&format!("{AT}.url"), &raw.url).ok().flatten();
-    let nodes = p
-        .read(&format!("{AT}.cluster_nodes"), &raw.cluster_nodes)
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    let (urls, cluster) = match (url, nodes.is_empty()) {
-        (Some(url), true) => {
-            check_url(&url, &format!("{AT}.url"), p);
-            (vec![url], false)
-        }
-        (None, false) => {
-            for (i, n) in nodes.iter().enumerate() {
-                check_url(n, &format!("{AT}.cluster_nodes[{i}]"), p);
-            }
-            (nodes, true)
-        }
-        (Some(_), false) => {
-            p.push(AT, "set either `url` or `cluster_nodes`, not both");
-            (vec![], false)
-        }
-        (None, true) => {
-            p.push(&format!("{AT}.url"), "is required (or `cluster_nodes`)");
-            (vec![], false)
-        }
-    };
-    let tls_ca_file = p
-        .read(&format!("{AT}.tls_ca_file"), &raw.tls_ca_file)
-        .ok()?
-        .map(|f| base.join(f));
-    if let Some(f) = &tls_ca_file {
-        if !f.is_file() {
-            p.push(
-                &format!("{AT}.tls_ca_file"),
-                format!("{} is not a readable file", f.display()),
-            );
-        }
-        if !urls.iter().all(|u| u.starts_with("rediss://")) {
-            p.push(
-                &format!("{AT}.tls_ca_file"),
-                "is only used with rediss:// URLs",
-            );
-        }
-    }
+    let connection = build_connection(
+        AT,
+        &RawRedisConnection {
+            url: raw.url.clone(),
+            cluster_nodes: raw.cluster_nodes.clone(),
+            tls_ca_file: raw.tls_ca_file.clone(),
+        },
+        base,
+        p,
+    );
     let time_field = p.required(&format!("{AT}.time_field"), &raw.time_field);
     if let (Some(t), Some(schema)) = (&time_field, schema) {
         match schema.field(t) {
@@ -255,14 +242,70 @@ pub(super) fn build_redis(
         }
     }
     Some(RedisSpec {
-        urls,
-        cluster,
-        tls_ca_file,
+        connection: connection?,
         time_field: time_field?,
         max_in_flight: max_in_flight?,
         pipeline_size: pipeline_size?,
         max_event_time_skew: skew?,
         views,
+    })
+}
+
+/// `url` or `cluster_nodes`, and `tls_ca_file`, under the key path `at`.
+pub(super) fn build_connection(
+    at: &str,
+    raw: &RawRedisConnection,
+    base: &std::path::Path,
+    p: &mut Problems,
+) -> Option<RedisConnection> {
+    let url = p.read(&format!("{at}.url"), &raw.url).ok().flatten();
+    let nodes = p
+        .read(&format!("{at}.cluster_nodes"), &raw.cluster_nodes)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let (urls, cluster) = match (url, nodes.is_empty()) {
+        (Some(url), true) => {
+            check_url(&url, &format!("{at}.url"), p);
+            (vec![url], false)
+        }
+        (None, false) => {
+            for (i, n) in nodes.iter().enumerate() {
+                check_url(n, &format!("{at}.cluster_nodes[{i}]"), p);
+            }
+            (nodes, true)
+        }
+        (Some(_), false) => {
+            p.push(at, "set either `url` or `cluster_nodes`, not both");
+            return None;
+        }
+        (None, true) => {
+            p.push(&format!("{at}.url"), "is required (or `cluster_nodes`)");
+            return None;
+        }
+    };
+    let tls_ca_file = p
+        .read(&format!("{at}.tls_ca_file"), &raw.tls_ca_file)
+        .ok()?
+        .map(|f| base.join(f));
+    if let Some(f) = &tls_ca_file {
+        if !f.is_file() {
+            p.push(
+                &format!("{at}.tls_ca_file"),
+                format!("{} is not a readable file", f.display()),
+            );
+        }
+        if !urls.iter().all(|u| u.starts_with("rediss://")) {
+            p.push(
+                &format!("{at}.tls_ca_file"),
+                "is only used with rediss:// URLs",
+            );
+        }
+    }
+    Some(RedisConnection {
+        urls,
+        cluster,
+        tls_ca_file,
     })
 }
 
@@ -395,9 +438,11 @@ mod tests {
         assert!(!format!(
             "{:?}",
             RedisSpec {
-                urls: vec!["rediss://u:hunter2@h:1".into()],
-                cluster: false,
-                tls_ca_file: None,
+                connection: RedisConnection {
+                    urls: vec!["rediss://u:hunter2@h:1".into()],
+                    cluster: false,
+                    tls_ca_file: None,
+                },
                 time_field: "t".into(),
                 max_in_flight: 1,
                 pipeline_size: 1,

@@ -20,7 +20,7 @@ fn every_shipped_pipeline_validates() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let p = load(&path).unwrap_or_else(|e| panic!("{e}"));
-            assert!(p.parquet.is_some());
+            assert!(p.parquet.is_some() || p.join.is_some());
             count += 1;
         }
     }
@@ -401,4 +401,81 @@ max_file_size = "{size}"
     );
     load(&pipeline("s3://bucket/x", "1GiB")).unwrap();
     load(&pipeline("out", "200GiB")).unwrap();
+}
+
+const JOIN: &str = r#"
+name = "fraud_join"
+[source]
+bootstrap_servers = "localhost:1"
+group_id = "g"
+[errors]
+dead_letter_topic = "labels.dlq"
+[join]
+model = "fraud"
+feedback_topic = "fraud.feedback"
+labels_topic = "fraud.labels"
+examples_topic = "fraud.examples"
+maturity = "10m"
+[join.redis]
+url = "redis://127.0.0.1:6379"
+"#;
+
+#[test]
+fn a_join_pipeline_consumes_feedback_and_labels_with_the_built_in_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = load(&write(dir.path(), "j.toml", JOIN)).unwrap();
+    assert_eq!(p.source.topics, ["fraud.feedback", "fraud.labels"]);
+    let j = p.join.unwrap();
+    assert_eq!(j.maturity, Duration::from_secs(600));
+    assert_eq!(j.unlabelled, Unlabelled::Default(0.0));
+    assert_eq!((j.grace, j.shards), (Duration::from_secs(60), 16));
+    for field in [
+        "event_id",
+        "features",
+        "outputs",
+        "model_version",
+        "label",
+        "labelled_at",
+    ] {
+        assert!(p.schema.field(field).is_some(), "{field}");
+    }
+}
+
+#[test]
+fn a_broken_join_pipeline_names_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "s.json", SCHEMA);
+    let text = JOIN
+        .replace("name = \"fraud_join\"", "name = \"j\"\nschema = \"s.json\"")
+        .replace("group_id = \"g\"", "group_id = \"g\"\ntopics = [\"x\"]")
+        .replace(
+            "maturity = \"10m\"",
+            "unlabelled = \"drop\"\ndefault_label = 1.0\ngrace = \"0s\"",
+        )
+        .replace(
+            "examples_topic = \"fraud.examples\"",
+            "examples_topic = \"fraud.labels\"",
+        )
+        .replace("url = \"redis://127.0.0.1:6379\"", "url = \"http://h\"")
+        + "[sink.parquet]\npath = \"out\"\n";
+    let e = load(&write(dir.path(), "j.toml", &text)).unwrap_err();
+    let all = e.problems.join("\n");
+    for expected in [
+        "schema: a join pipeline reads feedback records and labels",
+        "source.topics: a join pipeline consumes join.feedback_topic and join.labels_topic",
+        "join.maturity: is required",
+        "join.default_label: is only used with unlabelled = \"default\"",
+        "join.grace: must be greater than 0",
+        "join.examples_topic: must differ from the feedback and labels topics",
+        "join.redis.url: unsupported scheme \"http\"",
+        "join: a join pipeline produces examples only",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+    let skip = JOIN.replace("dead_letter_topic = \"labels.dlq\"", "policy = \"skip\"");
+    let e = load(&write(dir.path(), "k.toml", &skip)).unwrap_err();
+    assert!(e
+        .problems
+        .join("\n")
+        .contains("errors.policy: a join pipeline needs \"dead_letter\""));
 }

@@ -53,6 +53,9 @@ impl RawBatch {
 /// Where an event is: topic, partition, offset.
 type Position = (Arc<str>, i32, i64);
 
+/// A record's key and payload, as consumed.
+pub type KeyAndPayload = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// The original key, bytes and headers of a batch's valid events.
 #[derive(Debug)]
 pub struct Originals {
@@ -73,6 +76,26 @@ impl Originals {
         }
     }
 
+    /// The key and payload of the event at `topic`/`partition`@`offset`.
+    pub fn message(&self, topic: &str, partition: i32, offset: i64) -> Option<KeyAndPayload> {
+        let m = self.find(topic, partition, offset)?;
+        Some((
+            m.key.clone().map(|r| self.bytes[r].to_vec()),
+            m.payload.clone().map(|r| self.bytes[r].to_vec()),
+        ))
+    }
+
+    fn find(&self, topic: &str, partition: i32, offset: i64) -> Option<&RawMessage> {
+        let index = self.index.get_or_init(|| {
+            self.messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| ((m.topic.clone(), m.partition, m.offset), i))
+                .collect()
+        });
+        Some(&self.messages[*index.get(&(Arc::from(topic), partition, offset))?])
+    }
+
     /// The event at `topic`/`partition`@`offset`, rejected for `error`.
     pub fn rejected(
         &self,
@@ -81,14 +104,7 @@ impl Originals {
         offset: i64,
         error: Failure,
     ) -> Option<Rejected> {
-        let index = self.index.get_or_init(|| {
-            self.messages
-                .iter()
-                .enumerate()
-                .map(|(i, m)| ((m.topic.clone(), m.partition, m.offset), i))
-                .collect()
-        });
-        let m = &self.messages[*index.get(&(Arc::from(topic), partition, offset))?];
+        let m = self.find(topic, partition, offset)?;
         Some(Rejected {
             key: m.key.clone().map(|r| self.bytes[r].to_vec()),
             payload: m.payload.clone().map(|r| self.bytes[r].to_vec()),

@@ -125,15 +125,24 @@ pub enum Failure {
         /// The server's error.
         error: String,
     },
+    /// The label join cannot use this record ([`crate::sink::join`]).
+    Join {
+        /// Stable short code: `duplicate_label`, `late_label`, `unknown_event`,
+        /// `not_feedback`, `no_label`.
+        reason: &'static str,
+        /// What happened, for people.
+        error: String,
+    },
 }
 
 impl Failure {
-    /// The stage that rejected the event: `decode`, `inference` or `redis`.
+    /// The stage that rejected the event: `decode`, `inference`, `redis` or `join`.
     pub fn stage(&self) -> &'static str {
         match self {
             Self::Decode(_) => "decode",
             Self::Inference { .. } => "inference",
             Self::Redis { .. } => "redis",
+            Self::Join { .. } => "join",
         }
     }
 
@@ -142,7 +151,7 @@ impl Failure {
         match self {
             Self::Decode(e) => e.reason(),
             Self::Inference { error, .. } => error.reason(),
-            Self::Redis { reason, .. } => reason,
+            Self::Redis { reason, .. } | Self::Join { reason, .. } => reason,
         }
     }
 }
@@ -153,6 +162,7 @@ impl std::fmt::Display for Failure {
             Self::Decode(e) => e.fmt(f),
             Self::Inference { model, error } => write!(f, "model {model}: {error}"),
             Self::Redis { error, .. } => write!(f, "redis: {error}"),
+            Self::Join { error, .. } => write!(f, "join: {error}"),
         }
     }
 }

@@ -8,8 +8,8 @@ use thiserror::Error;
 use crate::{
     score::{OpenError, ScoreError},
     sink::{
-        dead_letter::DeadLetterError, parquet::ParquetSinkError, redis::RedisSinkError, SinkError,
-        TopicError,
+        dead_letter::DeadLetterError, join::JoinError, parquet::ParquetSinkError,
+        redis::RedisSinkError, SinkError, TopicError,
     },
 };
 
@@ -19,6 +19,8 @@ use crate::{
 pub enum PipelineError {
     #[error(transparent)]
     Redis(#[from] RedisSinkError),
+    #[error(transparent)]
+    Join(#[from] JoinError),
     #[error("opening {location}")]
     Parquet {
         location: String,

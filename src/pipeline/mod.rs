@@ -51,7 +51,9 @@ use crate::{
     config::{ErrorPolicy, Pipeline},
     decode::{Decoder, Limits},
     score::{service::Service, Scorer},
-    sink::{dead_letter::DeadLetters, parquet::ParquetSink, redis::RedisSink, Sink},
+    sink::{
+        dead_letter::DeadLetters, join::JoinSink, parquet::ParquetSink, redis::RedisSink, Sink,
+    },
     source::{Batcher, Source},
     telemetry::health::Status,
 };
@@ -123,6 +125,18 @@ async fn run_inner(
     if let Some(dlq) = &dead_letters {
         dlq.check_topic().await?;
     }
+    if let (Some(j), Some(dlq)) = (&spec.join, &dead_letters) {
+        sinks.push(Box::new(
+            JoinSink::open(
+                &spec.name,
+                &spec.source.bootstrap_servers,
+                j,
+                dlq.clone(),
+                status.redis_healthy.clone(),
+            )
+            .await?,
+        ));
+    }
     let mut scorers = Vec::with_capacity(spec.models.len());
     for m in &spec.models {
         scorers.push(Scorer::open(&spec.name, &spec.source.bootstrap_servers, m, inference).await?);
@@ -142,12 +156,12 @@ async fn run_inner(
     })?;
     // The decode thread ends by itself when the source or this task lets go of its channels.
     let (mut rx, _decode) =
-        // Originals are kept for the stages that may still reject a valid event: the models
-        // and Redis.
+        // Originals are kept for the stages that may still reject a valid event: the models,
+        // Redis and the join (which also keeps a waiting label's bytes).
         crate::decode::stage::spawn(
             &spec.name,
             decoder,
-            !scorers.is_empty() || spec.redis.is_some(),
+            !scorers.is_empty() || spec.redis.is_some() || spec.join.is_some(),
             raw,
             1,
         );

@@ -118,6 +118,11 @@ impl Runner {
                     return Err(PipelineError::SourceExited)
                 }
                 _ = ticker.tick() => {
+                    for sink in &mut self.sinks {
+                        if let Some(e) = sink.background_failure() {
+                            return Err(PipelineError::sink(sink.name())(e));
+                        }
+                    }
                     self.roll_due().await?;
                     self.commit().await;
                 }
@@ -333,7 +338,10 @@ impl Runner {
         // dead letter of that sink's stage, and the later sinks still have it.
         let (topics, partitions, offsets) = crate::schema::provenance(&rows);
         for i in 0..self.sinks.len() {
-            let refused = match self.sinks[i].write(&rows, shutdown).await {
+            let refused = match self.sinks[i]
+                .write(&rows, batch.originals.as_deref(), shutdown)
+                .await
+            {
                 Ok(refused) => refused,
                 Err(SinkError::Cancelled) => return Ok(false),
                 Err(e) => return Err(PipelineError::sink(self.sinks[i].name())(e)),

@@ -57,6 +57,7 @@ impl Sink for MemorySink {
     async fn write(
         &mut self,
         rows: &RecordBatch,
+        _originals: Option<&crate::event::Originals>,
         _cancel: &CancellationToken,
     ) -> Result<Vec<Refusal>, SinkError> {
         let (topics, partitions, offsets) = crate::schema::provenance(rows);

@@ -10,6 +10,8 @@
 //!   - [`redis`]: the online feature store, replay-safe per entity; durable once written.
 //!   - [`parquet`]: exactly-once files, finished per partition; their manifests record how
 //!     far each partition is durable, which is also where a partition resumes after a crash.
+//!   - [`join`]: a model's feedback joined with its labels (state in Redis) into training
+//!     examples, produced before the write returns.
 //! - **Producers of records** (at least once) hand back one future per record or batch; the
 //!   runner holds the records' offsets until the broker acknowledges them:
 //!   - [`dead_letter`]: rejected events to a Kafka topic;
@@ -21,7 +23,7 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Failure, TopicPartition};
+use crate::event::{Failure, Originals, TopicPartition};
 
 use rdkafka::{
     config::ClientConfig,
@@ -34,6 +36,7 @@ use tracing::warn;
 
 pub mod dead_letter;
 pub mod headers;
+pub mod join;
 pub mod parquet;
 pub mod predictions;
 pub mod redis;
@@ -98,12 +101,14 @@ pub trait Sink: Send {
     /// The sink's name in logs and errors.
     fn name(&self) -> &'static str;
 
-    /// Writes a batch's valid rows (with their `_topic`, `_partition`, `_offset`). Returns the
-    /// rows refused for good; transient failures are the sink's to retry, and `cancel` ends a
-    /// retry at shutdown.
+    /// Writes a batch's valid rows (with their `_topic`, `_partition`, `_offset`), with the
+    /// original records when the pipeline keeps them (for a sink that stores some). Returns
+    /// the rows refused for good; transient failures are the sink's to retry, and `cancel`
+    /// ends a retry at shutdown.
     async fn write(
         &mut self,
         rows: &RecordBatch,
+        originals: Option<&Originals>,
         cancel: &CancellationToken,
     ) -> Result<Vec<Refusal>, SinkError>;
 
@@ -138,6 +143,11 @@ pub trait Sink: Send {
         _committed: Option<i64>,
     ) -> Result<Option<i64>, SinkError> {
         Ok(None)
+    }
+
+    /// A failure of the work the sink does in the background (the runner asks every tick).
+    fn background_failure(&mut self) -> Option<SinkError> {
+        None
     }
 
     /// Drops what was written for `tp` and is not durable: the partition was released without

@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::{
-    config::{redact, KeyPart, RedisSpec},
+    config::{KeyPart, RedisConnection, RedisSpec},
     event::Failure,
     failure::{self, Class, GaveUp, Retrying},
     sink::{Refusal, Sink, SinkError},
@@ -121,21 +121,25 @@ fn refused(row: usize, reason: &'static str, error: String) -> Refusal {
     }
 }
 
+/// A connection to one server (reconnecting by itself) or to a cluster.
 #[derive(Clone)]
-enum Connection {
+pub(crate) enum Connection {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
 
 impl Connection {
-    async fn query<T: redis::FromRedisValue>(&mut self, pipe: &Pipeline) -> Result<T, RedisError> {
+    pub(crate) async fn query<T: redis::FromRedisValue>(
+        &mut self,
+        pipe: &Pipeline,
+    ) -> Result<T, RedisError> {
         match self {
             Self::Single(c) => pipe.query_async(c).await,
             Self::Cluster(c) => pipe.query_async(c).await,
         }
     }
 
-    async fn load(&mut self, script: &Script) -> Result<(), RedisError> {
+    pub(crate) async fn load(&mut self, script: &Script) -> Result<(), RedisError> {
         match self {
             Self::Single(c) => script.prepare_invoke().load_async(c).await.map(|_| ()),
             Self::Cluster(c) => script.prepare_invoke().load_async(c).await.map(|_| ()),
@@ -144,8 +148,8 @@ impl Connection {
 }
 
 /// Opens a connection (or cluster connection) and checks it with PING.
-async fn connect(spec: &RedisSpec) -> Result<Connection, RedisSinkError> {
-    let shown = redact(&spec.urls[0]);
+pub(crate) async fn connect(spec: &RedisConnection) -> Result<Connection, RedisSinkError> {
+    let shown = spec.shown();
     let fail = |source| RedisSinkError::Connect {
         url: shown.clone(),
         source,
@@ -206,12 +210,12 @@ pub async fn read_entity(
     spec: &RedisSpec,
     key: &str,
 ) -> Result<Vec<(String, String)>, RedisSinkError> {
-    let mut conn = connect(spec).await?;
+    let mut conn = connect(&spec.connection).await?;
     let mut fields: Vec<(String, String)> = conn
         .query::<(HashMap<String, String>,)>(redis::pipe().hgetall(key))
         .await
         .map_err(|source| RedisSinkError::Connect {
-            url: redact(&spec.urls[0]),
+            url: spec.connection.shown(),
             source,
         })?
         .0
@@ -247,8 +251,8 @@ impl RedisSink {
         spec: &RedisSpec,
         healthy: Arc<AtomicBool>,
     ) -> Result<Self, RedisSinkError> {
-        let mut conn = connect(spec).await?;
-        let shown = redact(&spec.urls[0]);
+        let mut conn = connect(&spec.connection).await?;
+        let shown = spec.connection.shown();
         if spec.views.iter().any(|v| !v.field_ttl.is_empty()) {
             let info: String = conn
                 .query::<(String,)>(redis::pipe().cmd("INFO").arg("server"))
@@ -279,7 +283,7 @@ impl RedisSink {
                 url: shown.clone(),
                 source,
             })?;
-        info!(url = %shown, cluster = spec.cluster, views = spec.views.len(), "Connected to Redis.");
+        info!(url = %shown, cluster = spec.connection.cluster, views = spec.views.len(), "Connected to Redis.");
         healthy.store(true, Ordering::Release);
         let views = spec
             .views
@@ -324,7 +328,7 @@ impl RedisSink {
         // A cluster routes each command by its key's slot, and a pipeline must stay within one
         // slot: there, every script goes alone, and the multiplexed connections pipeline them
         // on the wire, `max_in_flight * pipeline_size` at a time.
-        let (chunk, concurrency) = if self.spec.cluster {
+        let (chunk, concurrency) = if self.spec.connection.cluster {
             (1, self.spec.max_in_flight * self.spec.pipeline_size)
         } else {
             (self.spec.pipeline_size, self.spec.max_in_flight)
@@ -546,6 +550,7 @@ impl Sink for RedisSink {
     async fn write(
         &mut self,
         rows: &RecordBatch,
+        _originals: Option<&crate::event::Originals>,
         cancel: &CancellationToken,
     ) -> Result<Vec<Refusal>, SinkError> {
         let started = Instant::now();

@@ -568,6 +568,7 @@ impl Sink for ParquetSink {
     async fn write(
         &mut self,
         rows: &RecordBatch,
+        _originals: Option<&crate::event::Originals>,
         _cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<Vec<Refusal>, SinkError> {
         let started = Instant::now();
