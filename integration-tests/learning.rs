@@ -340,3 +340,224 @@ fn matured_events_take_the_default_label_or_are_dropped_and_late_labels_are_dead
         );
     }
 }
+
+/// Examples `from..from + n` of model `risk`, with the features of the scoring tests' model
+/// (amount, EUR, USD, hour) and labels drawn from a logistic truth; those before `flip_until`
+/// get the opposite label (a labelling bug). Keyed by event id, in the order scored.
+fn examples(from: u64, n: u64, flip_until: Option<u64>) -> Vec<(String, Vec<u8>)> {
+    use rand::{Rng, SeedableRng};
+    (from..from + n)
+        .map(|i| {
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(i);
+            let amount = f64::from(rng.random_range(0..50_000u32)) / 100.0;
+            let currency = rng.random_range(0..3u8);
+            let hour = f64::from(rng.random_range(0..24u8));
+            let (eur, usd) = (
+                f64::from(u8::from(currency == 0)),
+                f64::from(u8::from(currency == 1)),
+            );
+            let logit = 0.02 * (amount - 250.0) + 1.5 * eur - 1.0 * usd;
+            let truth = rng.random::<f64>() < 1.0 / (1.0 + (-logit).exp());
+            let label = if flip_until.is_some_and(|f| i < f) {
+                !truth
+            } else {
+                truth
+            };
+            let id = format!("x-{i:06}");
+            let example = serde_json::json!({
+                "event_id": id, "model": "risk", "model_version": "1",
+                "features": [amount, eur, usd, hour], "outputs": [0.5],
+                "label": f64::from(u8::from(label)), "labelled": true,
+                "scored_at": 1_796_000_000_000i64 + i as i64 * 1_000, "labelled_at": null,
+            });
+            (id, serde_json::to_vec(&example).unwrap())
+        })
+        .collect()
+}
+
+/// A trainer file in `dir` for the repository `dir/models/risk`, on `topic`.
+fn trainer_file(
+    dir: &std::path::Path,
+    broker: &Broker,
+    topic: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let file = dir.join(format!("{}.toml", unique("trainer")));
+    fs::write(
+        &file,
+        format!(
+            r#"
+name = "risk_trainer"
+[source]
+bootstrap_servers = "{bootstrap}"
+group_id = "{group}"
+{SOURCE_PROPERTIES}
+[train]
+model = "risk"
+repository = "models/risk"
+examples_topic = "{topic}"
+optimizer = "adam"
+learning_rate = 0.02
+batch_size = 32
+epochs = 3
+round_examples = 1000
+holdout = 0.2
+min_examples = 100
+max_auc_decrease = 0.02
+{extra}
+"#,
+            bootstrap = broker.bootstrap,
+            group = unique("trainer"),
+        ),
+    )
+    .unwrap();
+    file
+}
+
+/// `sluice train FILE --rounds 1`, which must exit 0; its log.
+fn train_one_round(file: &std::path::Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["train", file.to_str().unwrap(), "--rounds", "1"])
+        .env("RUST_LOG", "info,sluice=debug")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "sluice train failed:\n{log}");
+    log
+}
+
+/// The decisions in the repository's candidates, oldest first.
+fn decisions(repo: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut dirs: Vec<_> = fs::read_dir(repo.join("candidates"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.iter()
+        .map(|d| serde_json::from_slice(&fs::read(d.join("decision.json")).unwrap()).unwrap())
+        .collect()
+}
+
+/// One round on 1,000 examples (and copies of some, which count once): the candidate's
+/// weights are those PyTorch computes from the same base, examples, order and optimizer; it
+/// loads in `torch.jit.load` in evaluation mode, passes the gates and is published as version
+/// 2 with its decision.
+#[test]
+fn a_round_is_the_round_pytorch_computes_and_a_better_candidate_is_published() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models/risk");
+    publish(&repo, 1, "linear", 1);
+    let topic = unique("examples");
+    broker.create_topic(&topic, 1);
+    let mut records = examples(0, 1000, None);
+    records.extend(records.iter().step_by(40).cloned().collect::<Vec<_>>());
+    produce_records(&broker, &topic, records.clone().into_iter());
+    let file = trainer_file(dir.path(), &broker, &topic, "");
+    let log = train_one_round(&file);
+
+    let decision = &decisions(&repo)[0];
+    eprintln!("{}", serde_json::to_string_pretty(decision).unwrap());
+    assert_eq!(decision["passed"], true, "{log}");
+    assert_eq!(decision["published_as"], "2");
+    assert_eq!(
+        (
+            decision["examples"].as_u64(),
+            decision["holdout_examples"].as_u64()
+        ),
+        (Some(1000), Some(200))
+    );
+    assert!(repo.join("2/model.pt").is_file() && repo.join("2/decision.json").is_file());
+    let (c, s) = (&decision["candidate"], &decision["serving"]);
+    assert!(
+        c["log_loss"].as_f64() < s["log_loss"].as_f64(),
+        "the candidate is better"
+    );
+
+    let jsonl = dir.path().join("examples.jsonl");
+    let lines: Vec<String> = records
+        .iter()
+        .map(|(_, p)| String::from_utf8(p.clone()).unwrap())
+        .collect();
+    fs::write(&jsonl, lines.join("\n")).unwrap();
+    let round = fs::read_dir(repo.join("candidates"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let reference: serde_json::Value = serde_json::from_str(&python(&[
+        "train-reference",
+        repo.join("1/model.pt").to_str().unwrap(),
+        round.join("model.pt").to_str().unwrap(),
+        jsonl.to_str().unwrap(),
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.02",
+        "--batch",
+        "32",
+        "--epochs",
+        "3",
+        "--holdout",
+        "0.2",
+    ]))
+    .unwrap();
+    eprintln!("PyTorch reference: {reference}");
+    assert_eq!(reference["trained_on"], 800);
+    assert_eq!(
+        reference["candidate_training_flag"], false,
+        "saved in evaluation mode"
+    );
+    // float32 weights of magnitude ~0.1-1 after 75 Adam steps: libtorch's C++ Adam and
+    // PyTorch's differ only in the order of float operations (about 1e-7 per step).
+    let diff = reference["max_abs_diff"].as_f64().unwrap();
+    assert!(diff < 1e-5, "weights differ from PyTorch's by {diff}");
+    assert!(
+        reference["moved"].as_f64().unwrap() > 1e-3,
+        "the round changed the weights"
+    );
+}
+
+/// A round trained on corrupted labels (the older examples' labels flipped; the newest, the
+/// holdout, right) is refused with its reasons, and the serving version stays; the next round,
+/// on good labels, is published, and the running scoring pipeline's later predictions carry
+/// the new version.
+#[test]
+fn a_round_on_corrupted_labels_is_refused_and_a_good_one_reaches_the_scoring_pipeline() {
+    let broker = Broker::start();
+    let s = scoring(&broker, "linear");
+    let mut sluice = s.p.spawn("score.log");
+    let topic = unique("examples");
+    broker.create_topic(&topic, 1);
+    let file = trainer_file(s.p.dir.path(), &broker, &topic, "");
+
+    produce_records(&broker, &topic, examples(0, 1000, Some(800)).into_iter());
+    train_one_round(&file);
+    let first = &decisions(&s.repo)[0];
+    eprintln!("{}", serde_json::to_string_pretty(first).unwrap());
+    assert_eq!(first["passed"], false);
+    assert!(!first["reasons"].as_array().unwrap().is_empty());
+    assert!(!s.repo.join("2").exists(), "nothing published");
+
+    produce_records(&broker, &topic, examples(1000, 1000, None).into_iter());
+    train_one_round(&file);
+    let second = &decisions(&s.repo)[1];
+    assert_eq!(
+        (second["passed"].as_bool(), second["published_as"].as_str()),
+        (Some(true), Some("2")),
+        "{second}"
+    );
+    assert_eq!(second["serving_version"], "1");
+
+    s.p.wait_for_log("score.log", "Model version swapped in");
+    produce(&broker, &s.p.topic, 0..300);
+    s.p.wait_drained(&broker, DRAIN);
+    s.p.stop(&mut sluice, "score.log");
+    let predictions = broker.read_all(&s.predictions);
+    assert!(!predictions.is_empty());
+    for r in &predictions {
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        assert_eq!(v["model_version"], "2", "{v}");
+    }
+}

@@ -5,6 +5,11 @@
     python3 models.py broken OUT.pt               passes a warm-up of zeros, raises on real rows
     python3 models.py slow OUT.pt                 a score that takes ~0.5 s per batch of 64 rows
     python3 models.py reference MODEL.pt EVENTS   one line per event: {"id":..,"score":..}
+    python3 models.py train-reference BASE.pt CANDIDATE.pt EXAMPLES --optimizer adam|sgd
+        --lr LR [--momentum M] --batch B --epochs E --holdout H
+                                                  PyTorch's own round on the examples (one
+                                                  JSON example per line, as the label join
+                                                  writes them), compared with the candidate
 
 The features are those of the test pipelines ([[model.inputs]]): amount, currency one-hot over
 ["EUR", "USD"] (unknown and null: zeros), hour of `at` (UTC). They are computed here from the
@@ -84,6 +89,48 @@ def save(module, path):
     os.replace(path + ".tmp", path)
 
 
+def train_reference(base, candidate, examples_file, opts):
+    """Fine-tunes BASE as sluice's trainer documents it (examples one per event id, sorted by
+    scored_at then event_id, the newest `holdout` share left out, mini-batches in order,
+    BCE of the clamped score, the given optimizer) and compares the weights with CANDIDATE."""
+    import math
+
+    seen, examples = set(), []
+    for line in open(examples_file):
+        if line.strip():
+            e = json.loads(line)
+            if e["event_id"] not in seen:
+                seen.add(e["event_id"])
+                examples.append(e)
+    examples.sort(key=lambda e: (e["scored_at"], e["event_id"]))
+    training = examples[: len(examples) - math.ceil(len(examples) * float(opts["holdout"]))]
+    model = torch.jit.load(base)
+    model.train()
+    params = list(model.parameters())
+    lr = float(opts["lr"])
+    if opts["optimizer"] == "adam":
+        opt = torch.optim.Adam(params, lr=lr)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=float(opts.get("momentum", 0.0)))
+    batch = int(opts["batch"])
+    for _ in range(int(opts["epochs"])):
+        for i in range(0, len(training), batch):
+            chunk = training[i : i + batch]
+            x = torch.tensor([e["features"] for e in chunk], dtype=torch.float32)
+            y = torch.tensor([e["label"] for e in chunk], dtype=torch.float32)
+            out = model(x).reshape(-1)
+            loss = torch.nn.functional.binary_cross_entropy(out.clamp(1e-7, 1 - 1e-7), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    theirs = dict(torch.jit.load(candidate).named_parameters())
+    first = dict(torch.jit.load(base).named_parameters())
+    diff = max((p.detach() - theirs[n].detach()).abs().max().item() for n, p in model.named_parameters())
+    moved = max((first[n].detach() - theirs[n].detach()).abs().max().item() for n in first)
+    print(json.dumps({"max_abs_diff": diff, "moved": moved, "trained_on": len(training),
+                      "candidate_training_flag": torch.jit.load(candidate).training}))
+
+
 def main(argv):
     command = argv[0]
     if command == "linear":
@@ -106,6 +153,9 @@ def main(argv):
                 y = model(x).reshape(-1)
                 for e, v in zip(chunk, y.tolist()):
                     print(json.dumps({"id": e["id"], "score": v, "features": features(e)}))
+    elif command == "train-reference":
+        opts = {argv[i][2:]: argv[i + 1] for i in range(4, len(argv), 2)}
+        train_reference(argv[1], argv[2], argv[3], opts)
     else:
         raise SystemExit(__doc__)
 

@@ -59,6 +59,21 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SLUICE_LOG_FORMAT")]
         log_format: LogFormat,
     },
+    /// Train a model on the examples of its label join, in rounds; publish each round's
+    /// candidate as the next version only if it passes the gates (a trainer file: [train]).
+    Train {
+        /// The trainer file.
+        file: PathBuf,
+        /// Stop after this many rounds (default: run until SIGINT/SIGTERM).
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Address of the HTTP listener for /metrics ("off" to disable).
+        #[arg(long, default_value = "off", env = "SLUICE_TRAIN_LISTEN")]
+        listen: String,
+        /// Log format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SLUICE_LOG_FORMAT")]
+        log_format: LogFormat,
+    },
     /// Look at the online features a pipeline keeps in Redis.
     Features {
         #[command(subcommand)]
@@ -90,6 +105,15 @@ fn main() -> ExitCode {
         Command::Features {
             command: FeaturesCommand::Get { pipeline, key },
         } => features_get(&pipeline, &key),
+        Command::Train {
+            file,
+            rounds,
+            listen,
+            log_format,
+        } => {
+            telemetry::init_logs(matches!(log_format, LogFormat::Json));
+            train(&file, rounds, &listen)
+        }
         Command::Run {
             files,
             listen,
@@ -102,6 +126,14 @@ fn main() -> ExitCode {
                 Ok(p) => p,
                 Err(code) => return code,
             };
+            if let Some(t) = pipelines.iter().find(|p| p.train.is_some()) {
+                eprintln!(
+                    "{}: {:?} is a trainer file: run it with `sluice train`",
+                    t.file.display(),
+                    t.name
+                );
+                return ExitCode::from(2);
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("sluice-worker")
@@ -114,6 +146,59 @@ fn main() -> ExitCode {
                     ExitCode::from(code)
                 }
             }
+        }
+    }
+}
+
+fn train(file: &std::path::Path, rounds: Option<usize>, listen: &str) -> ExitCode {
+    let pipeline = match load_all(&[file.to_owned()]) {
+        Ok(mut p) => p.remove(0),
+        Err(code) => return code,
+    };
+    if pipeline.train.is_none() {
+        eprintln!(
+            "{}: {:?} is not a trainer file (it has no [train])",
+            file.display(),
+            pipeline.name
+        );
+        return ExitCode::from(2);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        serve_http(listen, vec![], &shutdown).await?;
+        tokio::spawn(signals(shutdown.clone()));
+        {
+            let (stop, shutdown) = (stop.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                stop.store(true, std::sync::atomic::Ordering::Release);
+            });
+        }
+        let trainer = {
+            let stop = stop.clone();
+            tokio::task::spawn_blocking(move || {
+                sluice::train::trainer::run(&pipeline, rounds, &stop)
+            })
+        };
+        let result = trainer.await.context("the trainer panicked")?;
+        shutdown.cancel();
+        anyhow::Ok(result)
+    });
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            error!("{e}");
+            ExitCode::from(e.exit_code())
+        }
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -279,6 +364,27 @@ fn validate(files: &[PathBuf]) -> ExitCode {
                 m.breaker.min_rows
             );
         }
+        if let Some(t) = &p.train {
+            let (serving, _) = sluice::train::repository::serving(&t.repository)
+                .unwrap_or_else(|e| (format!("none ({e})"), PathBuf::new()));
+            println!(
+                "  trainer of model {:?}: examples {:?}, repository {} (serving version {serving}), \
+                 {:?} lr {} wd {}, batches of {}, {} epoch(s), a round every {} examples or {:?}, \
+                 holdout {}%, gates {:?}",
+                t.model,
+                t.examples_topic,
+                t.repository.display(),
+                t.optimizer,
+                t.learning_rate,
+                t.weight_decay,
+                t.batch_size,
+                t.epochs,
+                t.round_examples,
+                t.round_interval,
+                t.holdout * 100.0,
+                t.gates
+            );
+        }
         if let Some(j) = &p.join {
             println!(
                 "  join of model {:?}: feedback {:?} + labels {:?} -> examples {:?}, maturity {:?}, \
@@ -336,20 +442,7 @@ async fn run(
         .iter()
         .map(|_| Arc::new(telemetry::health::Status::new()))
         .collect();
-    let metrics = telemetry::init_metrics().map_err(anyhow::Error::from)?;
-    if listen != "off" {
-        let addr = telemetry::parse_listen(listen).map_err(anyhow::Error::msg)?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the HTTP listener on {addr}"))?;
-        info!(addr = %listener.local_addr()?, "Serving /metrics, /healthz and /readyz.");
-        tokio::spawn(telemetry::serve(
-            listener,
-            metrics,
-            statuses.clone(),
-            shutdown.clone(),
-        ));
-    }
+    serve_http(listen, statuses.clone(), &shutdown).await?;
     tokio::spawn(signals(shutdown.clone()));
     // The grace period is a hard deadline: once shutdown starts (a signal, or a pipeline that
     // failed), an OS thread, which no blocked task can hold up, ends the process after it.
@@ -402,6 +495,30 @@ async fn run(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Installs the metrics recorder and, unless `listen` is "off", serves `/metrics`, `/healthz`
+/// and `/readyz` (of `statuses`) until `shutdown`.
+async fn serve_http(
+    listen: &str,
+    statuses: Vec<Arc<telemetry::health::Status>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = telemetry::init_metrics().map_err(anyhow::Error::from)?;
+    if listen != "off" {
+        let addr = telemetry::parse_listen(listen).map_err(anyhow::Error::msg)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the HTTP listener on {addr}"))?;
+        info!(addr = %listener.local_addr()?, "Serving /metrics, /healthz and /readyz.");
+        tokio::spawn(telemetry::serve(
+            listener,
+            metrics,
+            statuses,
+            shutdown.clone(),
+        ));
+    }
+    Ok(())
 }
 
 async fn signals(shutdown: CancellationToken) {

@@ -6,6 +6,7 @@
 //! - [`events`]: the test events (valid, and broken in every way sluice must name);
 //! - [`pipeline`]: a pipeline file for one test and the `sluice` process running it;
 //! - [`members`]: several instances of one pipeline in a group, restarted as a supervisor would;
+//! - [`models`]: TorchScript files from PyTorch, model repositories, a scoring pipeline;
 //! - [`process`]: ports, names, signals, helper programs, HTTP;
 //! - [`oracle`]: the delivery promise's properties, each a function that returns its violation;
 //! - [`redis_server`]: a `redis-server` for one test.
@@ -14,6 +15,7 @@
 pub mod broker;
 pub mod events;
 pub mod members;
+pub mod models;
 pub mod oracle;
 pub mod pipeline;
 pub mod process;
@@ -22,5 +24,6 @@ pub mod redis_server;
 // Not every test uses every part.
 #[allow(unused_imports)]
 pub use self::{
-    broker::*, events::*, members::*, oracle::*, pipeline::*, process::*, redis_server::*,
+    broker::*, events::*, members::*, models::*, oracle::*, pipeline::*, process::*,
+    redis_server::*,
 };

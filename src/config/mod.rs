@@ -9,6 +9,7 @@ mod join;
 mod model;
 mod raw;
 mod redis;
+mod train;
 pub mod units;
 
 use std::{
@@ -29,6 +30,7 @@ pub use self::{
         TimePart,
     },
     redis::{redact, KeyPart, RedisConnection, RedisSpec, ViewSpec},
+    train::{GateSpec, OptimizerSpec, TrainSpec},
 };
 use crate::schema::{EventSchema, Kind};
 
@@ -49,6 +51,8 @@ pub struct Pipeline {
     pub models: Vec<ModelSpec>,
     /// Set for a join pipeline (feedback + labels → examples); it has no other sink.
     pub join: Option<JoinSpec>,
+    /// Set for a trainer file (`sluice train`): examples → gated model versions.
+    pub train: Option<TrainSpec>,
 }
 
 #[derive(Debug, Clone)]
@@ -276,18 +280,27 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
     }
 
     let join = raw.join.as_ref().map(|j| join::build_join(j, base, p));
-    let (schema_path, schema) = if join.is_some() {
+    let train = raw.train.as_ref().map(|t| train::build_train(t, base, p));
+    if join.is_some() && train.is_some() {
+        p.push("train", "a file is a join pipeline or a trainer, not both");
+    }
+    // Join pipelines and trainers read sluice's own records: their schemas are built in.
+    let built_in = match (&join, &train) {
+        (Some(_), _) => Some(("join", join::SCHEMA, "feedback records and labels")),
+        (None, Some(_)) => Some(("train", train::SCHEMA, "training examples")),
+        (None, None) => None,
+    };
+    let (schema_path, schema) = if let Some((kind, text, what)) = built_in {
         if raw.schema.is_some() {
             p.push(
                 "schema",
-                "a join pipeline reads feedback records and labels, whose schema is built in; \
-                 leave it out",
+                format!("a {kind} file reads {what}, whose schema is built in; leave it out"),
             );
         }
-        let schema = EventSchema::compile(&serde_json::from_str(join::SCHEMA).expect("JSON"))
-            .expect("the built-in join schema compiles");
+        let schema = EventSchema::compile(&serde_json::from_str(text).expect("JSON"))
+            .expect("the built-in schemas compile");
         (
-            Some(PathBuf::from("<built-in: join>")),
+            Some(PathBuf::from(format!("<built-in: {kind}>"))),
             Some(Arc::new(schema)),
         )
     } else {
@@ -316,16 +329,23 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
             if bootstrap.as_deref().is_some_and(|b| b.trim().is_empty()) {
                 p.push("source.bootstrap_servers", "must not be empty");
             }
-            let topics = match &join {
-                Some(j) => {
+            let derived = match (&join, &train) {
+                (Some(j), _) => Some((
+                    j.as_ref().map(JoinSpec::topics),
+                    "a join pipeline consumes join.feedback_topic and join.labels_topic",
+                )),
+                (None, Some(t)) => Some((
+                    t.as_ref().map(|t| vec![t.examples_topic.clone()]),
+                    "a trainer consumes train.examples_topic",
+                )),
+                (None, None) => None,
+            };
+            let topics = match derived {
+                Some((topics, why)) => {
                     if s.topics.is_some() {
-                        p.push(
-                            "source.topics",
-                            "a join pipeline consumes join.feedback_topic and join.labels_topic; \
-                             leave it out",
-                        );
+                        p.push("source.topics", format!("{why}; leave it out"));
                     }
-                    j.as_ref().map(JoinSpec::topics)
+                    topics
                 }
                 None => p.required("source.topics", &s.topics),
             };
@@ -396,8 +416,20 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
 
     let default_errors = Default::default();
     let e = raw.errors.as_ref().unwrap_or(&default_errors);
+    if train.is_some() && raw.errors.is_some() {
+        p.push(
+            "errors",
+            "a trainer produces no dead letters (examples it cannot read are counted and \
+             skipped); leave it out",
+        );
+    }
+    let default_policy = if train.is_some() {
+        "skip"
+    } else {
+        "dead_letter"
+    };
     let policy = match p
-        .get("errors.policy", &e.policy, "dead_letter".into())
+        .get("errors.policy", &e.policy, default_policy.into())
         .as_deref()
     {
         Some("dead_letter") => {
@@ -503,6 +535,13 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
                 );
             }
         }
+    } else if train.is_some() {
+        if parquet.is_some() || redis.is_some() || models.as_ref().is_some_and(|m| !m.is_empty()) {
+            p.push(
+                "train",
+                "a trainer reads examples only: give sinks and models a pipeline of their own",
+            );
+        }
     } else if parquet.is_none() && redis.is_none() && models.as_ref().is_some_and(Vec::is_empty) {
         p.push(
             "sink",
@@ -537,6 +576,10 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
         },
         models: models?,
         join: match join {
+            Some(spec) => Some(spec?),
+            None => None,
+        },
+        train: match train {
             Some(spec) => Some(spec?),
             None => None,
         },

@@ -75,6 +75,8 @@ pub struct RawPipeline {
     pub model: Option<Vec<RawModel>>,
     /// `[join]`: this pipeline joins a model's feedback with labels into training examples.
     pub join: Option<super::join::RawJoin>,
+    /// `[train]`: this file configures the trainer of a model (`sluice train`).
+    pub train: Option<super::train::RawTrain>,
 }
 
 #[derive(Debug, Default, Deserialize)]

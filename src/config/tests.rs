@@ -461,7 +461,7 @@ fn a_broken_join_pipeline_names_every_problem() {
     let e = load(&write(dir.path(), "j.toml", &text)).unwrap_err();
     let all = e.problems.join("\n");
     for expected in [
-        "schema: a join pipeline reads feedback records and labels",
+        "schema: a join file reads feedback records and labels",
         "source.topics: a join pipeline consumes join.feedback_topic and join.labels_topic",
         "join.maturity: is required",
         "join.default_label: is only used with unlabelled = \"default\"",
@@ -478,4 +478,45 @@ fn a_broken_join_pipeline_names_every_problem() {
         .problems
         .join("\n")
         .contains("errors.policy: a join pipeline needs \"dead_letter\""));
+}
+
+#[test]
+fn a_trainer_file_consumes_its_examples_and_names_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("models/fraud/1")).unwrap();
+    let good = r#"
+name = "fraud_trainer"
+[source]
+bootstrap_servers = "localhost:1"
+group_id = "t"
+[train]
+model = "fraud"
+repository = "models/fraud"
+examples_topic = "fraud.examples"
+optimizer = "sgd"
+momentum = 0.9
+"#;
+    let p = load(&write(dir.path(), "t.toml", good)).unwrap();
+    assert_eq!(p.source.topics, ["fraud.examples"]);
+    assert!(matches!(p.errors.policy, ErrorPolicy::Skip));
+    let t = p.train.unwrap();
+    assert_eq!(t.optimizer, OptimizerSpec::Sgd { momentum: 0.9 });
+    assert_eq!((t.batch_size, t.epochs, t.holdout), (64, 1, 0.2));
+    assert_eq!(t.gates.min_examples, 200);
+
+    let bad = good.replace("models/fraud\"", "models/none\"").replace(
+        "optimizer = \"sgd\"",
+        "optimizer = \"adam\"\nholdout = 1.5\nlearning_rate = 0.0",
+    ) + "[errors]\ndead_letter_topic = \"x\"\n";
+    let e = load(&write(dir.path(), "u.toml", &bad)).unwrap_err();
+    let all = e.problems.join("\n");
+    for expected in [
+        "train.repository: ",
+        "train.momentum: is only used with optimizer = \"sgd\"",
+        "train.holdout: must be between 0 and 1",
+        "train.learning_rate: must be greater than 0",
+        "errors: a trainer produces no dead letters",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
 }

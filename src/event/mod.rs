@@ -9,14 +9,17 @@
 //!   reject one.
 //! - [`Rejected`] and its [`Failure`] (stage and stable reason code: [`DecodeError`],
 //!   [`InferenceError`], Redis): everything a dead letter carries.
+//! - [`Example`]: a training example, from the label join to the trainer.
 
 mod batch;
+mod example;
 mod rejection;
 
 use std::sync::Arc;
 
 pub use self::{
     batch::{Originals, RawBatch, RawHeader, RawMessage, SourceBatch, SourceEvent},
+    example::Example,
     rejection::{DecodeError, Failure, InferenceError, Rejected},
 };
 

@@ -66,7 +66,7 @@ use super::{
 };
 use crate::{
     config::{JoinSpec, Unlabelled},
-    event::{Failure, Originals, Rejected},
+    event::{Example, Failure, Originals, Rejected},
     failure::{self, Class, GaveUp, Retrying},
 };
 
@@ -191,22 +191,6 @@ fn parse_position(pos: &str) -> Option<(&str, i32, i64)> {
     let offset = parts.next()?.parse().ok()?;
     let partition = parts.next()?.parse().ok()?;
     Some((parts.next()?, partition, offset))
-}
-
-/// An example: what the trainer reads.
-#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct Example {
-    pub event_id: String,
-    pub model: String,
-    pub model_version: String,
-    pub features: Vec<f64>,
-    pub outputs: Vec<f64>,
-    pub label: f64,
-    /// False for an example with the default label (no label arrived in the window).
-    pub labelled: bool,
-    /// When the event was scored (the feedback record's timestamp), ms since the epoch.
-    pub scored_at: i64,
-    pub labelled_at: Option<String>,
 }
 
 /// The stored fields an example is made of, as the scripts return them.

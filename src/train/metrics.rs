@@ -16,7 +16,7 @@ const EPSILON: f64 = 1e-7;
 const BINS: usize = 10;
 
 /// The metrics of one version on one set of examples.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Metrics {
     pub examples: usize,
     pub positives: usize,
