@@ -650,7 +650,9 @@ fn a_rebalance_while_redis_is_down_writes_every_row_once() {
     // (fail-stop: nothing past it committed; see the closing note of issue 11).
     group.settle(&broker, 5);
     p.wait_drained(&broker, DRAIN);
-    group.stop_all();
+    // The same fail-stop may come at shutdown, for a segment the member still holds: nothing
+    // of it was committed, and the oracle below still holds.
+    group.stop_all_allowing("finishing the Parquet segment");
     let logs = ["a.log", "b.log", "c.log"].map(|l| p.log(l)).join("\n");
     assert!(
         logs.contains("did not finish the revoked partitions in time")

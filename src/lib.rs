@@ -12,8 +12,11 @@
 //!  source ──▶ decode ──▶ batches ──▶ sink::redis        (features, never rolled back)
 //!  (Kafka)   (schema)      │    ├──▶ score ──▶ sink::predictions (models, at least once)
 //!                          │    ├──▶ sink::parquet      (files, exactly once)
+//!                          │    ├──▶ sink::join         (feedback + labels → examples)
 //!                          │    └──▶ sink::dead_letter  (rejected events, at least once)
 //!                          └─ offsets committed only when every sink has made them durable
+//!
+//!  examples ──▶ train (sluice train: rounds, gates) ──▶ the model repository ──▶ score
 //! ```
 //!
 //! Every stage speaks the types of [`event`] (a leaf: it imports no other module), so no
@@ -25,12 +28,13 @@
 //! - [`source`]: the Kafka consumer thread: polling, micro-batching, rebalances, backpressure.
 //! - [`decode`]: JSON payloads → Arrow columns, per-record rejection with a reason.
 //! - [`score`]: TorchScript models on their own threads: batching, versions, the breaker.
-//! - [`sink`]: where batches go: [`sink::redis`], [`sink::parquet`], [`sink::dead_letter`] and
-//!   [`sink::predictions`].
+//! - [`sink`]: where batches go: [`sink::redis`], [`sink::parquet`], [`sink::dead_letter`],
+//!   [`sink::predictions`] and [`sink::join`] (the label join of the learning loop).
 //! - [`pipeline`]: owns the tasks, the per-partition offset tracking and the commit protocol;
 //!   [`pipeline::PipelineError`] is why a pipeline stopped, with the exit code it means.
 //! - [`failure`]: the failure model: transient, per-record or fatal, and the one retry loop.
-//! - [`train`]: the learning loop, being built: so far the holdout metrics of promotion gates.
+//! - [`train`]: the trainer (`sluice train`): rounds of fine-tuning, holdout metrics, gates,
+//!   publication of the next version.
 //! - [`telemetry`]: logs, Prometheus metrics, `/healthz`, `/readyz` ([`telemetry::health`]).
 //! - [`util`]: the text form of scalar values and key templates, shared by sinks and models.
 

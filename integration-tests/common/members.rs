@@ -154,4 +154,27 @@ impl<'a> Members<'a> {
             self.p.stop(&mut member.process, &member.log);
         }
     }
+
+    /// SIGTERM to every member; each must exit within its grace period, 0 or by a fail-stop
+    /// whose one `ERROR` line contains `fail_stop` (what [`Self::settle`] also restarts).
+    /// Returns how many fail-stopped.
+    pub fn stop_all_allowing(&mut self, fail_stop: &str) -> usize {
+        let mut stopped = 0;
+        for member in &mut self.members {
+            sigterm(&member.process.0);
+            let status = wait_exit(&mut member.process.0, Duration::from_secs(30));
+            if !status.success() {
+                let log = self.p.log(&member.log);
+                assert!(
+                    log.lines()
+                        .any(|l| l.contains("ERROR") && l.contains(fail_stop)),
+                    "{} exited with {status} without a fail-stop on {fail_stop:?}:\n{log}",
+                    member.name
+                );
+                eprintln!("{} fail-stopped at shutdown ({fail_stop})", member.name);
+                stopped += 1;
+            }
+        }
+        stopped
+    }
 }

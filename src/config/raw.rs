@@ -20,8 +20,19 @@ pub struct Setting<T>(pub Result<T, String>);
 impl<'de, T: DeserializeOwned> Deserialize<'de> for Setting<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let value = Value::deserialize(d)?;
+        let substituted = matches!(&value, Value::String(s) if s.contains("${"));
         Ok(Setting(expand(value).and_then(|v| {
-            T::deserialize(v).map_err(|e| e.to_string())
+            T::deserialize(v.clone()).or_else(|e| match &v {
+                // `"${N:-10}"` is a string in TOML: after substitution it may be a number or a
+                // boolean.
+                Value::String(text) if substituted => match serde_json::from_str::<Value>(text) {
+                    Ok(n @ (Value::Number(_) | Value::Bool(_))) => {
+                        T::deserialize(n).map_err(|e| e.to_string())
+                    }
+                    _ => Err(e.to_string()),
+                },
+                _ => Err(e.to_string()),
+            })
         })))
     }
 }

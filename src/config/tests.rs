@@ -20,7 +20,7 @@ fn every_shipped_pipeline_validates() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let p = load(&path).unwrap_or_else(|e| panic!("{e}"));
-            assert!(p.parquet.is_some() || p.join.is_some());
+            assert!(p.parquet.is_some() || p.join.is_some() || p.train.is_some());
             count += 1;
         }
     }
@@ -503,6 +503,20 @@ momentum = 0.9
     assert_eq!(t.optimizer, OptimizerSpec::Sgd { momentum: 0.9 });
     assert_eq!((t.batch_size, t.epochs, t.holdout), (64, 1, 0.2));
     assert_eq!(t.gates.min_examples, 200);
+    // Numbers may come from the environment.
+    std::env::set_var("SLUICE_TEST_EPOCHS", "3");
+    let from_env = good.replace("momentum = 0.9", "momentum = 0.9\nepochs = \"${SLUICE_TEST_EPOCHS}\"\nbatch_size = \"${SLUICE_TEST_UNSET_BATCH:-16}\"");
+    let t = load(&write(dir.path(), "e.toml", &from_env))
+        .unwrap()
+        .train
+        .unwrap();
+    assert_eq!((t.epochs, t.batch_size), (3, 16));
+    let literal = good.replace("momentum = 0.9", "momentum = 0.9\nepochs = \"3\"");
+    let e = load(&write(dir.path(), "l.toml", &literal)).unwrap_err();
+    assert!(
+        e.problems[0].contains("train.epochs: invalid type: string \"3\""),
+        "{e}"
+    );
 
     let bad = good.replace("models/fraud\"", "models/none\"").replace(
         "optimizer = \"sgd\"",

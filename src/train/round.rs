@@ -37,6 +37,7 @@ const PREDICT_BATCH: usize = 1024;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Trained {
     pub examples: usize,
+    pub epochs: usize,
     pub steps: usize,
     pub seconds: f64,
     /// Mean loss of the last epoch's steps.
@@ -146,6 +147,7 @@ pub fn fine_tune(
     module.save(out).map_err(torch("saving the candidate"))?;
     Ok(Trained {
         examples: examples.len(),
+        epochs: spec.epochs,
         steps,
         seconds: started.elapsed().as_secs_f64(),
         last_epoch_loss,

@@ -64,6 +64,29 @@ enum Command {
         /// Events per second at most (default: as fast as possible).
         #[arg(long)]
         rate: Option<f64>,
+        /// Number of the first event (its id `e-<first>`; event times follow it).
+        #[arg(long, default_value_t = 0)]
+        first: u64,
+    },
+    /// Produce the labels of events that `generate` produced (the same count, first, seed,
+    /// invalid ratio and customers): the fraud outcome the demo's world decides, `label` 1 for
+    /// each fraud (a chargeback) and 0 for a share of the others (a confirmed delivery); the
+    /// rest get none and take the join's default. Keyed by event id.
+    Labels {
+        topic: String,
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        #[arg(long, default_value_t = 0.03)]
+        invalid_ratio: f64,
+        #[arg(long, default_value_t = 5_000)]
+        customers: u32,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value_t = 0)]
+        first: u64,
+        /// Share of legitimate events that get an explicit 0.
+        #[arg(long, default_value_t = 0.3)]
+        confirm_share: f64,
     },
     /// Measure a pipeline's first model as sluice runs it: demo events decoded into Arrow,
     /// encoded into features and scored by the model threads in batches of max_batch.
@@ -149,14 +172,38 @@ fn main() -> anyhow::Result<()> {
             customers,
             seed,
             rate,
+            first,
         } => generate(
             &cli.bootstrap,
             &topic,
+            Events {
+                first,
+                count,
+                invalid_ratio,
+                customers,
+                seed,
+            },
+            rate,
+        ),
+        Command::Labels {
+            topic,
             count,
             invalid_ratio,
             customers,
             seed,
-            rate,
+            first,
+            confirm_share,
+        } => labels(
+            &cli.bootstrap,
+            &topic,
+            Events {
+                first,
+                count,
+                invalid_ratio,
+                customers,
+                seed,
+            },
+            confirm_share,
         ),
         Command::Score { pipeline, rows } => score(&pipeline, rows),
         Command::Decode { pipeline, rows } => decode(&pipeline, rows),
@@ -327,15 +374,111 @@ fn broken_event(rng: &mut SmallRng, valid: serde_json::Value) -> (Vec<u8>, &'sta
     }
 }
 
-fn generate(
-    bootstrap: &str,
-    topic: &str,
+/// Which demo events: the same settings give the same events.
+#[derive(Clone, Copy)]
+struct Events {
+    first: u64,
     count: u64,
     invalid_ratio: f64,
     customers: u32,
     seed: u64,
-    rate: Option<f64>,
+}
+
+impl Events {
+    /// (number, key, payload, kind, the valid event it came from).
+    fn iter(self) -> impl Iterator<Item = (u64, String, Vec<u8>, &'static str, serde_json::Value)> {
+        let mut rng = SmallRng::seed_from_u64(self.seed);
+        let base_ms = 1_795_000_000_000; // 2026-11-18
+        (self.first..self.first + self.count).map(move |i| {
+            let (key, event) = valid_event(&mut rng, i, self.customers, base_ms);
+            let (payload, kind) = if rng.random_bool(self.invalid_ratio) {
+                broken_event(&mut rng, event.clone())
+            } else {
+                (event.to_string().into_bytes(), "valid")
+            };
+            (i, key, payload, kind, event)
+        })
+    }
+}
+
+/// Whether the demo's world makes event `i` a fraud. The rule the shipped model learned
+/// (models/fraud.py) has drifted: fraud moved from partners to the iOS app and from Brazil to
+/// Germany; the rest (large night-time orders from new customers) still holds.
+fn fraud(i: u64, event: &serde_json::Value) -> bool {
+    let amount = event["amount"].as_f64().unwrap_or(0.0);
+    let hour: u32 = event["created_at"].as_str().unwrap_or("")[11..13]
+        .parse()
+        .unwrap_or(12);
+    let logit = -6.5
+        + 0.6 * amount.ln_1p()
+        + 1.8 * f64::from(u8::from(event["new_customer"] == true))
+        + 1.6 * f64::from(u8::from(event["channel"] == "ios"))
+        + 1.2 * f64::from(u8::from(event["country"] == "DE"))
+        + 1.4 * f64::from(u8::from(hour < 6));
+    let mut rng = SmallRng::seed_from_u64(i ^ 0x9e37_79b9_7f4a_7c15);
+    rng.random_bool(1.0 / (1.0 + (-logit).exp()))
+}
+
+/// Sends `record`, waiting while the producer's queue is full.
+fn send(
+    producer: &BaseProducer<Deliveries>,
+    mut record: BaseRecord<'_, String, Vec<u8>>,
 ) -> anyhow::Result<()> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                producer.poll(Duration::from_millis(20));
+            }
+            Err((e, _)) => bail!("producing: {e}"),
+        }
+    }
+}
+
+fn labels(bootstrap: &str, topic: &str, events: Events, confirm_share: f64) -> anyhow::Result<()> {
+    let producer: BaseProducer<Deliveries> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "20")
+        .create_with_context(Deliveries {
+            failed: AtomicU64::new(0),
+        })?;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let (mut frauds, mut confirmed, mut unlabelled) = (0u64, 0u64, 0u64);
+    for (i, _, _, kind, event) in events.iter() {
+        if kind != "valid" {
+            continue;
+        }
+        let label = if fraud(i, &event) {
+            frauds += 1;
+            1
+        } else if SmallRng::seed_from_u64(i).random_bool(confirm_share) {
+            confirmed += 1;
+            0
+        } else {
+            unlabelled += 1;
+            continue;
+        };
+        let id = event["event_id"].as_str().unwrap_or_default().to_owned();
+        let payload = json!({"event_id": id, "label": label, "labelled_at": now})
+            .to_string()
+            .into_bytes();
+        send(&producer, BaseRecord::to(topic).key(&id).payload(&payload))?;
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let failed = producer.context().failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} labels were not delivered");
+    }
+    println!(
+        "{}",
+        json!({"topic": topic, "frauds": frauds, "confirmed": confirmed, "unlabelled": unlabelled})
+    );
+    Ok(())
+}
+
+fn generate(bootstrap: &str, topic: &str, events: Events, rate: Option<f64>) -> anyhow::Result<()> {
     let producer: BaseProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "20")
@@ -344,30 +487,14 @@ fn generate(
         .create_with_context(Deliveries {
             failed: AtomicU64::new(0),
         })?;
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let base_ms = 1_795_000_000_000; // 2026-11-18
     let mut produced: BTreeMap<&str, u64> = BTreeMap::new();
     let started = Instant::now();
-    for i in 0..count {
-        let (key, event) = valid_event(&mut rng, i, customers, base_ms);
-        let (payload, kind) = if rng.random_bool(invalid_ratio) {
-            broken_event(&mut rng, event)
-        } else {
-            (event.to_string().into_bytes(), "valid")
-        };
+    let count = events.count;
+    for (n, (_, key, payload, kind, _)) in events.iter().enumerate() {
+        let i = n as u64;
         *produced.entry(kind).or_default() += 1;
-        let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    producer.poll(Duration::from_millis(20));
-                }
-                Err((e, _)) => bail!("producing: {e}"),
-            }
-        }
-        if i % 1000 == 0 {
+        send(&producer, BaseRecord::to(topic).key(&key).payload(&payload))?;
+        if i.is_multiple_of(1000) {
             producer.poll(Duration::ZERO);
         }
         if let Some(rate) = rate {
@@ -674,7 +801,8 @@ fn read_topic(
 }
 
 fn predictions(bootstrap: &str, topic: &str, field: &str) -> anyhow::Result<()> {
-    let mut versions: BTreeMap<String, u64> = BTreeMap::new();
+    // Per version: predictions, sum of the field, how many at 0.5 or more.
+    let mut versions: BTreeMap<String, (u64, f64, u64)> = BTreeMap::new();
     let mut buckets = [0u64; 10];
     let mut example = None;
     let mut n = 0u64;
@@ -687,15 +815,22 @@ fn predictions(bootstrap: &str, topic: &str, field: &str) -> anyhow::Result<()> 
         };
         n += 1;
         let version = v["model_version"].as_str().unwrap_or("?").to_owned();
-        *versions.entry(version).or_default() += 1;
+        let entry = versions.entry(version).or_default();
+        entry.0 += 1;
         if let Some(score) = v["outputs"][field].as_f64() {
             buckets[((score * 10.0) as usize).min(9)] += 1;
+            entry.1 += score;
+            entry.2 += u64::from(score >= 0.5);
         }
         example.get_or_insert(v);
     })?;
     println!("predictions in {topic}: {n}");
-    for (v, count) in &versions {
-        println!("    model version {v}: {count}");
+    for (v, (count, sum, high)) in &versions {
+        println!(
+            "    model version {v}: {count}, mean {field} {:.4}, {:.2}% at 0.5 or more",
+            sum / *count as f64,
+            100.0 * *high as f64 / *count as f64
+        );
     }
     println!("distribution of outputs.{field}:");
     let max = buckets.iter().copied().max().unwrap_or(1).max(1);
