@@ -13,22 +13,7 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
 EVENTS="${DEMO_EVENTS:-60000}"
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/sluice-learning.XXXXXX")"
-cleanup() {
-  [ -n "${SLUICE_PID:-}" ] && kill "$SLUICE_PID" 2>/dev/null || true
-  [ -n "${TANSU_PID:-}" ] && kill "$TANSU_PID" 2>/dev/null || true
-  [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-step build "cargo build --release of sluice and its tools (11 minutes on 2 cores the first time, seconds after)" \
-  cargo build --release --locked -p sluice -p sluice-bench
-BIN="$CARGO_TARGET_DIR/release"
-
-say "Starting the broker and Redis"
-start_redis "$WORK/redis"
-start_broker "$WORK/broker"
+start_demo sluice-learning
 RUN_ID="$(date +%s)"
 export ORDERS_TOPIC="orders-$RUN_ID" ORDERS_DLQ="orders-$RUN_ID.dlq" ORDERS_GROUP="sluice-demo-$RUN_ID"
 export ORDERS_OUTPUT="$WORK/orders" ORDERS_IDLE_FLUSH="2s"

@@ -52,21 +52,11 @@ enum Command {
     /// Produce realistic order and payment events; print what was produced as JSON.
     Generate {
         topic: String,
-        #[arg(long, default_value_t = 100_000)]
-        count: u64,
-        /// Share of events broken on purpose, in several ways.
-        #[arg(long, default_value_t = 0.03)]
-        invalid_ratio: f64,
-        #[arg(long, default_value_t = 5_000)]
-        customers: u32,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        events: Events,
         /// Events per second at most (default: as fast as possible).
         #[arg(long)]
         rate: Option<f64>,
-        /// Number of the first event (its id `e-<first>`; event times follow it).
-        #[arg(long, default_value_t = 0)]
-        first: u64,
     },
     /// Produce the labels of events that `generate` produced (the same count, first, seed,
     /// invalid ratio and customers): the fraud outcome the demo's world decides, `label` 1 for
@@ -74,16 +64,8 @@ enum Command {
     /// rest get none and take the join's default. Keyed by event id.
     Labels {
         topic: String,
-        #[arg(long, default_value_t = 100_000)]
-        count: u64,
-        #[arg(long, default_value_t = 0.03)]
-        invalid_ratio: f64,
-        #[arg(long, default_value_t = 5_000)]
-        customers: u32,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        #[arg(long, default_value_t = 0)]
-        first: u64,
+        #[command(flatten)]
+        events: Events,
         /// Share of legitimate events that get an explicit 0.
         #[arg(long, default_value_t = 0.3)]
         confirm_share: f64,
@@ -167,44 +149,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Generate {
             topic,
-            count,
-            invalid_ratio,
-            customers,
-            seed,
+            events,
             rate,
-            first,
-        } => generate(
-            &cli.bootstrap,
-            &topic,
-            Events {
-                first,
-                count,
-                invalid_ratio,
-                customers,
-                seed,
-            },
-            rate,
-        ),
+        } => generate(&cli.bootstrap, &topic, events, rate),
         Command::Labels {
             topic,
-            count,
-            invalid_ratio,
-            customers,
-            seed,
-            first,
+            events,
             confirm_share,
-        } => labels(
-            &cli.bootstrap,
-            &topic,
-            Events {
-                first,
-                count,
-                invalid_ratio,
-                customers,
-                seed,
-            },
-            confirm_share,
-        ),
+        } => labels(&cli.bootstrap, &topic, events, confirm_share),
         Command::Score { pipeline, rows } => score(&pipeline, rows),
         Command::Decode { pipeline, rows } => decode(&pipeline, rows),
         Command::Drain {
@@ -375,12 +327,19 @@ fn broken_event(rng: &mut SmallRng, valid: serde_json::Value) -> (Vec<u8>, &'sta
 }
 
 /// Which demo events: the same settings give the same events.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, clap::Args)]
 struct Events {
+    /// Number of the first event (its id `e-<first>`; event times follow it).
+    #[arg(long, default_value_t = 0)]
     first: u64,
+    #[arg(long, default_value_t = 100_000)]
     count: u64,
+    /// Share of events broken on purpose, in several ways.
+    #[arg(long, default_value_t = 0.03)]
     invalid_ratio: f64,
+    #[arg(long, default_value_t = 5_000)]
     customers: u32,
+    #[arg(long, default_value_t = 42)]
     seed: u64,
 }
 
