@@ -117,6 +117,13 @@ if os.path.exists(path("score-sluice.json")):
     print(f"  Python (dicts -> features -> TorchScript):    {p['rows_per_second']:>12,.0f} rows/s")
     print(f"  Python, forward passes only:                  {p['forward_only_rows_per_second']:>12,.0f} rows/s")
     print(f"  ratio sluice / Python:                        {s['rows_per_second'] / p['rows_per_second']:.2f}")
+    if os.path.exists(path("score-sluice-training.json")):
+        t = json.load(open(path("score-sluice-training.json")))
+        load = json.load(open(path("train-load.json")))
+        print(f"  sluice with a trainer beside it:              {t['rows_per_second']:>12,.0f} rows/s"
+              f"  (ratio {t['rows_per_second'] / s['rows_per_second']:.2f} of alone)")
+        print(f"  the trainer meanwhile:                        {load['examples_per_second']:>12,.0f} examples/s"
+              f"  ({load['rounds']} rounds)")
 
 if os.path.exists(path("live.rate")):
     m = metrics("live")

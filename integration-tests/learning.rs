@@ -345,6 +345,16 @@ fn matured_events_take_the_default_label_or_are_dropped_and_late_labels_are_dead
 /// (amount, EUR, USD, hour) and labels drawn from a logistic truth; those before `flip_until`
 /// get the opposite label (a labelling bug). Keyed by event id, in the order scored.
 fn examples(from: u64, n: u64, flip_until: Option<u64>) -> Vec<(String, Vec<u8>)> {
+    examples_scored_from(from, n, flip_until, 1_796_000_000_000)
+}
+
+/// [`examples`], the first scored at `first_ms` (ms since the epoch), one a second after.
+fn examples_scored_from(
+    from: u64,
+    n: u64,
+    flip_until: Option<u64>,
+    first_ms: i64,
+) -> Vec<(String, Vec<u8>)> {
     use rand::{Rng, SeedableRng};
     (from..from + n)
         .map(|i| {
@@ -368,7 +378,7 @@ fn examples(from: u64, n: u64, flip_until: Option<u64>) -> Vec<(String, Vec<u8>)
                 "event_id": id, "model": "risk", "model_version": "1",
                 "features": [amount, eur, usd, hour], "outputs": [0.5],
                 "label": f64::from(u8::from(label)), "labelled": true,
-                "scored_at": 1_796_000_000_000i64 + i as i64 * 1_000, "labelled_at": null,
+                "scored_at": first_ms + (i - from) as i64 * 1_000, "labelled_at": null,
             });
             (id, serde_json::to_vec(&example).unwrap())
         })
@@ -560,4 +570,144 @@ fn a_round_on_corrupted_labels_is_refused_and_a_good_one_reaches_the_scoring_pip
         let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
         assert_eq!(v["model_version"], "2", "{v}");
     }
+}
+
+/// The repository's rollout file.
+fn rollout(repo: &std::path::Path) -> serde_json::Value {
+    fs::read(repo.join("rollout.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// `sluice train FILE` running until stopped, its log in `dir/name`.
+fn spawn_trainer(dir: &std::path::Path, file: &std::path::Path, name: &str) -> KillOnDrop {
+    let log = fs::File::create(dir.join(name)).unwrap();
+    KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["train", file.to_str().unwrap()])
+            .env("RUST_LOG", "info,sluice=debug")
+            .env("NO_COLOR", "1")
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The versions of the predictions of events `e-<from>` and later.
+fn versions_from(broker: &Broker, topic: &str, from: u64) -> BTreeSet<String> {
+    broker
+        .read_all(topic)
+        .iter()
+        .filter_map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).ok()?;
+            let n: u64 = v["event_id"]
+                .as_str()?
+                .trim_start_matches("e-")
+                .parse()
+                .ok()?;
+            (n >= from).then(|| v["model_version"].as_str().unwrap().to_owned())
+        })
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Issue 12, rollout by the trainer: a round's candidate goes out as a canary of half the
+/// customers (the scoring pipeline serves both versions), is watched on labels of events scored
+/// after its publication, does better than version 1 on them and is promoted: the scoring
+/// pipeline then serves it alone.
+#[test]
+fn a_canary_that_does_better_on_fresh_labels_is_promoted() {
+    let broker = Broker::start();
+    let s = scoring(&broker, "linear");
+    let mut sluice = s.p.spawn("score.log");
+    let topic = unique("examples");
+    broker.create_topic(&topic, 1);
+    let extra = "rollout = \"canary\"\ncanary_weight = 0.5\nwatch_examples = 300";
+    let file = trainer_file(s.p.dir.path(), &broker, &topic, extra);
+    let mut trainer = spawn_trainer(s.p.dir.path(), &file, "train.log");
+    produce_records(&broker, &topic, examples(0, 1000, None).into_iter());
+    wait_until(
+        DRAIN,
+        || format!("a canary: {}", rollout(&s.repo)),
+        || rollout(&s.repo)["canary"]["version"] == "2",
+    );
+    s.p.wait_for_log("score.log", "Model rollout changed");
+    produce(&broker, &s.p.topic, 0..500);
+    s.p.wait_drained(&broker, DRAIN);
+    let both = versions_from(&broker, &s.predictions, 0);
+    assert_eq!(both, BTreeSet::from(["1".into(), "2".into()]));
+
+    let fresh = examples_scored_from(1000, 400, None, now_ms());
+    produce_records(&broker, &topic, fresh.into_iter());
+    wait_until(
+        DRAIN,
+        || format!("a promotion: {}", rollout(&s.repo)),
+        || rollout(&s.repo)["stable"] == "2",
+    );
+    let r = rollout(&s.repo);
+    assert_eq!(
+        (r["canary"].is_null(), r["watch"].is_null()),
+        (true, true),
+        "{r}"
+    );
+    let watch: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.repo.join("2/watch.json")).unwrap()).unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&watch).unwrap());
+    assert_eq!(watch["result"], "promoted");
+    assert!(watch["examples"].as_u64().unwrap() >= 300);
+    s.p.wait_for_log("score.log", "to=none");
+    produce(&broker, &s.p.topic, 500..1000);
+    s.p.wait_drained(&broker, DRAIN);
+    sigterm(&trainer.0);
+    wait_exit(&mut trainer.0, Duration::from_secs(30));
+    s.p.stop(&mut sluice, "score.log");
+    assert_eq!(
+        versions_from(&broker, &s.predictions, 500),
+        BTreeSet::from(["2".into()])
+    );
+}
+
+/// Issue 12, automatic rollback: a promoted version that does worse than the one it replaced
+/// on the labels of events scored after its publication (here the labels flipped: a labelling
+/// bug that its holdout did not have) is rolled back for every instance, and refused.
+#[test]
+fn a_promoted_version_that_does_worse_on_fresh_labels_is_rolled_back() {
+    let broker = Broker::start();
+    let s = scoring(&broker, "linear");
+    let mut sluice = s.p.spawn("score.log");
+    let topic = unique("examples");
+    broker.create_topic(&topic, 1);
+    let file = trainer_file(s.p.dir.path(), &broker, &topic, "watch_examples = 300");
+    let mut trainer = spawn_trainer(s.p.dir.path(), &file, "train.log");
+    produce_records(&broker, &topic, examples(0, 1000, None).into_iter());
+    s.p.wait_for_log("score.log", "from=1 to=2");
+    assert_eq!(rollout(&s.repo)["watch"]["version"], "2");
+
+    let flipped = examples_scored_from(1000, 400, Some(2000), now_ms());
+    produce_records(&broker, &topic, flipped.into_iter());
+    s.p.wait_for_log("score.log", "from=2 to=1");
+    let r = rollout(&s.repo);
+    assert_eq!(r["stable"], "1", "{r}");
+    assert_eq!(r["refused"], serde_json::json!(["2"]), "{r}");
+    let watch: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.repo.join("2/watch.json")).unwrap()).unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&watch).unwrap());
+    assert_eq!(watch["result"], "rolled_back");
+    assert!(!watch["reasons"].as_array().unwrap().is_empty());
+    produce(&broker, &s.p.topic, 0..300);
+    s.p.wait_drained(&broker, DRAIN);
+    sigterm(&trainer.0);
+    wait_exit(&mut trainer.0, Duration::from_secs(30));
+    s.p.stop(&mut sluice, "score.log");
+    assert_eq!(
+        versions_from(&broker, &s.predictions, 0),
+        BTreeSet::from(["1".into()])
+    );
 }

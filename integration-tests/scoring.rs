@@ -591,3 +591,146 @@ fn a_corrupt_model_at_start_is_a_configuration_error() {
         );
     }
 }
+
+/// Issue 12, rollout: with version 1 stable (pinned by `sluice model promote`, though 4 is
+/// newer), version 2 as a canary of 30 % and version 3 in the shadow, every event is predicted
+/// once, each customer by the one version its key's hash gives (checked with the test's own
+/// FNV-1a), each with PyTorch's score for that version; the shadow's predictions go to the
+/// shadow topic, marked. A shadow that fails on every row (version 4) trips its breaker and is
+/// withdrawn, while the production path loses nothing and dead-letters nothing.
+#[test]
+fn a_canary_serves_its_share_of_entities_and_a_shadow_never_touches_production() {
+    let broker = Broker::start();
+    let s = scoring(&broker, "linear");
+    let shadow = format!("{}.shadow", s.predictions);
+    broker.create_topic(&shadow, 1);
+    // Room in the queue beside a whole micro-batch: the shadow only takes what is free.
+    s.p.edit("queue_rows = 500", "queue_rows = 5000");
+    s.p.edit(
+        "feedback_topic = ",
+        &format!("shadow_topic = \"{shadow}\"\nfeedback_topic = "),
+    );
+    publish(&s.repo, 2, "linear", 2);
+    publish(&s.repo, 3, "linear", 3);
+    let repo = s.repo.to_str().unwrap();
+    sluice_model(&["promote", repo, "1"]);
+    sluice_model(&["canary", repo, "2", "--weight", "0.3"]);
+    sluice_model(&["shadow", repo, "3"]);
+    publish(&s.repo, 4, "broken", 0);
+    let status = sluice_model(&["status", repo]);
+    assert!(status.contains("canary 30%"), "{status}");
+
+    let port = free_port();
+    let mut sluice = s.p.spawn_listening("run.log", &format!("127.0.0.1:{port}"));
+    produce(&broker, &s.p.topic, 0..2_000);
+    s.p.wait_drained(&broker, DRAIN);
+    let phase_one: Vec<Value> = (0..2_000).filter_map(valid_json).collect();
+    wait_until(
+        Duration::from_secs(60),
+        || "the shadow's predictions".into(),
+        || broker.read_all(&shadow).len() >= phase_one.len() * 9 / 10,
+    );
+    sluice_model(&["shadow", repo, "4"]);
+    s.p.wait_for_log("run.log", "to=4");
+    produce(&broker, &s.p.topic, 2_000..4_000);
+    s.p.wait_drained(&broker, DRAIN);
+    s.p.wait_for_log("run.log", "it is withdrawn");
+    let metrics = http_get(port, "/metrics").1;
+    s.p.stop(&mut sluice, "run.log");
+    check_oracle(&broker, &s.p);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sluice_model_breaker_trips_total")
+                && l.contains("slot=\"shadow\"")
+                && l.contains("version=\"4\"")),
+        "{metrics}"
+    );
+
+    let valid: Vec<Value> = (0..4_000).filter_map(valid_json).collect();
+    let dir = s.p.dir.path();
+    let expected: HashMap<&str, HashMap<String, (f64, Vec<f64>)>> = ["1", "2", "3"]
+        .into_iter()
+        .map(|v| (v, reference(&s.repo.join(v).join("model.pt"), &valid, dir)))
+        .collect();
+    let predictions = broker.read_all(&s.predictions);
+    let predicted = by_id(&predictions);
+    let mut customers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for v in &valid {
+        let id = v["id"].as_str().unwrap();
+        let p = predicted
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} not predicted"));
+        assert_eq!(p.len(), 1, "{id}");
+        let (p, _) = &p[0];
+        let customer = v["customer"].as_str().unwrap();
+        let version = p["model_version"].as_str().unwrap();
+        let want = if in_canary(customer, 0.3) { "2" } else { "1" };
+        assert_eq!(version, want, "{id} of {customer}");
+        assert!(p.get("shadow").is_none(), "{p}");
+        let score = p["outputs"]["score"].as_f64().unwrap();
+        assert!((score - expected[version][id].0).abs() <= 1e-5, "{id}");
+        customers
+            .entry(customer.to_owned())
+            .or_default()
+            .insert(version.to_owned());
+    }
+    let on_canary = customers.values().filter(|v| v.contains("2")).count();
+    let share = on_canary as f64 / customers.len() as f64;
+    eprintln!(
+        "canary: {on_canary} of {} customers ({share:.3})",
+        customers.len()
+    );
+    assert!((0.18..=0.42).contains(&share), "{share}");
+
+    let shadowed = broker.read_all(&shadow);
+    let mut seen = BTreeSet::new();
+    for r in &shadowed {
+        let v: Value = serde_json::from_slice(&r.payload).unwrap();
+        assert_eq!(v["shadow"], true, "{v}");
+        assert_eq!(v["model_version"], "3", "version 4 never scores a row: {v}");
+        let id = v["event_id"].as_str().unwrap();
+        assert!(seen.insert(id.to_owned()), "{id} twice in the shadow");
+        let score = v["outputs"]["score"].as_f64().unwrap();
+        assert!((score - expected["3"][id].0).abs() <= 1e-5, "{id}");
+    }
+    eprintln!("shadow: {} predictions", shadowed.len());
+}
+
+/// Issue 12: `sluice model rollback` changes the repository's rollout once and every instance
+/// of the group follows: after it, both members serve version 1 again.
+#[test]
+fn a_rollback_by_command_reaches_every_instance() {
+    let broker = Broker::start();
+    let s = scoring(&broker, "linear");
+    publish(&s.repo, 2, "linear", 2);
+    let mut members = Members::start(&s.p, &["a", "b"]);
+    produce(&broker, &s.p.topic, 0..1_000);
+    s.p.wait_drained(&broker, DRAIN);
+    let out = sluice_model(&["rollback", s.repo.to_str().unwrap()]);
+    assert!(out.contains("rolled back"), "{out}");
+    for log in ["a.log", "b.log"] {
+        s.p.wait_for_log(log, "Model version swapped in");
+        assert!(s.p.log(log).contains("from=2 to=1"), "{log}");
+    }
+    produce(&broker, &s.p.topic, 1_000..2_000);
+    s.p.wait_drained(&broker, DRAIN);
+    members.stop_all();
+    check_oracle(&broker, &s.p);
+    let predictions = broker.read_all(&s.predictions);
+    let mut partitions = BTreeSet::new();
+    for (id, p) in by_id(&predictions) {
+        let n: u64 = id.trim_start_matches("e-").parse().unwrap();
+        let (v, _) = &p[0];
+        let want = if n < 1_000 { "2" } else { "1" };
+        assert_eq!(v["model_version"], want, "{id}");
+        if n >= 1_000 {
+            partitions.insert(v["source"]["partition"].as_i64().unwrap());
+        }
+    }
+    assert_eq!(
+        partitions.len(),
+        3,
+        "every partition scored after the rollback"
+    );
+}

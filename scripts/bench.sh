@@ -124,6 +124,14 @@ if [ "${BENCH_EXTRA:-0}" = 1 ]; then
   "$BIN/sluice-bench" score pipelines/orders.toml --rows 200000 >"$WORK/score-sluice.json"
   python3 models/fraud.py bench models/fraud/1/model.pt --rows 200000 --batch 256 \
     >"$WORK/score-python.json"
+  say "The scoring stage again, with a trainer fine-tuning the model beside it (its own process)"
+  "$BIN/sluice-bench" train-load pipelines/fraud_train.toml --pipeline pipelines/orders.toml \
+    --seconds 600 --stop-file "$WORK/scored" >"$WORK/train-load.json" &
+  TRAIN_PID=$!
+  sleep 3
+  "$BIN/sluice-bench" score pipelines/orders.toml --rows 200000 >"$WORK/score-sluice-training.json"
+  touch "$WORK/scored"
+  wait "$TRAIN_PID"
   say "Prediction latency at half the rate of (a), events produced live"
   RATE=$(python3 -c "print(round($EVENTS / float(open('$WORK/full.seconds').read()) / 2))")
   LIVE_TOPIC="bench-$RUN_ID-live"

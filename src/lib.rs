@@ -27,16 +27,18 @@
 //! - [`schema`]: the JSON Schema subset → validator + Arrow schema.
 //! - [`source`]: the Kafka consumer thread: polling, micro-batching, rebalances, backpressure.
 //! - [`decode`]: JSON payloads → Arrow columns, per-record rejection with a reason.
-//! - [`score`]: TorchScript models on their own threads: batching, versions, the breaker.
+//! - [`score`]: TorchScript models on their own threads: batching, versions (stable, canary,
+//!   shadow: the repository's rollout), the breaker.
 //! - [`sink`]: where batches go: [`sink::redis`], [`sink::parquet`], [`sink::dead_letter`],
 //!   [`sink::predictions`] and [`sink::join`] (the label join of the learning loop).
 //! - [`pipeline`]: owns the tasks, the per-partition offset tracking and the commit protocol;
 //!   [`pipeline::PipelineError`] is why a pipeline stopped, with the exit code it means.
 //! - [`failure`]: the failure model: transient, per-record or fatal, and the one retry loop.
 //! - [`train`]: the trainer (`sluice train`): rounds of fine-tuning, holdout metrics, gates,
-//!   publication of the next version.
+//!   publication of the next version, and the watch that promotes or rolls it back.
 //! - [`telemetry`]: logs, Prometheus metrics, `/healthz`, `/readyz` ([`telemetry::health`]).
-//! - [`util`]: the text form of scalar values and key templates, shared by sinks and models.
+//! - [`util`]: the text form of scalar values and key templates, and the stable routing hash,
+//!   shared by sinks and models.
 
 pub mod config;
 pub mod decode;

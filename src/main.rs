@@ -79,6 +79,58 @@ enum Command {
         #[command(subcommand)]
         command: FeaturesCommand,
     },
+    /// Show or change which versions of a model repository serve (its rollout.json): every
+    /// scoring instance's reloader follows within its reload_interval.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct RepositoryArg {
+    /// The model repository: a folder, or an object store URL (`s3://bucket/models/fraud`).
+    repository: String,
+    /// An `object_store` option for a repository on an object store, e.g.
+    /// `--option aws_endpoint=http://127.0.0.1:9000` (repeatable).
+    #[arg(long = "option", value_name = "KEY=VALUE")]
+    options: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Print the versions, their gate decisions and the rollout.
+    Status {
+        #[command(flatten)]
+        at: RepositoryArg,
+    },
+    /// Make a version stable (default: the canary, else the shadow, else the newest).
+    Promote {
+        #[command(flatten)]
+        at: RepositoryArg,
+        version: Option<String>,
+    },
+    /// Withdraw the canary and the shadow, or with neither, go back to the previous stable
+    /// version; the version rolled back is refused.
+    Rollback {
+        #[command(flatten)]
+        at: RepositoryArg,
+    },
+    /// Serve a version to a share of entities (by a hash of the prediction key).
+    Canary {
+        #[command(flatten)]
+        at: RepositoryArg,
+        version: String,
+        /// The share of entities, in (0, 1].
+        #[arg(long, default_value_t = 0.1)]
+        weight: f64,
+    },
+    /// Score every event with a version too, its predictions to the model's shadow_topic.
+    Shadow {
+        #[command(flatten)]
+        at: RepositoryArg,
+        version: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -105,6 +157,7 @@ fn main() -> ExitCode {
         Command::Features {
             command: FeaturesCommand::Get { pipeline, key },
         } => features_get(&pipeline, &key),
+        Command::Model { command } => model(command),
         Command::Train {
             file,
             rounds,
@@ -342,13 +395,13 @@ fn validate(files: &[PathBuf]) -> ExitCode {
             }
         }
         for m in &p.models {
-            let version = sluice::score::model::newest(&m.source, &[])
-                .map(|c| c.version)
+            let version = sluice::score::model::targets(&m.source, &[])
+                .map(|t| t.stable.version)
                 .unwrap_or_default();
             println!(
                 "  model {:?}: {} version {version}, {:?}, {} features, output {:?} to {:?}{}",
                 m.name,
-                m.source.path().display(),
+                m.source,
                 m.device,
                 m.features(),
                 m.output,
@@ -365,15 +418,16 @@ fn validate(files: &[PathBuf]) -> ExitCode {
             );
         }
         if let Some(t) = &p.train {
-            let (serving, _) = sluice::train::repository::serving(&t.repository)
-                .unwrap_or_else(|e| (format!("none ({e})"), PathBuf::new()));
+            let serving = sluice::train::repository::open(&t.repository)
+                .and_then(|r| sluice::score::rollout::current(&r))
+                .map_or_else(|e| format!("none ({e})"), |r| r.stable);
             println!(
                 "  trainer of model {:?}: examples {:?}, repository {} (serving version {serving}), \
                  {:?} lr {} wd {}, batches of {}, {} epoch(s), a round every {} examples or {:?}, \
                  holdout {}%, gates {:?}",
                 t.model,
                 t.examples_topic,
-                t.repository.display(),
+                t.repository,
                 t.optimizer,
                 t.learning_rate,
                 t.weight_decay,
@@ -529,4 +583,106 @@ async fn signals(shutdown: CancellationToken) {
         _ = term.recv() => info!("SIGTERM received: shutting down."),
     }
     shutdown.cancel();
+}
+
+/// `sluice model …`: prints the rollout after the change, or the error (exit 1).
+fn model(command: ModelCommand) -> ExitCode {
+    use sluice::score::rollout::{self, Change};
+    let (at, change) = match command {
+        ModelCommand::Status { at } => (at, None),
+        ModelCommand::Promote { at, version } => (at, Some(Change::Promote(version))),
+        ModelCommand::Rollback { at } => (at, Some(Change::Rollback)),
+        ModelCommand::Canary {
+            at,
+            version,
+            weight,
+        } => (at, Some(Change::Canary { version, weight })),
+        ModelCommand::Shadow { at, version } => (at, Some(Change::Shadow(version))),
+    };
+    let location = if at.repository.contains("://") {
+        let mut options = std::collections::BTreeMap::new();
+        for o in &at.options {
+            let Some((k, v)) = o.split_once('=') else {
+                eprintln!("--option {o:?}: expected KEY=VALUE");
+                return ExitCode::from(2);
+            };
+            options.insert(k.to_owned(), v.to_owned());
+        }
+        match url::Url::parse(&at.repository) {
+            Ok(url) => config::RepositoryLocation::Store {
+                url,
+                options,
+                cache: std::env::temp_dir().join("sluice-models").join("cli"),
+            },
+            Err(e) => {
+                eprintln!("{}: not a URL: {e}", at.repository);
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        config::RepositoryLocation::Local(PathBuf::from(&at.repository))
+    };
+    let repository = match sluice::score::store::Repository::open(&location) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = match change {
+        Some(c) => rollout::change(&repository, c, "changed by the operator (sluice model)"),
+        None => rollout::current(&repository),
+    };
+    let r = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{repository}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let versions = repository.versions().unwrap_or_default();
+    for v in versions.iter().rev() {
+        let v = v.to_string();
+        let mut roles = Vec::new();
+        if r.stable == v {
+            roles.push("stable".to_owned());
+        }
+        if let Some(c) = r.canary.as_ref().filter(|c| c.version == v) {
+            roles.push(format!("canary {:.0}%", c.weight * 100.0));
+        }
+        if r.shadow.as_deref() == Some(v.as_str()) {
+            roles.push("shadow".to_owned());
+        }
+        if r.refused.contains(&v) {
+            roles.push("rolled back".to_owned());
+        }
+        let decision: Option<serde_json::Value> = repository
+            .read(&format!("{v}/decision.json"))
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let holdout = decision.map_or_else(
+            || "no decision (published by hand)".to_owned(),
+            |d| {
+                format!(
+                    "holdout of {}: log loss {:.4}, AUC {:.4} (v{} had {:.4}, {:.4})",
+                    d["holdout_examples"],
+                    d["candidate"]["log_loss"].as_f64().unwrap_or(f64::NAN),
+                    d["candidate"]["auc"].as_f64().unwrap_or(f64::NAN),
+                    d["serving_version"].as_str().unwrap_or("?"),
+                    d["serving"]["log_loss"].as_f64().unwrap_or(f64::NAN),
+                    d["serving"]["auc"].as_f64().unwrap_or(f64::NAN),
+                )
+            },
+        );
+        println!("version {v:>4}  {:<18} {holdout}", roles.join(", "));
+    }
+    if let Some(w) = &r.watch {
+        println!(
+            "watching version {} against {} on labels for events scored since {}",
+            w.version, w.baseline, w.since
+        );
+    }
+    println!("rollout: {} ({})", r.reason, r.updated_at);
+    ExitCode::SUCCESS
 }

@@ -80,3 +80,23 @@ output = {{ kind = "score" }}
         feedback,
     }
 }
+
+/// `sluice model ARGS…` (the operator's command), which must exit 0; what it printed.
+pub fn sluice_model(args: &[&str]) -> String {
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("model")
+            .args(args),
+        &format!("sluice model {args:?}"),
+    )
+}
+
+/// 32-bit FNV-1a, from its published definition: the test's own account of which entities a
+/// canary of `weight` serves (the first `weight` of 10,000 buckets).
+pub fn in_canary(key: &str, weight: f64) -> bool {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    f64::from(h % 10_000) < weight * 10_000.0
+}

@@ -121,6 +121,8 @@ time_field = "at"
                 .args(others.iter().map(|p| &p.file))
                 .args(["--listen", listen, "--grace-period", "20s"])
                 .env("RUST_LOG", "info,sluice=debug")
+                // Plain `key=value` fields in the log, for the tests that look for them.
+                .env("NO_COLOR", "1")
                 .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(log)

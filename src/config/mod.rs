@@ -27,10 +27,10 @@ pub use self::{
     join::{JoinSpec, Unlabelled},
     model::{
         BreakerSpec, DeviceChoice, Encoding, InputSpec, ModelSource, ModelSpec, OutputSpec,
-        TimePart,
+        RepositoryLocation, TimePart,
     },
     redis::{redact, KeyPart, RedisConnection, RedisSpec, ViewSpec},
-    train::{GateSpec, OptimizerSpec, TrainSpec},
+    train::{GateSpec, OptimizerSpec, RolloutSpec, TrainSpec},
 };
 use crate::schema::{EventSchema, Kind};
 

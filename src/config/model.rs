@@ -2,6 +2,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -32,6 +33,9 @@ pub struct ModelSpec {
     pub output: OutputSpec,
     pub output_topic: String,
     pub feedback_topic: Option<String>,
+    /// Where a shadow version's predictions go (marked `"shadow": true`); without it, a
+    /// rollout's shadow version is not scored.
+    pub shadow_topic: Option<String>,
     pub key: Vec<KeyPart>,
     pub id_column: Option<String>,
     pub pass_through: Vec<String>,
@@ -57,18 +61,73 @@ impl ModelSpec {
 /// Where versions of a model come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
-    /// `<dir>/<version>/model.pt`, the highest numbered version served.
-    Repository(PathBuf),
+    /// `<repository>/<version>/model.pt`, served as its rollout says.
+    Repository(RepositoryLocation),
     /// One TorchScript file; its version is a digest of its bytes.
     File(PathBuf),
 }
 
-impl ModelSource {
-    pub fn path(&self) -> &Path {
+impl fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Repository(p) | Self::File(p) => p,
+            Self::Repository(r) => r.fmt(f),
+            Self::File(p) => write!(f, "{}", p.display()),
         }
     }
+}
+
+/// Where a model repository is: a local folder, or a prefix of an object store (`s3://`,
+/// `gs://`, `az://`, … as `object_store` parses it) whose versions are downloaded into
+/// `cache` before they load.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RepositoryLocation {
+    Local(PathBuf),
+    Store {
+        url: url::Url,
+        options: BTreeMap<String, String>,
+        cache: PathBuf,
+    },
+}
+
+impl fmt::Display for RepositoryLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Local(p) => write!(f, "{}", p.display()),
+            Self::Store { url, .. } => write!(f, "{url}"),
+        }
+    }
+}
+
+/// The repository at `path` (a URL, or a folder relative to `base`): `None` with a problem
+/// pushed at `at` when it is neither. `cache` is where an object store's versions go.
+pub(super) fn repository_location(
+    path: &str,
+    base: &Path,
+    options: BTreeMap<String, String>,
+    cache: PathBuf,
+) -> Result<RepositoryLocation, String> {
+    if path.contains("://") {
+        let url = url::Url::parse(path).map_err(|e| format!("{path:?} is not a URL: {e}"))?;
+        return Ok(RepositoryLocation::Store {
+            url,
+            options,
+            cache,
+        });
+    }
+    let dir = base.join(path);
+    if dir.is_dir() {
+        Ok(RepositoryLocation::Local(dir))
+    } else {
+        Err(format!(
+            "{} is not a folder (a model repository: <version>/model.pt)",
+            dir.display()
+        ))
+    }
+}
+
+/// The default cache of an object store's versions: `<temp>/sluice-models/<owner>`.
+pub(super) fn default_cache(owner: &str) -> PathBuf {
+    std::env::temp_dir().join("sluice-models").join(owner)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +239,7 @@ pub(super) fn build_models(
                 let outs = [
                     ("output_topic", Some(&spec.output_topic)),
                     ("feedback_topic", spec.feedback_topic.as_ref()),
+                    ("shadow_topic", spec.shadow_topic.as_ref()),
                 ];
                 for (key, topic) in outs {
                     if let Some(t) = topic {
@@ -218,10 +278,27 @@ fn build_model(
             format!("{n:?} may only use letters, digits, `_` and `-`"),
         );
     }
-    let source = p.required(&key_path("path"), &raw.path).and_then(|path| {
-        let path = base.join(path);
-        if path.is_dir() {
-            Some(ModelSource::Repository(path))
+    let options = properties(p, &key_path("storage_options"), &raw.storage_options);
+    let cache = p
+        .read(&key_path("cache_dir"), &raw.cache_dir)
+        .ok()
+        .flatten()
+        .map(|c| base.join(c));
+    let source = p.required(&key_path("path"), &raw.path).and_then(|text| {
+        let path = base.join(&text);
+        if text.contains("://") {
+            let cache = cache
+                .clone()
+                .unwrap_or_else(|| default_cache(name.as_deref().unwrap_or("model")));
+            match repository_location(&text, base, options.clone(), cache) {
+                Ok(r) => Some(ModelSource::Repository(r)),
+                Err(e) => {
+                    p.push(&key_path("path"), e);
+                    None
+                }
+            }
+        } else if path.is_dir() {
+            Some(ModelSource::Repository(RepositoryLocation::Local(path)))
         } else if path.is_file() {
             Some(ModelSource::File(path))
         } else {
@@ -317,6 +394,7 @@ fn build_model(
         p.push(&key_path("output_topic"), "is required");
     }
     let feedback_topic = topic(p, "feedback_topic", &raw.feedback_topic);
+    let shadow_topic = topic(p, "shadow_topic", &raw.shadow_topic);
     let key = p
         .required(&key_path("key"), &raw.key)
         .and_then(|k| match parse_key(&k) {
@@ -371,6 +449,7 @@ fn build_model(
         output: output?,
         output_topic: output_topic??,
         feedback_topic: feedback_topic?,
+        shadow_topic: shadow_topic?,
         key: key?,
         id_column,
         pass_through: pass_through?,

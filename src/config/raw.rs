@@ -253,6 +253,12 @@ pub struct RawModel {
     pub output_topic: Option<Setting<String>>,
     /// Topic of the feedback records (features as fed, outputs, version); optional.
     pub feedback_topic: Option<Setting<String>>,
+    /// `object_store` options for a repository on an object store (`path = "s3://…"`).
+    pub storage_options: Option<Setting<Properties>>,
+    /// Where an object store's versions are downloaded (default: the temporary folder).
+    pub cache_dir: Option<Setting<String>>,
+    /// Topic of a shadow version's predictions (see `rollout.json`); optional.
+    pub shadow_topic: Option<Setting<String>>,
     /// Message key of predictions and feedback: a template like `{customer_id}`.
     pub key: Option<Setting<String>>,
     /// The column that identifies an event (`event_id` in predictions).

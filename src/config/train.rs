@@ -5,11 +5,11 @@
 //! A trainer file has `[source]` (bootstrap servers and a group; the topic is
 //! `train.examples_topic`) and `[train]`, nothing else: no schema, errors or sinks.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{raw::Setting, units::HumanDuration, valid_name, Problems};
+use super::{raw::Setting, units::HumanDuration, valid_name, Problems, RepositoryLocation};
 
 /// The records a trainer reads: [`crate::event::Example`]s, as the label join writes them.
 pub const SCHEMA: &str = r#"{
@@ -33,6 +33,10 @@ pub struct RawTrain {
     /// The model repository the scoring pipelines serve from (`<path>/<version>/model.pt`),
     /// relative to this file: the serving version is read from it, candidates published to it.
     pub repository: Option<Setting<String>>,
+    /// `object_store` options for a repository on an object store (`s3://…`).
+    pub storage_options: Option<Setting<super::raw::Properties>>,
+    /// Where an object store's versions and the candidates go (default: the temporary folder).
+    pub cache_dir: Option<Setting<String>>,
     /// The label join's examples topic; it must have one partition, so that one trainer in
     /// the group sees every example (others stand by).
     pub examples_topic: Option<Setting<String>>,
@@ -64,6 +68,26 @@ pub struct RawTrain {
     pub max_auc_decrease: Option<Setting<f64>>,
     /// Candidates (with their decisions) kept in `<repository>/candidates` (default 20).
     pub keep_candidates: Option<Setting<usize>>,
+    /// What a published version does: `promote` (default: it becomes stable at once),
+    /// `canary` (it serves `canary_weight` of the entities) or `shadow` (it is scored beside
+    /// the stable version); then it is watched on the labels of events scored from then on.
+    pub rollout: Option<Setting<String>>,
+    /// The canary's share of entities (default 0.1).
+    pub canary_weight: Option<Setting<f64>>,
+    /// Labelled examples of events scored after a publication that decide it: a canary or
+    /// shadow that passes the gates on them is promoted; a version that fails them is rolled
+    /// back (default: `min_examples`).
+    pub watch_examples: Option<Setting<usize>>,
+    /// Labelled examples per version kept for the online metrics (default 10000).
+    pub online_window: Option<Setting<usize>>,
+}
+
+/// What the trainer does with a version it published.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RolloutSpec {
+    Promote,
+    Canary { weight: f64 },
+    Shadow,
 }
 
 /// The optimizer of a round.
@@ -85,7 +109,7 @@ pub struct GateSpec {
 #[derive(Debug, Clone)]
 pub struct TrainSpec {
     pub model: String,
-    pub repository: PathBuf,
+    pub repository: RepositoryLocation,
     pub examples_topic: String,
     pub optimizer: OptimizerSpec,
     pub learning_rate: f64,
@@ -97,6 +121,9 @@ pub struct TrainSpec {
     pub holdout: f64,
     pub gates: GateSpec,
     pub keep_candidates: usize,
+    pub rollout: RolloutSpec,
+    pub watch_examples: usize,
+    pub online_window: usize,
 }
 
 fn non_negative(p: &mut Problems, at: &str, v: Option<f64>) -> Option<f64> {
@@ -118,18 +145,31 @@ pub(super) fn build_train(
     if let Some(m) = model.as_deref().filter(|m| !valid_name(m)) {
         p.push("train.model", format!("{m:?} is not a valid name"));
     }
+    let options = super::properties(p, "train.storage_options", &raw.storage_options);
+    let cache = p
+        .read("train.cache_dir", &raw.cache_dir)
+        .ok()
+        .flatten()
+        .map_or_else(
+            || {
+                super::model::default_cache(&format!(
+                    "{}-trainer",
+                    model.as_deref().unwrap_or("model")
+                ))
+            },
+            |c| base.join(c),
+        );
     let repository = p
         .required("train.repository", &raw.repository)
-        .map(|r| base.join(r));
-    if let Some(r) = repository.as_ref().filter(|r| !r.is_dir()) {
-        p.push(
-            "train.repository",
-            format!(
-                "{} is not a folder (a model repository: <version>/model.pt)",
-                r.display()
-            ),
+        .and_then(
+            |r| match super::model::repository_location(&r, base, options, cache) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    p.push("train.repository", e);
+                    None
+                }
+            },
         );
-    }
     let examples_topic = p.required("train.examples_topic", &raw.examples_topic);
     if let Some(t) = examples_topic.as_deref().filter(|t| !valid_name(t)) {
         p.push(
@@ -207,6 +247,44 @@ pub(super) fn build_train(
     let max_auc_decrease = non_negative(p, "train.max_auc_decrease", max_auc_decrease);
     let keep_candidates = p.get("train.keep_candidates", &raw.keep_candidates, 20);
     let keep_candidates = p.positive("train.keep_candidates", keep_candidates);
+    let weight = p.get("train.canary_weight", &raw.canary_weight, 0.1);
+    let weight = match weight {
+        Some(w) if !(w > 0.0 && w <= 1.0) => {
+            p.push("train.canary_weight", format!("must be in (0, 1], got {w}"));
+            None
+        }
+        other => other,
+    };
+    let rollout = match p
+        .get("train.rollout", &raw.rollout, "promote".into())
+        .as_deref()
+    {
+        Some("promote") => Some(RolloutSpec::Promote),
+        Some("canary") => weight.map(|weight| RolloutSpec::Canary { weight }),
+        Some("shadow") => Some(RolloutSpec::Shadow),
+        Some(other) => {
+            p.push(
+                "train.rollout",
+                format!("expected \"promote\", \"canary\" or \"shadow\", got {other:?}"),
+            );
+            None
+        }
+        None => None,
+    };
+    if raw.canary_weight.is_some() && !matches!(rollout, Some(RolloutSpec::Canary { .. })) {
+        p.push(
+            "train.canary_weight",
+            "is only used with rollout = \"canary\"",
+        );
+    }
+    let watch_examples = p.get(
+        "train.watch_examples",
+        &raw.watch_examples,
+        min_examples.unwrap_or(200),
+    );
+    let watch_examples = p.positive("train.watch_examples", watch_examples);
+    let online_window = p.get("train.online_window", &raw.online_window, 10_000);
+    let online_window = p.positive("train.online_window", online_window);
     Some(TrainSpec {
         model: model?,
         repository: repository?,
@@ -225,5 +303,8 @@ pub(super) fn build_train(
             max_auc_decrease: max_auc_decrease?,
         },
         keep_candidates: keep_candidates?,
+        rollout: rollout?,
+        watch_examples: watch_examples?,
+        online_window: online_window?,
     })
 }

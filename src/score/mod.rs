@@ -18,12 +18,19 @@
 //! and the current one keeps serving. A version that fails on most real rows trips the
 //! circuit breaker ([`versions`]): the previous version serves again, or, with none, the
 //! pipeline fails.
+//!
+//! Rollout ([`rollout`]): a repository's `rollout.json` pins the stable version and may name a
+//! canary (a share of entities, by a hash of the prediction key, routed per row before
+//! admission) and a shadow (every row scored again if the queue has room now, its predictions
+//! to `shadow_topic` from a task of its own that holds nothing).
 
 pub mod features;
 pub mod model;
+pub mod rollout;
 pub mod runtime;
 /// The process's models, shared by every pipeline that names them.
 pub mod service;
+pub mod store;
 pub mod versions;
 
 use std::{sync::Arc, time::Instant};
@@ -40,11 +47,11 @@ use thiserror::Error;
 use tracing::{error, warn};
 
 use self::{
-    features::FeatureEncoder,
+    features::{Encoded, FeatureEncoder},
     model::{LoadedModel, Shape},
     runtime::JobResult,
     service::{Model, Service},
-    versions::Versions,
+    versions::{Served, Slot, Versions},
 };
 use crate::{
     config::{ModelSpec, OutputSpec},
@@ -116,8 +123,9 @@ impl OpenError {
 /// Loads the newest version of a model and checks it; the error says why it cannot serve.
 pub fn load_newest(spec: &ModelSpec) -> Result<LoadedModel, String> {
     let device = model::device(spec.device)?;
-    let candidate = model::newest(&spec.source, &[])?;
+    let candidate = model::targets(&spec.source, &[])?.stable;
     let path = candidate.path.display().to_string();
+    model::fetch(&spec.source, &candidate).map_err(|e| format!("{path}: {e}"))?;
     LoadedModel::load(candidate, device, shape(spec)).map_err(|e| format!("{path}: {e}"))
 }
 
@@ -139,6 +147,7 @@ pub struct Scorer {
     out: Predictions,
     output_topic: Arc<str>,
     feedback_topic: Option<Arc<str>>,
+    shadow_topic: Option<Arc<str>>,
     pipeline: Arc<str>,
 }
 
@@ -155,7 +164,10 @@ impl Scorer {
         let spec = Arc::new(spec.clone());
         let out = Predictions::new(pipeline, bootstrap, &spec.producer_properties)
             .map_err(OpenError::Producer)?;
-        for topic in std::iter::once(&spec.output_topic).chain(&spec.feedback_topic) {
+        let topics = std::iter::once(&spec.output_topic)
+            .chain(&spec.feedback_topic)
+            .chain(&spec.shadow_topic);
+        for topic in topics {
             out.check_topic(topic).await?;
         }
         Ok(Self {
@@ -164,6 +176,7 @@ impl Scorer {
             out,
             output_topic: Arc::from(spec.output_topic.as_str()),
             feedback_topic: spec.feedback_topic.as_deref().map(Arc::from),
+            shadow_topic: spec.shadow_topic.as_deref().map(Arc::from),
             pipeline: Arc::from(pipeline),
             model,
             spec,
@@ -184,11 +197,24 @@ impl Scorer {
         consumed_at: Instant,
     ) -> BoxFuture<'static, Scored> {
         let started = Instant::now();
-        let mut encoded = tokio::task::block_in_place(|| self.encoder.encode(&rows));
+        let served = self.model.runtime.versions.served();
+        let (mut encoded, canary) = tokio::task::block_in_place(|| {
+            let mut encoded = self.encoder.encode(&rows);
+            let canary = self.route(&rows, &mut encoded, &served);
+            (encoded, canary)
+        });
         crate::telemetry::stage(&self.pipeline, "features", started);
         let admitted = encoded.rows.len().min(self.spec.queue_rows);
         let values = Arc::new(std::mem::take(&mut encoded.values));
-        let (permit, replies) = self.model.runtime.submit(values.clone(), admitted).await;
+        let segments = [
+            (Slot::Stable, encoded.rows.len() - canary),
+            (Slot::Canary, canary),
+        ];
+        let (permit, replies) = self
+            .model
+            .runtime
+            .submit(values.clone(), admitted, &segments)
+            .await;
         let ctx = Context {
             spec: self.spec.clone(),
             name: self.name.clone(),
@@ -196,7 +222,11 @@ impl Scorer {
             feedback_topic: self.feedback_topic.clone(),
             pipeline: self.pipeline.clone(),
             width: self.encoder.width(),
+            shadow: false,
         };
+        if served.shadow.is_some() && !encoded.rows.is_empty() {
+            self.shadow(&rows, &encoded.rows, &values);
+        }
         let out = self.out.clone();
         let completion = tokio::spawn(async move {
             let failed = |failure| Scored {
@@ -280,6 +310,94 @@ impl Scorer {
     }
 }
 
+impl Scorer {
+    /// With a canary in service, moves the rows of the entities in its share (by a hash of
+    /// the record key, so an entity always sees one version) to the end of `encoded`;
+    /// returns how many there are.
+    fn route(&self, batch: &RecordBatch, encoded: &mut Encoded, served: &Served) -> usize {
+        let Some((_, weight)) = &served.canary else {
+            return 0;
+        };
+        let width = self.encoder.width();
+        let canary: Vec<bool> = encoded
+            .rows
+            .iter()
+            .map(|&row| {
+                rollout::in_share(render_key(&self.spec.key, batch, row).as_bytes(), *weight)
+            })
+            .collect();
+        let n = canary.iter().filter(|c| **c).count();
+        if n == 0 {
+            return 0;
+        }
+        let mut rows = Vec::with_capacity(encoded.rows.len());
+        let mut values = Vec::with_capacity(encoded.values.len());
+        for pass in [false, true] {
+            for (m, _) in canary.iter().enumerate().filter(|(_, c)| **c == pass) {
+                rows.push(encoded.rows[m]);
+                values.extend_from_slice(&encoded.values[m * width..(m + 1) * width]);
+            }
+        }
+        encoded.rows = rows;
+        encoded.values = values;
+        n
+    }
+
+    /// Scores the batch's rows with the shadow version too, if there is room in the model's
+    /// queue now, and produces its predictions to `shadow_topic` in a task of its own: the
+    /// shadow never holds offsets, never waits for admission and never makes dead letters.
+    fn shadow(&self, batch: &RecordBatch, rows: &[usize], values: &Arc<Vec<f32>>) {
+        let name = self.name.to_string();
+        let count = move |result: &'static str, n: usize| {
+            metrics::counter!("sluice_shadow_rows_total", "model" => name.clone(),
+                "result" => result)
+            .increment(n as u64);
+        };
+        let Some(topic) = &self.shadow_topic else {
+            return count("no_topic", rows.len());
+        };
+        let Some((permit, replies)) = self.model.runtime.try_submit(values.clone(), Slot::Shadow)
+        else {
+            return count("skipped", rows.len());
+        };
+        let ctx = Context {
+            spec: self.spec.clone(),
+            name: self.name.clone(),
+            output_topic: topic.clone(),
+            feedback_topic: None,
+            pipeline: self.pipeline.clone(),
+            width: self.encoder.width(),
+            shadow: true,
+        };
+        let (out, batch, rows, values) = (
+            self.out.clone(),
+            batch.clone(),
+            rows.to_vec(),
+            values.clone(),
+        );
+        tokio::spawn(async move {
+            let mut results = Vec::with_capacity(replies.len());
+            for r in replies {
+                match r.await {
+                    Ok(result) => results.push(result),
+                    Err(_) => return,
+                }
+            }
+            drop(permit);
+            let built =
+                tokio::task::block_in_place(|| ctx.records(&batch, &rows, &values, &results));
+            count("failed", built.failed.len());
+            match out.deliver(&built.records).await {
+                Ok(()) => count("scored", built.predictions),
+                Err(e) => {
+                    count("undelivered", built.predictions);
+                    warn!(model = %ctx.name, error = %e, "Shadow predictions not delivered.");
+                }
+            }
+        });
+    }
+}
+
 /// What the completion of a batch needs, detached from the [`Scorer`].
 struct Context {
     spec: Arc<ModelSpec>,
@@ -288,6 +406,8 @@ struct Context {
     feedback_topic: Option<Arc<str>>,
     pipeline: Arc<str>,
     width: usize,
+    /// Records of the shadow version: predictions only, marked.
+    shadow: bool,
 }
 
 struct Built {
@@ -356,6 +476,7 @@ impl Context {
                     .filter(|t| t.is_valid(row))
                     .map(|t| t.value(row));
                 let prediction = Prediction {
+                    shadow: self.shadow,
                     event_id: event_id.as_deref(),
                     model: &self.name,
                     model_version: &result.version,
@@ -423,6 +544,8 @@ struct Source<'a> {
 /// The value of a prediction record.
 #[derive(serde::Serialize)]
 struct Prediction<'a> {
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    shadow: bool,
     event_id: Option<&'a str>,
     model: &'a str,
     model_version: &'a str,
@@ -514,7 +637,7 @@ impl serde::Serialize for Columns<'_> {
     }
 }
 
-/// Checks for a new version every `every`; loads, warms up and swaps it in, or refuses it.
+/// Checks the model's source every `every` and follows it ([`refresh`]).
 pub(super) async fn reload(
     spec: Arc<ModelSpec>,
     versions: Arc<Versions>,
@@ -525,47 +648,87 @@ pub(super) async fn reload(
     ticker.tick().await;
     loop {
         ticker.tick().await;
-        let serving = versions.serving();
-        let s = spec.clone();
-        let serving_candidate = serving.candidate.clone();
-        let seen = versions.refused();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let known: Vec<&model::Candidate> = std::iter::once(&serving_candidate)
-                .chain(seen.as_ref())
-                .collect();
-            let candidate = model::newest(&s.source, &known).map_err(|e| (None, e))?;
-            if candidate == serving_candidate || Some(&candidate) == seen.as_ref() {
-                return Ok(None);
-            }
-            let device = serving.device;
-            LoadedModel::load(candidate.clone(), device, shape(&s))
-                .map(Some)
-                .map_err(|e| (Some(candidate), e))
-        })
-        .await;
-        match outcome {
-            Ok(Ok(None)) => {}
-            Ok(Ok(Some(loaded))) => {
-                metrics::counter!("sluice_model_reloads_total", "model" => spec.name.clone(),
-                    "result" => "loaded")
-                .increment(1);
-                versions.swap(loaded);
-            }
-            Ok(Err((candidate, reason))) => {
-                if let Some(c) = candidate {
-                    error!(model = %spec.name, version = %c.version, path = %c.path.display(),
-                           %reason, "Model version refused; the current version keeps serving.");
-                    metrics::counter!("sluice_model_reloads_total", "model" => spec.name.clone(),
-                        "result" => "refused")
-                    .increment(1);
-                    versions.refuse(c);
-                } else {
-                    warn!(model = %spec.name, %reason, "Cannot read the model repository.");
-                }
-            }
-            Err(e) => warn!(model = %spec.name, error = %e, "Model reload task failed."),
-        }
+        refresh(&spec, &versions).await;
     }
+}
+
+/// Brings the versions in service in line with the model's source: loads and warms up (off
+/// the async workers) each version of the rollout not loaded yet, then puts them in service
+/// together. A version that fails to load is refused with a log line and the one in its slot
+/// keeps serving (for a canary or a shadow: none).
+pub(super) async fn refresh(spec: &Arc<ModelSpec>, versions: &Arc<Versions>) {
+    let (s, v) = (spec.clone(), versions.clone());
+    match tokio::task::spawn_blocking(move || plan(&s, &v)).await {
+        Ok(Ok(Some(next))) => versions.apply(next),
+        Ok(Ok(None)) => {}
+        Ok(Err(reason)) => warn!(model = %spec.name, %reason, "Cannot read the model repository."),
+        Err(e) => warn!(model = %spec.name, error = %e, "Model reload task failed."),
+    }
+}
+
+/// What should serve now, loading what is not loaded; `None` when that is what serves.
+fn plan(spec: &ModelSpec, versions: &Versions) -> Result<Option<Served>, String> {
+    let served = versions.served();
+    let refused = versions.refused();
+    let known: Vec<&model::Candidate> = [
+        Some(&served.stable),
+        served.get(Slot::Canary),
+        served.get(Slot::Shadow),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|m| &m.candidate)
+    .chain(&refused)
+    .collect();
+    let targets = model::targets(&spec.source, &known)?;
+    let device = served.stable.device;
+    let load = |c: model::Candidate| -> Option<Arc<LoadedModel>> {
+        if let Some(m) = versions.loaded(&c) {
+            return Some(m);
+        }
+        if refused.contains(&c) {
+            return None;
+        }
+        let result = |r: &'static str| {
+            metrics::counter!("sluice_model_reloads_total", "model" => spec.name.clone(),
+                "result" => r)
+            .increment(1);
+        };
+        if let Err(reason) = model::fetch(&spec.source, &c) {
+            // Transient (the store is unreachable): not a verdict on the version.
+            warn!(model = %spec.name, version = %c.version, %reason,
+                  "Cannot download the model version; trying again at the next reload.");
+            return None;
+        }
+        match LoadedModel::load(c.clone(), device, shape(spec)) {
+            Ok(m) => {
+                result("loaded");
+                Some(Arc::new(m))
+            }
+            Err(reason) => {
+                error!(model = %spec.name, version = %c.version, path = %c.path.display(),
+                       %reason, "Model version refused; the current version keeps serving.");
+                result("refused");
+                versions.refuse(c);
+                None
+            }
+        }
+    };
+    let next = Served {
+        stable: load(targets.stable).unwrap_or_else(|| served.stable.clone()),
+        canary: targets.canary.and_then(|(c, w)| Some((load(c)?, w))),
+        shadow: targets.shadow.and_then(load),
+    };
+    let same = |a: Option<&Arc<LoadedModel>>, b: Option<&Arc<LoadedModel>>| match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    };
+    let unchanged = Arc::ptr_eq(&next.stable, &served.stable)
+        && same(next.get(Slot::Canary), served.get(Slot::Canary))
+        && next.canary.as_ref().map(|c| c.1) == served.canary.as_ref().map(|c| c.1)
+        && same(next.get(Slot::Shadow), served.get(Slot::Shadow));
+    Ok((!unchanged).then_some(next))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::{
 use sha2::{Digest, Sha256};
 use tch::{CModule, Device, Kind, Tensor};
 
-use super::InferenceError;
+use super::{rollout, store::Repository, InferenceError};
 use crate::config::{DeviceChoice, ModelSource};
 
 /// A version found in the repository (or the file), not yet loaded.
@@ -43,48 +43,79 @@ impl Stamp {
     }
 }
 
-/// The version that should be served now: the highest numbered `<dir>/<n>/model.pt`, or the
-/// single file. A single file is read for its digest only when its size or modification time
-/// differs from every candidate in `known` (the reloader checks every few seconds).
-pub fn newest(source: &ModelSource, known: &[&Candidate]) -> Result<Candidate, String> {
+/// What a model should serve now: the stable version, and the canary and shadow versions
+/// of the repository's rollout ([`super::rollout`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Targets {
+    pub stable: Candidate,
+    /// With its weight: the share of entities it serves.
+    pub canary: Option<(Candidate, f64)>,
+    pub shadow: Option<Candidate>,
+}
+
+/// The versions that should be served now: for a repository, its rollout (without a rollout
+/// file, the highest numbered `<dir>/<n>/model.pt`); for a single file, that file. A single
+/// file is read for its digest only when its size or modification time differs from every
+/// candidate in `known` (the reloader checks every few seconds). A canary or shadow version
+/// whose file is gone is left out.
+pub fn targets(source: &ModelSource, known: &[&Candidate]) -> Result<Targets, String> {
     match source {
         ModelSource::File(path) => {
             let stamp = Stamp::of(path).map_err(|e| format!("{}: {e}", path.display()))?;
             if let Some(same) = known.iter().find(|c| c.path == *path && c.stamp == stamp) {
-                return Ok((*same).clone());
+                return Ok(Targets {
+                    stable: (*same).clone(),
+                    canary: None,
+                    shadow: None,
+                });
             }
             let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
             let digest = Sha256::digest(&bytes);
             let version: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
-            Ok(Candidate {
-                path: path.clone(),
-                version,
-                stamp,
+            Ok(Targets {
+                stable: Candidate {
+                    path: path.clone(),
+                    version,
+                    stamp,
+                },
+                canary: None,
+                shadow: None,
             })
         }
-        ModelSource::Repository(dir) => {
-            let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let best = entries
-                .flatten()
-                .filter_map(|e| {
-                    let n: u64 = e.file_name().to_str()?.parse().ok()?;
-                    let file = e.path().join("model.pt");
-                    file.is_file().then_some((n, file))
-                })
-                .max_by_key(|(n, _)| *n);
-            let (n, path) = best.ok_or_else(|| {
-                format!(
-                    "{} holds no version (expected <version>/model.pt, e.g. 1/model.pt)",
-                    dir.display()
-                )
-            })?;
-            let stamp = Stamp::of(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            Ok(Candidate {
-                path,
-                version: n.to_string(),
-                stamp,
+        ModelSource::Repository(location) => {
+            let repo = Repository::open(location)?;
+            let r = rollout::current(&repo)?;
+            Ok(Targets {
+                stable: numbered(&repo, &r.stable)?,
+                canary: r
+                    .canary
+                    .and_then(|c| Some((numbered(&repo, &c.version).ok()?, c.weight))),
+                shadow: r.shadow.and_then(|v| numbered(&repo, &v).ok()),
             })
         }
+    }
+}
+
+/// Version `version` of `repo`.
+fn numbered(repo: &Repository, version: &str) -> Result<Candidate, String> {
+    let file = rollout::model_file(version);
+    Ok(Candidate {
+        path: repo.local_path(&file),
+        version: version.to_owned(),
+        stamp: repo.stamp(&file)?,
+    })
+}
+
+/// Makes `candidate`'s file local before it loads (a version on an object store is
+/// downloaded into the cache).
+pub fn fetch(source: &ModelSource, candidate: &Candidate) -> Result<(), String> {
+    match source {
+        ModelSource::Repository(location @ crate::config::RepositoryLocation::Store { .. }) => {
+            Repository::open(location)?
+                .fetch(&rollout::model_file(&candidate.version))
+                .map(|_| ())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -231,17 +262,19 @@ mod tests {
             std::fs::write(dir.path().join(v).join("model.pt"), v).unwrap();
         }
         std::fs::create_dir_all(dir.path().join("11")).unwrap(); // no model.pt yet
-        let repo = ModelSource::Repository(dir.path().to_owned());
-        assert_eq!(newest(&repo, &[]).unwrap().version, "10");
+        let repo = ModelSource::Repository(crate::config::RepositoryLocation::Local(
+            dir.path().to_owned(),
+        ));
+        assert_eq!(targets(&repo, &[]).unwrap().stable.version, "10");
 
         let file = dir.path().join("one.pt");
         std::fs::write(&file, b"first").unwrap();
         let source = ModelSource::File(file.clone());
-        let first = newest(&source, &[]).unwrap();
+        let first = targets(&source, &[]).unwrap().stable;
         assert_eq!(first.version.len(), 12);
-        assert_eq!(newest(&source, &[&first]).unwrap(), first);
+        assert_eq!(targets(&source, &[&first]).unwrap().stable, first);
         std::fs::write(&file, b"second, longer").unwrap();
-        let second = newest(&source, &[&first]).unwrap();
+        let second = targets(&source, &[&first]).unwrap().stable;
         assert_ne!(
             second.version, first.version,
             "a replaced file is a new version"

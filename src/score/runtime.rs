@@ -26,7 +26,7 @@ use tracing::debug;
 
 use super::{
     model::LoadedModel,
-    versions::{BreakerSpec, Verdict, Versions},
+    versions::{BreakerSpec, Slot, Verdict, Versions},
     InferenceError,
 };
 use crate::config::ModelSpec;
@@ -49,6 +49,8 @@ struct Job {
     values: Arc<Vec<f32>>,
     start: usize,
     rows: usize,
+    /// The version to score with; one forward pass holds jobs of one slot.
+    slot: Slot,
     reply: oneshot::Sender<JobResult>,
 }
 
@@ -118,13 +120,15 @@ impl Runtime {
     }
 
     /// Waits for admission of `admitted` rows (at most `queue_rows`), then queues every row
-    /// of `values` (`rows × features`). The permit is the admission: hold it until the rows'
+    /// of `values` (`rows × features`): the first `segments[0].1` rows for the version of
+    /// `segments[0].0`, and so on. The permit is the admission: hold it until the rows'
     /// predictions are delivered. The receivers answer in order, one per job of at most
     /// `max_batch` rows.
     pub async fn submit(
         &self,
         values: Arc<Vec<f32>>,
         admitted: usize,
+        segments: &[(Slot, usize)],
     ) -> (OwnedSemaphorePermit, Vec<oneshot::Receiver<JobResult>>) {
         let permit = self
             .admission
@@ -132,28 +136,57 @@ impl Runtime {
             .acquire_many_owned(admitted.min(self.spec.queue_rows) as u32)
             .await
             .expect("the admission semaphore is never closed");
+        (permit, self.queue(values, segments))
+    }
+
+    /// Queues `values` for `slot` only if room for all its rows is free now (the shadow's
+    /// rows never wait for, or hold back, the production path's).
+    pub fn try_submit(
+        &self,
+        values: Arc<Vec<f32>>,
+        slot: Slot,
+    ) -> Option<(OwnedSemaphorePermit, Vec<oneshot::Receiver<JobResult>>)> {
         let rows = values.len() / self.spec.features.max(1);
-        let mut replies = Vec::with_capacity(rows.div_ceil(self.spec.max_batch));
+        let permit = self
+            .admission
+            .clone()
+            .try_acquire_many_owned(rows.min(self.spec.queue_rows) as u32)
+            .ok()?;
+        Some((permit, self.queue(values, &[(slot, rows)])))
+    }
+
+    fn queue(
+        &self,
+        values: Arc<Vec<f32>>,
+        segments: &[(Slot, usize)],
+    ) -> Vec<oneshot::Receiver<JobResult>> {
+        let rows = values.len() / self.spec.features.max(1);
+        debug_assert_eq!(segments.iter().map(|s| s.1).sum::<usize>(), rows);
+        let mut replies = Vec::with_capacity(rows.div_ceil(self.spec.max_batch) + 1);
         let mut start = 0;
-        while start < rows {
-            let n = self.spec.max_batch.min(rows - start);
-            let (reply, rx) = oneshot::channel();
-            let job = Job {
-                values: values.clone(),
-                start,
-                rows: n,
-                reply,
-            };
-            self.queued.fetch_add(n, Ordering::Relaxed);
-            if let Some(q) = &self.queue {
-                let _ = q.send(job);
+        for &(slot, len) in segments {
+            let end = start + len;
+            while start < end {
+                let n = self.spec.max_batch.min(end - start);
+                let (reply, rx) = oneshot::channel();
+                let job = Job {
+                    values: values.clone(),
+                    start,
+                    rows: n,
+                    slot,
+                    reply,
+                };
+                self.queued.fetch_add(n, Ordering::Relaxed);
+                if let Some(q) = &self.queue {
+                    let _ = q.send(job);
+                }
+                replies.push(rx);
+                start += n;
             }
-            replies.push(rx);
-            start += n;
         }
         metrics::gauge!("sluice_model_queue_rows", "model" => self.spec.model.clone())
             .set(self.queued.load(Ordering::Relaxed) as f64);
-        (permit, replies)
+        replies
     }
 }
 
@@ -179,6 +212,7 @@ fn worker(spec: &RuntimeSpec, rx: &Receiver<Job>, versions: &Versions, queued: &
             },
         };
         let mut rows = first.rows;
+        let first_slot = first.slot;
         let mut jobs = vec![first];
         let deadline = Instant::now() + spec.max_delay;
         while rows < spec.max_batch {
@@ -189,7 +223,7 @@ fn worker(spec: &RuntimeSpec, rx: &Receiver<Job>, versions: &Versions, queued: &
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                 },
             };
-            if rows + next.rows > spec.max_batch {
+            if rows + next.rows > spec.max_batch || next.slot != first_slot {
                 carry = Some(next);
                 break;
             }
@@ -200,7 +234,27 @@ fn worker(spec: &RuntimeSpec, rx: &Receiver<Job>, versions: &Versions, queued: &
         queued.fetch_sub(rows, Ordering::Relaxed);
         metrics::gauge!("sluice_model_queue_rows", &labels)
             .set(queued.load(Ordering::Relaxed) as f64);
-        let mut model = versions.serving();
+        let served = versions.served();
+        let mut model = match served.get(first_slot) {
+            Some(m) => m.clone(),
+            // A canary withdrawn since the rows were routed: the stable version scores them.
+            None if first_slot == Slot::Canary => served.stable.clone(),
+            None => {
+                // A shadow withdrawn: nothing to score with, and nothing waits for it.
+                for job in jobs {
+                    let _ = job.reply.send(JobResult {
+                        version: Arc::from(""),
+                        outputs: vec![0.0; job.rows * spec.outputs],
+                        failed: (0..job.rows)
+                            .map(|r| (r, InferenceError::Raised("the shadow was withdrawn".into())))
+                            .collect(),
+                        broken: None,
+                    });
+                }
+                continue;
+            }
+        };
+        drop(served);
         let f = spec.features;
         let input: std::borrow::Cow<'_, [f32]> = if jobs.len() == 1 {
             let j = &jobs[0];
@@ -215,7 +269,8 @@ fn worker(spec: &RuntimeSpec, rx: &Receiver<Job>, versions: &Versions, queued: &
         let started = Instant::now();
         let mut outputs = vec![0f32; rows * spec.outputs];
         let mut failed = Vec::new();
-        let mut broken = versions.broken();
+        let mut slot = first_slot;
+        let mut broken = versions.broken().filter(|_| slot != Slot::Shadow);
         while broken.is_none() {
             outputs.fill(0.0);
             failed.clear();
@@ -229,9 +284,13 @@ fn worker(spec: &RuntimeSpec, rx: &Receiver<Job>, versions: &Versions, queued: &
                 &mut outputs,
                 &mut failed,
             );
-            match versions.record(&model, rows, failed.len()) {
+            match versions.record(&model, slot, rows, failed.len()) {
                 Verdict::Serve => break,
-                Verdict::Rescore(previous) => model = previous,
+                Verdict::Rescore(previous) => {
+                    // A canary's rows go to the stable version, a stable's to the previous.
+                    slot = Slot::Stable;
+                    model = previous;
+                }
                 Verdict::Broken(reason) => broken = Some(reason),
             }
         }
@@ -242,6 +301,9 @@ fn worker(spec: &RuntimeSpec, rx: &Receiver<Job>, versions: &Versions, queued: &
         metrics::histogram!("sluice_model_batch_rows", &labels).record(rows as f64);
         metrics::counter!("sluice_model_rows_total", "model" => spec.model.clone(),
             "device" => device)
+        .increment(rows as u64);
+        metrics::counter!("sluice_model_version_rows_total", "model" => spec.model.clone(),
+            "version" => model.version.to_string(), "slot" => slot.as_str())
         .increment(rows as u64);
         if !failed.is_empty() {
             debug!(model = %spec.model, failed = failed.len(), rows, "Rows not scored.");

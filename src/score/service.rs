@@ -14,7 +14,7 @@ use tokio::{sync::Mutex, task::JoinHandle};
 use tracing::info;
 
 use super::{
-    load_newest, reload,
+    load_newest, refresh, reload,
     runtime::{Runtime, RuntimeSpec},
     versions, ModelRefused,
 };
@@ -109,8 +109,10 @@ impl Service {
         }
         info!(model = %spec.name, version = %loaded.version, device = ?loaded.device,
               path = %loaded.candidate.path.display(), "Model loaded.");
-        versions::set_version_metrics(&spec.name, &loaded, None);
         let runtime = Runtime::start(RuntimeSpec::from(&*spec), loaded);
+        versions::set_version_metrics(&spec.name, &runtime.versions.served(), None);
+        // The rollout's canary and shadow versions, if any, before the first batch.
+        refresh(&spec, &runtime.versions).await;
         let reloader = spec
             .reload_interval
             .map(|every| tokio::spawn(reload(spec.clone(), runtime.versions.clone(), every)));

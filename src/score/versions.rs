@@ -1,21 +1,27 @@
-//! The versions of one model: the one in service, the one it replaced, the one refused, and
-//! the circuit breaker that goes back from a version failing on real rows.
+//! The versions of one model: the stable one, the canary and the shadow of the repository's
+//! rollout ([`super::rollout`]), the one the last swap replaced, the ones refused, and the
+//! circuit breaker that goes back from a version failing on real rows.
 //!
 //! Warm-up only proves that a version works on zeros. The breaker watches what it does with
 //! real rows: the model threads count, per version in service, the rows scored and the rows
 //! that failed (raised, wrong shape, non-finite). Counts are kept in tumbling windows of
-//! `min_rows` rows; a window whose failure share reaches `failure_rate` trips the breaker:
+//! `min_rows` rows, one per slot (stable, canary, shadow); a window whose failure share
+//! reaches `failure_rate` trips the breaker:
 //!
-//! - if a previous version is still loaded (the one the last reload replaced), it is put back
-//!   in service at once, the failing version is refused until its file changes, and the batch
-//!   that tripped the breaker is scored again by the previous version; events of the earlier
-//!   batches of that window are already dead letters (`model_error`, …), at most `min_rows`;
+//! - a canary or shadow version is withdrawn at once (in this process) and refused until its
+//!   file changes; the canary's batch is scored again by the stable version;
+//! - for the stable version, if a previous version is still loaded (the one the last swap
+//!   replaced), it is put back in service at once, the failing version is refused until its
+//!   file changes, and the batch that tripped the breaker is scored again by the previous
+//!   version; events of the earlier batches of that window are already dead letters
+//!   (`model_error`, …), at most `min_rows`;
 //! - if there is none (the version served since start), the model is broken: every later
 //!   batch fails the pipeline (exit 1, one `ERROR` line), since dead-lettering every event
 //!   would only move the whole stream to the dead-letter topic.
 //!
-//! The previous version stays loaded until the next reload replaces it, so a reloaded model
-//! holds two versions in memory (on its device).
+//! The previous version stays loaded until the next swap replaces it, so a reloaded model
+//! holds two versions in memory (on its device), and up to two more with a canary and a
+//! shadow.
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -23,6 +29,51 @@ use tracing::{error, info};
 
 use super::model::{Candidate, LoadedModel};
 pub use crate::config::BreakerSpec;
+
+/// Refused candidates remembered (so that they are not loaded again every reload).
+const REFUSED: usize = 8;
+
+/// Which of a model's versions a row is scored by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    Stable,
+    Canary,
+    Shadow,
+}
+
+impl Slot {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stable => "stable",
+            Self::Canary => "canary",
+            Self::Shadow => "shadow",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The versions in service.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub stable: Arc<LoadedModel>,
+    /// With the share of entities it serves.
+    pub canary: Option<(Arc<LoadedModel>, f64)>,
+    pub shadow: Option<Arc<LoadedModel>>,
+}
+
+impl Served {
+    /// The version of `slot`, if it has one.
+    pub fn get(&self, slot: Slot) -> Option<&Arc<LoadedModel>> {
+        match slot {
+            Slot::Stable => Some(&self.stable),
+            Slot::Canary => self.canary.as_ref().map(|(m, _)| m),
+            Slot::Shadow => self.shadow.as_ref(),
+        }
+    }
+}
 
 /// What the model threads should do after a batch.
 #[derive(Debug)]
@@ -57,10 +108,10 @@ impl Window {
 #[derive(Debug)]
 struct State {
     previous: Option<Arc<LoadedModel>>,
-    /// The last version refused (by warm-up or by the breaker); not loaded again until it
-    /// changes.
-    refused: Option<Candidate>,
-    window: Window,
+    /// Versions refused (by warm-up or by the breaker), the latest last; not loaded again
+    /// until they change.
+    refused: Vec<Candidate>,
+    windows: [Window; 3],
     broken: Option<Arc<str>>,
 }
 
@@ -71,29 +122,37 @@ pub struct Versions {
     breaker: BreakerSpec,
     /// Read by every batch; written only under `state`'s lock (a swap, a rollback), so that
     /// the hot path takes a read lock only.
-    serving: RwLock<Arc<LoadedModel>>,
+    served: RwLock<Arc<Served>>,
     state: Mutex<State>,
 }
 
 impl Versions {
     pub fn new(model: &str, breaker: BreakerSpec, first: LoadedModel) -> Self {
-        let first = Arc::new(first);
         Self {
             model: model.to_owned(),
             breaker,
-            serving: RwLock::new(first),
+            served: RwLock::new(Arc::new(Served {
+                stable: Arc::new(first),
+                canary: None,
+                shadow: None,
+            })),
             state: Mutex::new(State {
                 previous: None,
-                refused: None,
-                window: Window::default(),
+                refused: Vec::new(),
+                windows: Default::default(),
                 broken: None,
             }),
         }
     }
 
-    /// The version in service.
+    /// The stable version.
     pub fn serving(&self) -> Arc<LoadedModel> {
-        self.serving.read().expect("never poisoned").clone()
+        self.served().stable.clone()
+    }
+
+    /// Every version in service.
+    pub fn served(&self) -> Arc<Served> {
+        self.served.read().expect("never poisoned").clone()
     }
 
     /// Why the model cannot serve, once the breaker found it broken.
@@ -101,60 +160,145 @@ impl Versions {
         self.state().broken.clone()
     }
 
-    /// The version refused last, if any.
-    pub fn refused(&self) -> Option<Candidate> {
+    /// The versions refused, if any.
+    pub fn refused(&self) -> Vec<Candidate> {
         self.state().refused.clone()
     }
 
     /// Remembers a candidate that failed to load or warm up.
     pub fn refuse(&self, candidate: Candidate) {
-        self.state().refused = Some(candidate);
+        refuse(&mut self.state(), candidate);
     }
 
-    /// Puts `model` in service; the one it replaces becomes the previous version.
+    /// A loaded version of `candidate` (in service, or the previous one), to reuse.
+    pub fn loaded(&self, candidate: &Candidate) -> Option<Arc<LoadedModel>> {
+        let served = self.served();
+        let state = self.state();
+        let found = [
+            Some(&served.stable),
+            served.get(Slot::Canary),
+            served.get(Slot::Shadow),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(state.previous.as_ref())
+        .find(|m| m.candidate == *candidate)
+        .cloned();
+        found
+    }
+
+    /// Puts `model` in service as the stable version; the one it replaces becomes the
+    /// previous version.
     pub fn swap(&self, model: LoadedModel) {
-        let new = Arc::new(model);
-        let mut state = self.state();
-        let old = std::mem::replace(
-            &mut *self.serving.write().expect("never poisoned"),
-            new.clone(),
-        );
-        set_version_metrics(&self.model, &new, Some(&old));
-        info!(model = %self.model, from = %old.version, to = %new.version,
-              "Model version swapped in.");
-        state.previous = Some(old);
-        state.refused = None;
-        state.window = Window::default();
-        state.broken = None;
+        let served = self.served();
+        self.apply(Served {
+            stable: Arc::new(model),
+            ..(*served).clone()
+        });
     }
 
-    /// Counts a batch of `rows` scored by `model`, `failed` of which failed.
-    pub fn record(&self, model: &Arc<LoadedModel>, rows: usize, failed: usize) -> Verdict {
+    /// Puts `new` in service: a new stable version makes the old one the previous version;
+    /// each changed slot starts a new breaker window.
+    pub fn apply(&self, new: Served) {
+        let mut state = self.state();
+        let mut slot = self.served.write().expect("never poisoned");
+        let old = std::mem::replace(&mut *slot, Arc::new(new.clone()));
+        drop(slot);
+        if !Arc::ptr_eq(&old.stable, &new.stable) {
+            info!(model = %self.model, from = %old.stable.version, to = %new.stable.version,
+                  "Model version swapped in.");
+            state.previous = Some(old.stable.clone());
+            state.broken = None;
+            state.windows[Slot::Stable.index()] = Window::default();
+        }
+        for s in [Slot::Canary, Slot::Shadow] {
+            let (a, b) = (old.get(s), new.get(s));
+            let same = match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                let show = |m: Option<&Arc<LoadedModel>>| {
+                    m.map_or_else(|| "none".to_owned(), |m| m.version.to_string())
+                };
+                info!(model = %self.model, slot = s.as_str(), from = %show(a), to = %show(b),
+                      "Model rollout changed.");
+                state.windows[s.index()] = Window::default();
+            }
+        }
+        state.refused.retain(|c| {
+            ![
+                Some(&new.stable),
+                new.get(Slot::Canary),
+                new.get(Slot::Shadow),
+            ]
+            .into_iter()
+            .flatten()
+            .any(|m| m.candidate == *c)
+        });
+        set_version_metrics(&self.model, &new, Some(&old));
+    }
+
+    /// Counts a batch of `rows` scored by `model` in `slot`, `failed` of which failed.
+    pub fn record(
+        &self,
+        model: &Arc<LoadedModel>,
+        slot: Slot,
+        rows: usize,
+        failed: usize,
+    ) -> Verdict {
         let mut state = self.state();
         if let Some(reason) = &state.broken {
-            return Verdict::Broken(reason.clone());
+            if slot != Slot::Shadow {
+                return Verdict::Broken(reason.clone());
+            }
         }
-        let bad = self.serving();
-        if !Arc::ptr_eq(model, &bad) {
+        let served = self.served();
+        if !served.get(slot).is_some_and(|m| Arc::ptr_eq(model, m)) {
             // Scored by a version already replaced: it says nothing about the one in service.
             return Verdict::Serve;
         }
-        let Some(Window { rows, failed }) = state.window.add(rows, failed, self.breaker) else {
+        let Some(Window { rows, failed }) =
+            state.windows[slot.index()].add(rows, failed, self.breaker)
+        else {
             return Verdict::Serve;
         };
         metrics::counter!("sluice_model_breaker_trips_total", "model" => self.model.clone(),
-            "version" => bad.version.to_string())
+            "version" => model.version.to_string(), "slot" => slot.as_str())
         .increment(1);
         let share = format!("{failed} of the last {rows} rows");
+        if slot != Slot::Stable {
+            error!(model = %self.model, version = %model.version, slot = slot.as_str(),
+                   path = %model.candidate.path.display(),
+                   "Model version failed on {share}; circuit breaker tripped: it is withdrawn \
+                    and refused until its file changes.");
+            refuse(&mut state, model.candidate.clone());
+            let mut next = (*served).clone();
+            match slot {
+                Slot::Canary => next.canary = None,
+                _ => next.shadow = None,
+            }
+            set_version_metrics(&self.model, &next, Some(&served));
+            *self.served.write().expect("never poisoned") = Arc::new(next);
+            return match slot {
+                Slot::Canary => Verdict::Rescore(served.stable.clone()),
+                _ => Verdict::Serve,
+            };
+        }
         match state.previous.take() {
             Some(previous) => {
-                error!(model = %self.model, version = %bad.version, back_to = %previous.version,
-                       path = %bad.candidate.path.display(),
+                error!(model = %self.model, version = %model.version, back_to = %previous.version,
+                       path = %model.candidate.path.display(),
                        "Model version failed on {share}; circuit breaker tripped: the previous \
                         version serves again and this one is refused until its file changes.");
-                set_version_metrics(&self.model, &previous, Some(&bad));
-                state.refused = Some(bad.candidate.clone());
-                *self.serving.write().expect("never poisoned") = previous.clone();
+                refuse(&mut state, model.candidate.clone());
+                let next = Served {
+                    stable: previous.clone(),
+                    ..(*served).clone()
+                };
+                set_version_metrics(&self.model, &next, Some(&served));
+                *self.served.write().expect("never poisoned") = Arc::new(next);
                 metrics::counter!("sluice_model_reloads_total", "model" => self.model.clone(),
                     "result" => "rolled_back")
                 .increment(1);
@@ -164,8 +308,8 @@ impl Versions {
                 let reason: Arc<str> = Arc::from(format!(
                     "version {} ({}) failed on {share} and there is no earlier version to go \
                      back to; fix the model or publish a working version",
-                    bad.version,
-                    bad.candidate.path.display()
+                    model.version,
+                    model.candidate.path.display()
                 ));
                 state.broken = Some(reason.clone());
                 Verdict::Broken(reason)
@@ -178,18 +322,50 @@ impl Versions {
     }
 }
 
-/// `sluice_model_info` (1 for the version in service, 0 for the one it replaced) and
-/// `sluice_model_version`.
-pub(super) fn set_version_metrics(model: &str, new: &LoadedModel, old: Option<&LoadedModel>) {
-    if let Some(old) = old {
+fn refuse(state: &mut State, candidate: Candidate) {
+    state.refused.retain(|c| *c != candidate);
+    state.refused.push(candidate);
+    let excess = state.refused.len().saturating_sub(REFUSED);
+    state.refused.drain(..excess);
+}
+
+/// `sluice_model_info` (1 for a version in service, 0 for one that left it),
+/// `sluice_model_rollout{slot}` (1, or the canary's weight, for the version in each slot; 0
+/// when it left the slot) and `sluice_model_version` (the stable one).
+pub(super) fn set_version_metrics(model: &str, new: &Served, old: Option<&Served>) {
+    let weight = |s: &Served, slot| match slot {
+        Slot::Canary => s.canary.as_ref().map_or(0.0, |(_, w)| *w),
+        _ => 1.0,
+    };
+    let info = |m: &LoadedModel, v: f64| {
         metrics::gauge!("sluice_model_info", "model" => model.to_owned(),
-            "version" => old.version.to_string(), "device" => format!("{:?}", old.device))
-        .set(0.0);
+            "version" => m.version.to_string(), "device" => format!("{:?}", m.device))
+        .set(v);
+    };
+    for slot in [Slot::Stable, Slot::Canary, Slot::Shadow] {
+        let gauge = |m: &LoadedModel| {
+            metrics::gauge!("sluice_model_rollout", "model" => model.to_owned(),
+                "version" => m.version.to_string(), "slot" => slot.as_str())
+        };
+        if let Some(m) = old.and_then(|o| o.get(slot)) {
+            gauge(m).set(0.0);
+            info(m, 0.0);
+        }
+        if let Some(m) = new.get(slot) {
+            gauge(m).set(weight(new, slot));
+        }
     }
-    metrics::gauge!("sluice_model_info", "model" => model.to_owned(),
-        "version" => new.version.to_string(), "device" => format!("{:?}", new.device))
-    .set(1.0);
-    if let Ok(v) = new.version.parse::<f64>() {
+    for m in [
+        Some(&new.stable),
+        new.get(Slot::Canary),
+        new.get(Slot::Shadow),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        info(m, 1.0);
+    }
+    if let Ok(v) = new.stable.version.parse::<f64>() {
         metrics::gauge!("sluice_model_version", "model" => model.to_owned()).set(v);
     }
 }

@@ -174,11 +174,7 @@ fn shard_prefix(model: &str, shard: u32) -> String {
 
 /// The shard of an event id (FNV-1a: stable across versions and machines).
 fn shard_of(id: &str, shards: u32) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in id.bytes() {
-        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-    }
-    h % shards
+    crate::util::hash::fnv1a(id.as_bytes()) % shards
 }
 
 /// `topic/partition/offset` (topic names have no `/`).

@@ -27,6 +27,23 @@ pub struct Metrics {
     pub finite: bool,
 }
 
+impl Metrics {
+    /// `log loss 0.3253, AUC 0.7772, calibration error 0.0075`, or `-` for none.
+    pub fn summary(m: Option<&Self>) -> String {
+        m.map_or_else(
+            || "-".to_owned(),
+            |m| {
+                format!(
+                    "log loss {:.4}, AUC {}, calibration error {:.4}",
+                    m.log_loss,
+                    m.auc.map_or("-".into(), |a| format!("{a:.4}")),
+                    m.calibration_error
+                )
+            },
+        )
+    }
+}
+
 /// The metrics of `predictions` (probabilities) against `labels`; `None` for no examples.
 ///
 /// # Panics

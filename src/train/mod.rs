@@ -7,10 +7,13 @@
 //! - [`round`]: fine-tuning a TorchScript version with libtorch, and a version's predictions;
 //! - [`metrics`]: log loss, AUC, calibration error of a version on labelled examples;
 //! - [`gate`]: the gates and the [`gate::Decision`] kept for every round;
-//! - [`repository`]: the serving version, candidates, and publication (write, then rename).
+//! - [`repository`]: the serving version, candidates, and publication (write, then rename);
+//! - [`watch`]: online metrics per version, and the watch that promotes or rolls back a
+//!   published version through the repository's rollout ([`crate::score::rollout`]).
 
 pub mod gate;
 pub mod metrics;
 pub mod repository;
 pub mod round;
 pub mod trainer;
+pub mod watch;

@@ -1,85 +1,85 @@
-//! The model repository as the trainer uses it: the serving version (the highest
-//! `<n>/model.pt`, as every scoring instance's reloader sees it), candidates kept with their
-//! decisions in `candidates/<round>/`, and publication of a passed candidate as `<n + 1>/`.
+//! The model repository as the trainer uses it ([`crate::score::store`]: a local folder or an
+//! object store): the stable version of its rollout, as every scoring instance's reloader
+//! sees it, candidates kept with their decisions in `candidates/<round>/`, and publication of
+//! a passed candidate as the next version.
 //!
-//! Publication is write, then rename: the version's folder is assembled under a hidden name
-//! (`model.pt` and `decision.json`, both synced) and renamed into place in one step, so a
-//! reloader never sees a half-written version. If another trainer published the same number
-//! meanwhile, the rename fails and nothing is replaced.
+//! Candidates are trained and kept in the trainer's local folder for the repository (the
+//! repository itself, or its cache for an object store, where each decision is also written
+//! to `candidates/<round>/decision.json`). Publication makes the version visible only when
+//! complete: a folder assembled under a hidden name and renamed into place, or on an object
+//! store `decision.json` and then `model.pt` (a version exists once its `model.pt` does). A
+//! version that exists already is never replaced.
 
-use std::{
-    fs,
-    io::Write,
-    path::{Path, PathBuf},
+use std::{fs, path::PathBuf};
+
+use crate::{
+    config::RepositoryLocation,
+    score::{rollout, store::Repository},
 };
-
-use crate::{config::ModelSource, score::model};
 
 use super::gate::Decision;
 
-/// The version in service: its number and file.
-pub fn serving(repository: &Path) -> Result<(String, PathBuf), String> {
-    let c = model::newest(&ModelSource::Repository(repository.to_owned()), &[])?;
-    Ok((c.version, c.path))
+/// Opens the trainer's repository.
+pub fn open(location: &RepositoryLocation) -> Result<Repository, String> {
+    Repository::open(location)
+}
+
+/// The stable version: its number and its file (downloaded, for an object store).
+pub fn serving(repository: &Repository) -> Result<(String, PathBuf), String> {
+    let version = rollout::current(repository)?.stable;
+    let path = repository.fetch(&rollout::model_file(&version))?;
+    Ok((version, path))
+}
+
+/// The local file of `version` (downloaded, for an object store).
+pub fn version_file(repository: &Repository, version: &str) -> Result<PathBuf, String> {
+    repository.fetch(&rollout::model_file(version))
 }
 
 /// Where a round's candidate and decision go.
-pub fn candidate_dir(repository: &Path, round: &str) -> PathBuf {
-    repository.join("candidates").join(round)
+pub fn candidate_dir(repository: &Repository, round: &str) -> PathBuf {
+    repository.work_dir().join("candidates").join(round)
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = fs::File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
+fn decision_json(decision: &Decision) -> Vec<u8> {
+    serde_json::to_vec_pretty(decision).expect("serializable")
 }
 
-/// Writes `decision.json` into `dir`.
-pub fn write_decision(dir: &Path, decision: &Decision) -> std::io::Result<()> {
-    let json = serde_json::to_vec_pretty(decision).expect("serializable");
-    write_synced(&dir.join("decision.json"), &json)
+/// Writes the round's `decision.json` beside its candidate (and into the object store).
+pub fn write_decision(
+    repository: &Repository,
+    round: &str,
+    decision: &Decision,
+) -> Result<(), String> {
+    let rel = format!("candidates/{round}/decision.json");
+    let json = decision_json(decision);
+    Repository::Local(repository.work_dir().to_owned()).write(&rel, &json)?;
+    if let Repository::Store { .. } = repository {
+        repository.write(&rel, &json)?;
+    }
+    Ok(())
 }
 
-/// Publishes the candidate file `model` as version `serving + 1`; returns its number.
+/// Publishes the candidate file `model` as the next version (one above the highest in the
+/// repository); returns its number.
 pub fn publish(
-    repository: &Path,
-    serving: &str,
-    model: &Path,
+    repository: &Repository,
+    model: &std::path::Path,
     decision: &mut Decision,
 ) -> Result<String, String> {
-    let next = serving
-        .parse::<u64>()
-        .map_err(|_| format!("serving version {serving:?} is not a number"))?
-        + 1;
+    // Above every version there is, rolled back or not yet promoted ones included.
+    let next = repository.versions()?.last().copied().unwrap_or(0) + 1;
     let version = next.to_string();
     decision.published_as = Some(version.clone());
-    let staging = repository.join(format!(".publishing-{version}-{}", std::process::id()));
-    let fail = |what: &str, e: std::io::Error| format!("{what} {}: {e}", staging.display());
-    fs::create_dir_all(&staging).map_err(|e| fail("creating", e))?;
-    let bytes = fs::read(model).map_err(|e| fail("reading the candidate for", e))?;
-    write_synced(&staging.join("model.pt"), &bytes).map_err(|e| fail("writing", e))?;
-    write_decision(&staging, decision).map_err(|e| fail("writing the decision in", e))?;
-    let target = repository.join(&version);
-    if target.exists() {
-        let _ = fs::remove_dir_all(&staging);
-        return Err(format!(
-            "{} exists already: another trainer published version {version}",
-            target.display()
-        ));
-    }
-    fs::rename(&staging, &target).map_err(|e| {
-        let _ = fs::remove_dir_all(&staging);
-        format!("renaming into {}: {e}", target.display())
-    })?;
-    if let Ok(dir) = fs::File::open(repository) {
-        let _ = dir.sync_all();
-    }
+    let bytes = fs::read(model).map_err(|e| format!("reading {}: {e}", model.display()))?;
+    let json = decision_json(decision);
+    repository.publish(&version, &[("decision.json", &json), ("model.pt", &bytes)])?;
     Ok(version)
 }
 
-/// Removes the oldest candidates beyond `keep`.
-pub fn prune_candidates(repository: &Path, keep: usize) {
-    let Ok(entries) = fs::read_dir(repository.join("candidates")) else {
+/// Removes the oldest local candidates beyond `keep` (an object store's decisions stay).
+pub fn prune_candidates(repository: &Repository, keep: usize) {
+    let Ok(entries) = fs::read_dir(repository.work_dir().join("candidates")) else {
         return;
     };
     let mut rounds: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();

@@ -44,7 +44,11 @@ use super::{
     gate::{self, Decision},
     metrics::{evaluate, Metrics},
     repository, round,
+    watch::{Online, Watching},
 };
+
+/// How often the online metrics are computed.
+const EXPORT_EVERY: Duration = Duration::from_secs(2);
 use crate::{
     config::{Pipeline, StartFrom, TrainSpec},
     event::Example,
@@ -127,10 +131,13 @@ pub fn run(
     }
     consumer.subscribe(&[&spec.examples_topic])?;
     info!(model = %spec.model, topic = %spec.examples_topic, group = %source.group_id,
-          repository = %spec.repository.display(), "Trainer started.");
+          repository = %spec.repository, "Trainer started.");
     let mut held = Held::default();
     let mut last_round = Instant::now();
     let mut done = 0;
+    let mut watching = Watching::resume(spec);
+    let mut online = Online::default();
+    let mut exported = Instant::now();
     while !stop.load(Ordering::Acquire) {
         if revoked.swap(false, Ordering::AcqRel) && !held.examples.is_empty() {
             info!(
@@ -142,18 +149,42 @@ pub fn run(
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 held.next = Some((m.partition(), m.offset() + 1));
-                held.take(spec, m.payload().unwrap_or_default());
+                if let Some(e) = held.take(spec, m.payload().unwrap_or_default()) {
+                    online.add(spec.online_window, e);
+                    if let Some(w) = &mut watching {
+                        w.add(e);
+                    }
+                }
             }
             Some(Err(e)) => warn!(error = %e, "Reading examples failed; retrying."),
             None => {}
         }
+        if exported.elapsed() >= EXPORT_EVERY {
+            online.export(&spec.model);
+            exported = Instant::now();
+        }
+        if watching.as_ref().is_some_and(|w| w.due(spec)) {
+            let w = watching.take().expect("checked");
+            let version = w.watch.version.clone();
+            if let Err(e) = w.decide(spec) {
+                warn!(%version, error = %e, "The watch could not decide; the rollout stays as it is (decide with `sluice model`).");
+            }
+        }
         let holdout = holdout_len(held.examples.len(), spec.holdout);
         let due = held.examples.len() >= spec.round_examples
             || (last_round.elapsed() >= spec.round_interval && holdout >= spec.gates.min_examples);
-        if !due {
+        if !due || watching.is_some() {
             continue;
         }
         let decision = run_round(spec, &mut held.examples)?;
+        if let Some(version) = &decision.published_as {
+            match Watching::start(spec, version, &decision.serving_version) {
+                Ok(w) => watching = Some(w),
+                Err(e) => {
+                    warn!(%version, error = %e, "Cannot put the published version in the rollout.")
+                }
+            }
+        }
         if let Some((partition, next)) = held.next {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&spec.examples_topic, partition, Offset::Offset(next))
@@ -188,7 +219,8 @@ struct Held {
 }
 
 impl Held {
-    fn take(&mut self, spec: &TrainSpec, payload: &[u8]) {
+    /// Keeps the example in `payload` if it is a new, valid one of this model.
+    fn take(&mut self, spec: &TrainSpec, payload: &[u8]) -> Option<&Example> {
         let skip = |why: &'static str| {
             metrics::counter!("sluice_train_examples_skipped_total", "model" => spec.model.clone(),
                 "reason" => why)
@@ -198,24 +230,29 @@ impl Held {
             Ok(e) => e,
             Err(e) => {
                 warn!(error = %e, "An example that does not parse is skipped.");
-                return skip("invalid");
+                skip("invalid");
+                return None;
             }
         };
         if example.model != spec.model {
-            return skip("other_model");
+            skip("other_model");
+            return None;
         }
         if example.features.is_empty()
             || !example.label.is_finite()
             || example.features.iter().any(|v| !v.is_finite())
         {
-            return skip("invalid");
+            skip("invalid");
+            return None;
         }
         if self.previous.contains(&example.event_id) || !self.ids.insert(example.event_id.clone()) {
-            return skip("duplicate");
+            skip("duplicate");
+            return None;
         }
         metrics::counter!("sluice_train_examples_total", "model" => spec.model.clone())
             .increment(1);
         self.examples.push(example);
+        self.examples.last()
     }
 
     fn clear(&mut self) {
@@ -248,8 +285,9 @@ pub fn run_round(spec: &TrainSpec, examples: &mut [Example]) -> Result<Decision,
     let (training, holdout) = examples.split_at(split);
     let training: Vec<&Example> = training.iter().collect();
     let holdout: Vec<&Example> = holdout.iter().collect();
-    let (serving_version, serving_path) = repository::serving(&spec.repository).map_err(failed)?;
-    let dir = repository::candidate_dir(&spec.repository, &round_id);
+    let repo = repository::open(&spec.repository).map_err(failed)?;
+    let (serving_version, serving_path) = repository::serving(&repo).map_err(failed)?;
+    let dir = repository::candidate_dir(&repo, &round_id);
     std::fs::create_dir_all(&dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
     let candidate_path = dir.join("model.pt");
     let trained = if training.is_empty() {
@@ -306,20 +344,24 @@ pub fn run_round(spec: &TrainSpec, examples: &mut [Example]) -> Result<Decision,
         decided_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     };
     if decision.passed {
-        if let Err(e) = repository::publish(
-            &spec.repository,
-            &serving_version,
-            &candidate_path,
-            &mut decision,
-        ) {
+        // The rollout decides when the new version serves, not its number.
+        if let Err(e) = crate::score::rollout::pin(&repo) {
+            decision.passed = false;
+            decision
+                .reasons
+                .push(format!("pinning the stable version failed: {e}"));
+        }
+    }
+    if decision.passed {
+        if let Err(e) = repository::publish(&repo, &candidate_path, &mut decision) {
             decision.passed = false;
             decision.published_as = None;
             decision.reasons.push(format!("publishing failed: {e}"));
         }
     }
-    repository::write_decision(&dir, &decision)
+    repository::write_decision(&repo, &round_id, &decision)
         .map_err(|e| failed(format!("writing the decision: {e}")))?;
-    repository::prune_candidates(&spec.repository, spec.keep_candidates);
+    repository::prune_candidates(&repo, spec.keep_candidates);
     record(spec, &decision, &trained);
     Ok(decision)
 }
@@ -335,19 +377,7 @@ fn record(spec: &TrainSpec, d: &Decision, t: &round::Trained) {
             metrics::gauge!("sluice_train_holdout_auc", &labels).set(m.auc.unwrap_or(f64::NAN));
         }
     }
-    let show = |m: &Option<Metrics>| {
-        m.map_or_else(
-            || "-".to_owned(),
-            |m| {
-                format!(
-                    "log loss {:.4}, AUC {}, calibration error {:.4}",
-                    m.log_loss,
-                    m.auc.map_or("-".into(), |a| format!("{a:.4}")),
-                    m.calibration_error
-                )
-            },
-        )
-    };
+    let show = |m: &Option<Metrics>| Metrics::summary(m.as_ref());
     let what = format!(
         "round {}: trained on {} examples ({:.0}/s), holdout {}: serving v{} {}; candidate {}",
         d.round,

@@ -1,3 +1,4 @@
 //! Small pieces shared by several stages, with no home of their own in the data flow.
 
+pub mod hash;
 pub mod text;

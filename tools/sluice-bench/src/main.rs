@@ -78,6 +78,25 @@ enum Command {
         #[arg(long, default_value_t = 200_000)]
         rows: usize,
     },
+    /// Load a trainer puts on the machine: fine-tune a trainer file's stable version, round
+    /// after round, on synthetic examples as wide as the pipeline's first model, for
+    /// `--seconds`; print the rounds and examples per second as JSON. The benchmark runs it
+    /// beside `score` to measure what training costs the scoring path.
+    TrainLoad {
+        /// The trainer file ([train]).
+        trainer: PathBuf,
+        /// A pipeline whose first [[model]] gives the features per example.
+        #[arg(long)]
+        pipeline: PathBuf,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Examples per round.
+        #[arg(long, default_value_t = 20_000)]
+        examples: usize,
+        /// Stop at the end of the round during which this file appears.
+        #[arg(long)]
+        stop_file: Option<PathBuf>,
+    },
     /// Measure the decode stage alone: demo events (3% broken) validated into Arrow batches
     /// of 10,000 rows by a pipeline's decoder, on one thread.
     Decode {
@@ -158,6 +177,13 @@ fn main() -> anyhow::Result<()> {
             confirm_share,
         } => labels(&cli.bootstrap, &topic, events, confirm_share),
         Command::Score { pipeline, rows } => score(&pipeline, rows),
+        Command::TrainLoad {
+            trainer,
+            pipeline,
+            seconds,
+            examples,
+            stop_file,
+        } => train_load(&trainer, &pipeline, seconds, examples, stop_file.as_deref()),
         Command::Decode { pipeline, rows } => decode(&pipeline, rows),
         Command::Drain {
             topic,
@@ -655,6 +681,60 @@ fn decode(pipeline: &Path, rows: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn train_load(
+    trainer: &std::path::Path,
+    pipeline: &std::path::Path,
+    seconds: u64,
+    n: usize,
+    stop_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    let spec = sluice::config::load(trainer)?
+        .train
+        .context("not a trainer file ([train])")?;
+    let width = sluice::config::load(pipeline)?
+        .models
+        .first()
+        .context("the pipeline has no [[model]]")?
+        .features();
+    let (_, base) = sluice::train::repository::open(&spec.repository)
+        .and_then(|r| sluice::train::repository::serving(&r))
+        .map_err(anyhow::Error::msg)?;
+    let mut rng = SmallRng::seed_from_u64(7);
+    let examples: Vec<sluice::event::Example> = (0..n)
+        .map(|i| sluice::event::Example {
+            event_id: format!("x-{i}"),
+            model: spec.model.clone(),
+            model_version: "1".into(),
+            features: (0..width).map(|_| rng.random::<f64>()).collect(),
+            outputs: vec![0.5],
+            label: f64::from(u8::from(rng.random::<f64>() < 0.1)),
+            labelled: true,
+            scored_at: i as i64,
+            labelled_at: None,
+        })
+        .collect();
+    let refs: Vec<&sluice::event::Example> = examples.iter().collect();
+    let out = std::env::temp_dir().join(format!("sluice-train-load-{}.pt", std::process::id()));
+    let started = Instant::now();
+    let (mut rounds, mut trained) = (0usize, 0usize);
+    while started.elapsed() < Duration::from_secs(seconds) && !stop_file.is_some_and(Path::exists) {
+        let t = sluice::train::round::fine_tune(&base, &out, &refs, &spec)
+            .map_err(anyhow::Error::msg)?;
+        rounds += 1;
+        trained += t.examples * t.epochs;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&out);
+    println!(
+        "{}",
+        serde_json::json!({
+            "rounds": rounds, "examples_trained": trained, "seconds": elapsed,
+            "examples_per_second": trained as f64 / elapsed,
+        })
+    );
+    Ok(())
+}
+
 fn score(pipeline: &std::path::Path, rows: usize) -> anyhow::Result<()> {
     use sluice::{
         decode::{Decoder, Limits, Origin},
@@ -702,7 +782,10 @@ fn score(pipeline: &std::path::Path, rows: usize) -> anyhow::Result<()> {
         for b in &batches {
             let encoded = encoder.encode(b);
             let n = encoded.rows.len();
-            let (permit, replies) = runtime.submit(std::sync::Arc::new(encoded.values), n).await;
+            let segments = [(sluice::score::versions::Slot::Stable, n)];
+            let (permit, replies) = runtime
+                .submit(std::sync::Arc::new(encoded.values), n, &segments)
+                .await;
             answers.spawn(async move {
                 let mut scored = 0;
                 for r in replies {
