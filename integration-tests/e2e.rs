@@ -272,46 +272,9 @@ time_field = "at"
 /// puts (`If-None-Match`, with `aws_conditional_put = "etag"`).
 #[test]
 fn s3_sink_writes_readable_files_exactly_once() {
-    let helper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("integration-tests/s3.py");
-    let port = free_port();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let _moto = KillOnDrop(
-        Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("python3 -m moto.server (the test command installs moto)"),
-    );
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "moto did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let run = |args: &[&str]| {
-        let out = Command::new("python3")
-            .arg(&helper)
-            .arg(&endpoint)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "s3.py {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let moto = Moto::start();
+    let endpoint = &moto.endpoint;
+    let run = |args: &[&str]| moto.run(args);
     run(&["create", "lake"]);
 
     let broker = Broker::start();

@@ -711,3 +711,81 @@ fn a_promoted_version_that_does_worse_on_fresh_labels_is_rolled_back() {
         BTreeSet::from(["1".into()])
     );
 }
+
+/// Issue 12, a model repository on S3 (moto): two scoring instances in one group serve
+/// version 1 from `s3://models/risk`; the trainer, on the same repository, publishes version 2
+/// (`decision.json`, then `model.pt`) and promotes it in the repository's `rollout.json`; both
+/// instances download it into their cache and swap to it, and every later prediction carries
+/// it. `sluice model status` reads the same repository.
+#[test]
+fn a_repository_on_s3_takes_the_trainers_version_to_every_instance() {
+    let moto = Moto::start();
+    moto.run(&["create", "models"]);
+    let broker = Broker::start();
+    let s = scoring(&broker, "linear");
+    let v1 = s.repo.join("1/model.pt");
+    moto.run(&["put", "models", "risk/1/model.pt", v1.to_str().unwrap()]);
+    let url = "s3://models/risk";
+    s.p.edit(
+        "path = \"models/risk\"",
+        &format!(
+            "path = \"{url}\"\ncache_dir = \"cache\"\nstorage_options = {}",
+            moto.inline_options()
+        ),
+    );
+    let mut members = Members::start(&s.p, &["a", "b"]);
+    produce(&broker, &s.p.topic, 0..500);
+    s.p.wait_drained(&broker, DRAIN);
+    assert_eq!(
+        versions_from(&broker, &s.predictions, 0),
+        BTreeSet::from(["1".into()])
+    );
+
+    let topic = unique("examples");
+    broker.create_topic(&topic, 1);
+    let file = trainer_file(s.p.dir.path(), &broker, &topic, "");
+    let text = fs::read_to_string(&file).unwrap().replace(
+        "repository = \"models/risk\"",
+        &format!(
+            "repository = \"{url}\"\ncache_dir = \"trainer-cache\"\nstorage_options = {}",
+            moto.inline_options()
+        ),
+    );
+    fs::write(&file, text).unwrap();
+    let mut trainer = spawn_trainer(s.p.dir.path(), &file, "train.log");
+    produce_records(&broker, &topic, examples(0, 1000, None).into_iter());
+    for log in ["a.log", "b.log"] {
+        s.p.wait_for_log(log, "from=1 to=2");
+    }
+    let keys = moto.run(&["list", "models", "risk/"]);
+    for key in [
+        "risk/2/model.pt",
+        "risk/2/decision.json",
+        "risk/rollout.json",
+    ] {
+        assert!(keys.lines().any(|k| k == key), "{key} not in {keys}");
+    }
+    let mut status_args = vec!["status".to_owned(), url.to_owned()];
+    for (k, v) in moto.options() {
+        status_args.extend(["--option".to_owned(), format!("{k}={v}")]);
+    }
+    let args: Vec<&str> = status_args.iter().map(String::as_str).collect();
+    let status = sluice_model(&args);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("version    2") && l.contains("stable")),
+        "{status}"
+    );
+
+    produce(&broker, &s.p.topic, 500..1500);
+    s.p.wait_drained(&broker, DRAIN);
+    sigterm(&trainer.0);
+    wait_exit(&mut trainer.0, Duration::from_secs(30));
+    members.stop_all();
+    check_oracle(&broker, &s.p);
+    assert_eq!(
+        versions_from(&broker, &s.predictions, 500),
+        BTreeSet::from(["2".into()])
+    );
+}

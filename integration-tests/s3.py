@@ -2,6 +2,8 @@
 
     s3.py ENDPOINT create BUCKET
     s3.py ENDPOINT read BUCKET PREFIX   -> prints "<files> <rows> <distinct (partition, offset)>"
+    s3.py ENDPOINT put BUCKET KEY FILE
+    s3.py ENDPOINT list BUCKET PREFIX   -> prints the keys, one a line
 """
 import io
 import os
@@ -15,6 +17,12 @@ s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
                   aws_secret_access_key="test", region_name="us-east-1")
 if command == "create":
     s3.create_bucket(Bucket=bucket)
+elif command == "put":
+    s3.put_object(Bucket=bucket, Key=sys.argv[4], Body=open(sys.argv[5], "rb").read())
+elif command == "list":
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=sys.argv[4]):
+        for o in page.get("Contents", []):
+            print(o["Key"])
 elif command == "read":
     prefix = sys.argv[4]
     keys = []

@@ -9,7 +9,8 @@
 //! - [`models`]: TorchScript files from PyTorch, model repositories, a scoring pipeline;
 //! - [`process`]: ports, names, signals, helper programs, HTTP;
 //! - [`oracle`]: the delivery promise's properties, each a function that returns its violation;
-//! - [`redis_server`]: a `redis-server` for one test.
+//! - [`redis_server`]: a `redis-server` for one test;
+//! - [`s3`]: a local S3-compatible server (moto) for one test.
 #![allow(dead_code)]
 
 pub mod broker;
@@ -20,10 +21,11 @@ pub mod oracle;
 pub mod pipeline;
 pub mod process;
 pub mod redis_server;
+pub mod s3;
 
 // Not every test uses every part.
 #[allow(unused_imports)]
 pub use self::{
     broker::*, events::*, members::*, models::*, oracle::*, pipeline::*, process::*,
-    redis_server::*,
+    redis_server::*, s3::*,
 };
