@@ -76,5 +76,6 @@ SLUICE_PID=""
 
 say "How the predictions moved"
 "$BIN/sluice-bench" predictions "$FRAUD_TOPIC" --field fraud_score | head -3
-echo "model repository: $FRAUD_MODEL_REPOSITORY ($(ls "$FRAUD_MODEL_REPOSITORY" | tr '\n' ' '))"
+say "The model repository's versions and rollout (sluice model status)"
+"$BIN/sluice" model status "$FRAUD_MODEL_REPOSITORY"
 echo "logs: $WORK/sluice.log, $WORK/train.log"

@@ -533,4 +533,46 @@ momentum = 0.9
     ] {
         assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
     }
+
+    // Rollout: the default promotes; a canary takes its weight; the rest is named.
+    assert_eq!(t.rollout, RolloutSpec::Promote);
+    assert_eq!((t.watch_examples, t.threads), (200, 1));
+    let canary = good.replace(
+        "momentum = 0.9",
+        "momentum = 0.9\nrollout = \"canary\"\ncanary_weight = 0.25\nwatch_examples = 50",
+    );
+    let t = load(&write(dir.path(), "c.toml", &canary))
+        .unwrap()
+        .train
+        .unwrap();
+    assert_eq!(t.rollout, RolloutSpec::Canary { weight: 0.25 });
+    assert_eq!(t.watch_examples, 50);
+    let on_s3 = good.replace(
+        "repository = \"models/fraud\"",
+        "repository = \"s3://models/fraud\"\nstorage_options = { aws_region = \"eu-west-1\" }",
+    );
+    let t = load(&write(dir.path(), "s.toml", &on_s3))
+        .unwrap()
+        .train
+        .unwrap();
+    match &t.repository {
+        RepositoryLocation::Store { url, options, .. } => {
+            assert_eq!(url.as_str(), "s3://models/fraud");
+            assert_eq!(options["aws_region"], "eu-west-1");
+        }
+        other => panic!("{other:?}"),
+    }
+    let bad = good.replace(
+        "momentum = 0.9",
+        "momentum = 0.9\nrollout = \"blue-green\"\ncanary_weight = 2.0\nthreads = 0",
+    );
+    let e = load(&write(dir.path(), "r.toml", &bad)).unwrap_err();
+    let all = e.problems.join("\n");
+    for expected in [
+        "train.rollout: expected \"promote\", \"canary\" or \"shadow\", got \"blue-green\"",
+        "train.canary_weight: must be in (0, 1], got 2",
+        "train.threads: ",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
 }

@@ -80,6 +80,10 @@ pub struct RawTrain {
     pub watch_examples: Option<Setting<usize>>,
     /// Labelled examples per version kept for the online metrics (default 10000).
     pub online_window: Option<Setting<usize>>,
+    /// libtorch's threads for training (default 1). libtorch's threads spin while they wait
+    /// for work, so a trainer with more threads than its share of cores slows down scoring on
+    /// the same machine far more than its share (see the benchmark).
+    pub threads: Option<Setting<usize>>,
 }
 
 /// What the trainer does with a version it published.
@@ -124,6 +128,7 @@ pub struct TrainSpec {
     pub rollout: RolloutSpec,
     pub watch_examples: usize,
     pub online_window: usize,
+    pub threads: usize,
 }
 
 fn non_negative(p: &mut Problems, at: &str, v: Option<f64>) -> Option<f64> {
@@ -285,6 +290,8 @@ pub(super) fn build_train(
     let watch_examples = p.positive("train.watch_examples", watch_examples);
     let online_window = p.get("train.online_window", &raw.online_window, 10_000);
     let online_window = p.positive("train.online_window", online_window);
+    let threads = p.get("train.threads", &raw.threads, 1);
+    let threads = p.positive("train.threads", threads);
     Some(TrainSpec {
         model: model?,
         repository: repository?,
@@ -306,5 +313,6 @@ pub(super) fn build_train(
         rollout: rollout?,
         watch_examples: watch_examples?,
         online_window: online_window?,
+        threads: threads?,
     })
 }

@@ -107,6 +107,7 @@ pub fn run(
     stop: &AtomicBool,
 ) -> Result<(), TrainError> {
     let spec = pipeline.train.as_ref().expect("a trainer file");
+    tch::set_num_threads(spec.threads as i32);
     let source = &pipeline.source;
     // The pipelines' consumer settings; a trainer with no committed offset starts where
     // `start_from` says (librdkafka's reset, since it has no sinks to ask).

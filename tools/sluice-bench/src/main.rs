@@ -691,6 +691,7 @@ fn train_load(
     let spec = sluice::config::load(trainer)?
         .train
         .context("not a trainer file ([train])")?;
+    tch::set_num_threads(spec.threads as i32);
     let width = sluice::config::load(pipeline)?
         .models
         .first()
