@@ -287,7 +287,13 @@ fn matured_events_take_the_default_label_or_are_dropped_and_late_labels_are_dead
         },
         || default.examples(&broker).len() == 40,
     );
-    // Both windows are closed once no deadline is left (Redis drops an empty sorted set).
+    // Every feedback record of both pipelines is in Redis (a lagging one would record some
+    // after the deadlines below are all gone, and join their late labels)...
+    for j in [&default, &drop] {
+        j.wait_drained(&broker);
+    }
+    // ...and both windows are closed once no deadline is left (Redis drops an empty sorted
+    // set).
     wait_until(
         DRAIN,
         || "events are still waiting for their deadline".into(),

@@ -238,6 +238,14 @@ fn a_version_failing_on_real_rows_is_rolled_back() {
         .collect();
     assert_eq!(trips.len(), 1, "{log}");
     assert!(trips[0].contains("2/model.pt"), "{}", trips[0]);
+    // The trip went to the repository's rollout, so every instance refuses version 2.
+    let rollout: Value =
+        serde_json::from_slice(&fs::read(s.repo.join("rollout.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&rollout["stable"], &rollout["refused"]),
+        (&Value::from("1"), &serde_json::json!(["2"])),
+        "{rollout}"
+    );
 
     let dead: BTreeMap<String, Vec<u8>> = broker
         .read_all(&s.p.dlq)
@@ -695,6 +703,15 @@ fn a_canary_serves_its_share_of_entities_and_a_shadow_never_touches_production()
         assert!((score - expected["3"][id].0).abs() <= 1e-5, "{id}");
     }
     eprintln!("shadow: {} predictions", shadowed.len());
+    let rollout: Value =
+        serde_json::from_slice(&fs::read(s.repo.join("rollout.json")).unwrap()).unwrap();
+    assert_eq!(
+        rollout["shadow"],
+        Value::Null,
+        "the trip withdrew it for all: {rollout}"
+    );
+    assert_eq!(rollout["refused"], serde_json::json!(["4"]));
+    assert_eq!(rollout["canary"]["version"], "2", "the canary stays");
 }
 
 /// Issue 12: `sluice model rollback` changes the repository's rollout once and every instance

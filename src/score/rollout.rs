@@ -132,6 +132,10 @@ pub enum Change {
     Shadow(String),
     /// The trainer starts (or ends, with `None`) watching a version.
     Watch(Option<Watch>),
+    /// `version` failed (a circuit breaker tripped on it): withdrawn from whichever slot holds
+    /// it (the stable version goes back to the previous one) and refused. Changes nothing more
+    /// when it is already out of service, so every instance that trips may send it.
+    Refuse(String),
 }
 
 /// Applies `change` to the repository's rollout and writes it; returns the new rollout.
@@ -218,6 +222,31 @@ pub fn change(repository: &Repository, change: Change, reason: &str) -> Result<R
             r.shadow = Some(version);
         }
         Change::Watch(watch) => r.watch = watch,
+        Change::Refuse(version) => {
+            if r.canary.as_ref().is_some_and(|c| c.version == version) {
+                r.canary = None;
+            }
+            if r.shadow.as_deref() == Some(version.as_str()) {
+                r.shadow = None;
+            }
+            if r.stable == version {
+                let stable: u64 = r.stable.parse().unwrap_or(0);
+                let below = repository
+                    .versions()?
+                    .into_iter()
+                    .filter(|v| *v < stable && !r.refused.contains(&v.to_string()))
+                    .max()
+                    .map(|v| v.to_string());
+                match r.previous.pop().or(below) {
+                    Some(back) => r.stable = back,
+                    None => return Err(format!("version {version} has nothing to go back to")),
+                }
+            }
+            if r.watch.as_ref().is_some_and(|w| w.version == version) {
+                r.watch = None;
+            }
+            r.refused.push(version);
+        }
     }
     r.refused
         .sort_by_key(|v| v.parse::<u64>().unwrap_or(u64::MAX));

@@ -11,14 +11,15 @@ use std::{collections::HashMap, sync::Arc};
 
 use thiserror::Error;
 use tokio::{sync::Mutex, task::JoinHandle};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{
     load_newest, refresh, reload,
     runtime::{Runtime, RuntimeSpec},
     versions, ModelRefused,
 };
-use crate::config::{ModelSpec, Pipeline};
+use super::{rollout, store::Repository};
+use crate::config::{ModelSource, ModelSpec, Pipeline, RepositoryLocation};
 
 /// A model in service: its threads and versions, and the reloader that swaps them.
 pub struct Model {
@@ -110,6 +111,11 @@ impl Service {
         info!(model = %spec.name, version = %loaded.version, device = ?loaded.device,
               path = %loaded.candidate.path.display(), "Model loaded.");
         let runtime = Runtime::start(RuntimeSpec::from(&*spec), loaded);
+        if let ModelSource::Repository(location) = &spec.source {
+            runtime
+                .versions
+                .on_trip(refuse_in_rollout(&spec.name, location));
+        }
         versions::set_version_metrics(&spec.name, &runtime.versions.served(), None);
         // The rollout's canary and shadow versions, if any, before the first batch.
         refresh(&spec, &runtime.versions).await;
@@ -124,6 +130,26 @@ impl Service {
         models.insert(spec.name.clone(), model.clone());
         Ok(model)
     }
+}
+
+/// A breaker's trip, reported to the repository's rollout (from a thread of its own: the model
+/// thread that tripped goes on at once), so that every instance stops serving the version,
+/// not only the one that tripped.
+fn refuse_in_rollout(model: &str, location: &RepositoryLocation) -> versions::OnTrip {
+    let (model, location) = (model.to_owned(), location.clone());
+    versions::OnTrip(Box::new(move |version: &str| {
+        let (model, location, version) = (model.clone(), location.clone(), version.to_owned());
+        std::thread::spawn(move || {
+            let reason = format!("version {version} refused: a circuit breaker tripped on it");
+            let change = rollout::Change::Refuse(version.clone());
+            match Repository::open(&location).and_then(|r| rollout::change(&r, change, &reason)) {
+                Ok(r) => info!(%model, %version, stable = %r.stable,
+                               "Circuit breaker trip written to the rollout."),
+                Err(e) => warn!(%model, %version, error = %e,
+                                "Cannot write the circuit breaker's trip to the rollout."),
+            }
+        });
+    }))
 }
 
 /// What differs between two declarations of one model in what its threads run: its source,

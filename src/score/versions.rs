@@ -124,6 +124,18 @@ pub struct Versions {
     /// the hot path takes a read lock only.
     served: RwLock<Arc<Served>>,
     state: Mutex<State>,
+    /// Told the version a breaker tripped on, so that the repository's rollout refuses it for
+    /// every instance.
+    on_trip: std::sync::OnceLock<OnTrip>,
+}
+
+/// What a breaker's trip is reported to.
+pub struct OnTrip(pub Box<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for OnTrip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnTrip")
+    }
 }
 
 impl Versions {
@@ -142,6 +154,18 @@ impl Versions {
                 windows: Default::default(),
                 broken: None,
             }),
+            on_trip: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Reports every breaker trip to `f` (once set, for good).
+    pub fn on_trip(&self, f: OnTrip) {
+        let _ = self.on_trip.set(f);
+    }
+
+    fn tripped(&self, version: &str) {
+        if let Some(f) = self.on_trip.get() {
+            (f.0)(version);
         }
     }
 
@@ -268,6 +292,7 @@ impl Versions {
             "version" => model.version.to_string(), "slot" => slot.as_str())
         .increment(1);
         let share = format!("{failed} of the last {rows} rows");
+        self.tripped(&model.version);
         if slot != Slot::Stable {
             error!(model = %self.model, version = %model.version, slot = slot.as_str(),
                    path = %model.candidate.path.display(),
