@@ -587,11 +587,16 @@ fn rollout(repo: &std::path::Path) -> serde_json::Value {
 }
 
 /// `sluice train FILE` running until stopped, its log in `dir/name`.
-fn spawn_trainer(dir: &std::path::Path, file: &std::path::Path, name: &str) -> KillOnDrop {
+fn spawn_trainer(
+    dir: &std::path::Path,
+    file: &std::path::Path,
+    name: &str,
+    listen: &str,
+) -> KillOnDrop {
     let log = fs::File::create(dir.join(name)).unwrap();
     KillOnDrop(
         std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["train", file.to_str().unwrap()])
+            .args(["train", file.to_str().unwrap(), "--listen", listen])
             .env("RUST_LOG", "info,sluice=debug")
             .env("NO_COLOR", "1")
             .stderr(log)
@@ -637,7 +642,9 @@ fn a_canary_that_does_better_on_fresh_labels_is_promoted() {
     broker.create_topic(&topic, 1);
     let extra = "rollout = \"canary\"\ncanary_weight = 0.5\nwatch_examples = 300";
     let file = trainer_file(s.p.dir.path(), &broker, &topic, extra);
-    let mut trainer = spawn_trainer(s.p.dir.path(), &file, "train.log");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut trainer = spawn_trainer(s.p.dir.path(), &file, "train.log", &listen);
     produce_records(&broker, &topic, examples(0, 1000, None).into_iter());
     wait_until(
         DRAIN,
@@ -668,6 +675,28 @@ fn a_canary_that_does_better_on_fresh_labels_is_promoted() {
     eprintln!("{}", serde_json::to_string_pretty(&watch).unwrap());
     assert_eq!(watch["result"], "promoted");
     assert!(watch["examples"].as_u64().unwrap() >= 300);
+    // Online metrics of the version that scored the examples, from what it answered (0.5 for
+    // each: a log loss of ln 2, every score at the 0.5 threshold).
+    let gauge = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains("version=\"1\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    wait_until(
+        Duration::from_secs(30),
+        || http_get(port, "/metrics").1,
+        || gauge(&http_get(port, "/metrics").1, "sluice_online_examples") == Some(1400.0),
+    );
+    let metrics = http_get(port, "/metrics").1;
+    let log_loss = gauge(&metrics, "sluice_online_log_loss").unwrap();
+    assert!(
+        (log_loss - std::f64::consts::LN_2).abs() < 1e-6,
+        "{log_loss}"
+    );
+    assert_eq!(gauge(&metrics, "sluice_online_prediction_rate"), Some(1.0));
+    assert_eq!(gauge(&metrics, "sluice_online_auc"), Some(0.5));
+    let positives = gauge(&metrics, "sluice_online_positives_rate").unwrap();
+    assert!(positives > 0.2 && positives < 0.8, "{positives}");
     s.p.wait_for_log("score.log", "to=none");
     produce(&broker, &s.p.topic, 500..1000);
     s.p.wait_drained(&broker, DRAIN);
@@ -691,7 +720,7 @@ fn a_promoted_version_that_does_worse_on_fresh_labels_is_rolled_back() {
     let topic = unique("examples");
     broker.create_topic(&topic, 1);
     let file = trainer_file(s.p.dir.path(), &broker, &topic, "watch_examples = 300");
-    let mut trainer = spawn_trainer(s.p.dir.path(), &file, "train.log");
+    let mut trainer = spawn_trainer(s.p.dir.path(), &file, "train.log", "off");
     produce_records(&broker, &topic, examples(0, 1000, None).into_iter());
     s.p.wait_for_log("score.log", "from=1 to=2");
     assert_eq!(rollout(&s.repo)["watch"]["version"], "2");
@@ -758,7 +787,7 @@ fn a_repository_on_s3_takes_the_trainers_version_to_every_instance() {
         ),
     );
     fs::write(&file, text).unwrap();
-    let mut trainer = spawn_trainer(s.p.dir.path(), &file, "train.log");
+    let mut trainer = spawn_trainer(s.p.dir.path(), &file, "train.log", "off");
     produce_records(&broker, &topic, examples(0, 1000, None).into_iter());
     for log in ["a.log", "b.log"] {
         s.p.wait_for_log(log, "from=1 to=2");
