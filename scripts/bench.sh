@@ -16,8 +16,10 @@
 #
 #   BENCH_EVENTS         events to pre-load (default 1000000)
 #   BENCH_MEMORY_FACTOR  size of the memory run's backlog, in BENCH_EVENTS (default 5; 0 skips it)
-#   BENCH_EXTRA=1        also: the scoring stage alone against PyTorch in Python, and prediction
-#                        latency with events produced live at half the rate of (a)
+#   BENCH_EXTRA=1        also: the scoring stage alone against PyTorch in Python, then beside a
+#                        trainer fine-tuning the model (TRAIN_THREADS libtorch threads, default
+#                        1), and prediction latency with events produced live at half the
+#                        rate of (a)
 #   KAFKA_BOOTSTRAP / REDIS_URL  use this broker / Redis instead of starting one
 set -euo pipefail
 cd "$(dirname "$0")/.."
