@@ -751,3 +751,45 @@ fn a_rollback_by_command_reaches_every_instance() {
         "every partition scored after the rollback"
     );
 }
+
+/// Issue 12: a canary that fails on every real row trips its own breaker: it is withdrawn (in
+/// the process and in the rollout, for every instance), the rows it failed on are scored again
+/// by the stable version, and no event becomes a dead letter or goes unpredicted.
+#[test]
+fn a_failing_canary_is_withdrawn_and_its_rows_are_scored_by_the_stable_version() {
+    let broker = Broker::start();
+    let s = scoring(&broker, "linear");
+    publish(&s.repo, 2, "broken", 0);
+    let repo = s.repo.to_str().unwrap();
+    sluice_model(&["promote", repo, "1"]);
+    sluice_model(&["canary", repo, "2", "--weight", "0.5"]);
+    let mut sluice = s.p.spawn("run.log");
+    produce(&broker, &s.p.topic, 0..2_000);
+    s.p.wait_drained(&broker, DRAIN);
+    s.p.wait_for_log("run.log", "it is withdrawn");
+    s.p.stop(&mut sluice, "run.log");
+    check_oracle(&broker, &s.p);
+    let predictions = broker.read_all(&s.predictions);
+    let predicted = by_id(&predictions);
+    for v in (0..2_000).filter_map(valid_json) {
+        let id = v["id"].as_str().unwrap();
+        let p = predicted
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} not predicted"));
+        assert_eq!(p.len(), 1, "{id}");
+        assert_eq!(p[0].0["model_version"], "1", "{id}");
+    }
+    let inference = broker
+        .read_all(&s.p.dlq)
+        .iter()
+        .filter(|d| d.header("sluice.stage") == Some("inference"))
+        .count();
+    assert_eq!(inference, 0, "a canary's failures are not dead letters");
+    let rollout: Value =
+        serde_json::from_slice(&fs::read(s.repo.join("rollout.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&rollout["canary"], &rollout["refused"]),
+        (&Value::Null, &serde_json::json!(["2"])),
+        "{rollout}"
+    );
+}

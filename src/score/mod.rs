@@ -661,7 +661,12 @@ pub(super) async fn refresh(spec: &Arc<ModelSpec>, versions: &Arc<Versions>) {
     match tokio::task::spawn_blocking(move || plan(&s, &v)).await {
         Ok(Ok(Some(next))) => versions.apply(next),
         Ok(Ok(None)) => {}
-        Ok(Err(reason)) => warn!(model = %spec.name, %reason, "Cannot read the model repository."),
+        Ok(Err(reason)) => {
+            metrics::counter!("sluice_model_reloads_total", "model" => spec.name.clone(),
+                "result" => "unreadable")
+            .increment(1);
+            warn!(model = %spec.name, %reason, "Cannot read the model repository; the versions in service keep serving.");
+        }
         Err(e) => warn!(model = %spec.name, error = %e, "Model reload task failed."),
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! A forward pass that raises or returns the wrong shape is retried on halves of the batch
 //! until the failing rows are alone, so one bad event fails only itself; a non-finite output
-//! fails only its row.
+//! fails only its row. A canary's batch with failed rows is scored again by the stable
+//! version, so a canary never makes dead letters.
 
 use std::{
     sync::{
@@ -285,6 +286,12 @@ fn worker(spec: &RuntimeSpec, rx: &Receiver<Job>, versions: &Versions, queued: &
                 &mut failed,
             );
             match versions.record(&model, slot, rows, failed.len()) {
+                // A canary's failures are never dead letters: the stable version scores the
+                // batch again (the canary is withdrawn once its breaker window trips).
+                Verdict::Serve if slot == Slot::Canary && !failed.is_empty() => {
+                    slot = Slot::Stable;
+                    model = versions.serving();
+                }
                 Verdict::Serve => break,
                 Verdict::Rescore(previous) => {
                     // A canary's rows go to the stable version, a stable's to the previous.
