@@ -29,23 +29,9 @@ step bench-python-packages "the Python baseline's packages, benches/requirements
 
 EVENTS="${BENCH_EVENTS:-1000000}"
 FACTOR="${BENCH_MEMORY_FACTOR:-5}"
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")"
-cleanup() {
-  [ -n "${RUN_PID:-}" ] && kill "$RUN_PID" 2>/dev/null || true
-  [ -n "${TANSU_PID:-}" ] && kill "$TANSU_PID" 2>/dev/null || true
-  [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-step build "cargo build --release of sluice and its tools (10 minutes on 2 cores the first time, seconds after)" \
-  cargo build --release --locked -p sluice -p sluice-bench
-BIN="$CARGO_TARGET_DIR/release"
-# tansu's memory engine reports low high watermarks, so completion is judged by the committed
-# total instead.
-start_broker "$WORK/broker"
-start_redis "$WORK/redis"
+start_demo sluice-bench
+# The benchmark's folder holds only its measurements' raw files: removed at exit too.
+trap 'stop_demo; rm -rf "$WORK"' EXIT
 RUN_ID="$(date +%s)"
 export ORDERS_DLQ="bench-$RUN_ID.dlq" ORDERS_IDLE_FLUSH="250ms"
 export FRAUD_TOPIC="bench-$RUN_ID.fraud" FRAUD_FEEDBACK_TOPIC="bench-$RUN_ID.fraud.feedback"
@@ -71,9 +57,9 @@ measure() {
   local start end pid
   start=$(date +%s.%N)
   python3 benches/measure.py run "$WORK/$name.json" -- "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
-  RUN_PID=$!
+  SLUICE_PID=$!
   "$BIN/sluice-bench" wait-committed "$topic" --group "bench-$RUN_ID-$name" --total "$total" \
-    --timeout-secs 3600 --while-running "$RUN_PID"
+    --timeout-secs 3600 --while-running "$SLUICE_PID"
   end=$(date +%s.%N)
   python3 -c "print($end - $start)" >"$WORK/$name.seconds"
   if [ -n "${METRICS_PORT:-}" ]; then
@@ -81,9 +67,9 @@ measure() {
   fi
   pid=$(cat "$WORK/$name.json.pid")
   if [ -d "/proc/$pid" ]; then python3 benches/measure.py threads "$pid" "$WORK/$name.threads"; fi
-  kill -TERM "$RUN_PID" 2>/dev/null || true
-  wait "$RUN_PID" || true
-  RUN_PID=""
+  kill -TERM "$SLUICE_PID" 2>/dev/null || true
+  wait "$SLUICE_PID" || true
+  SLUICE_PID=""
   echo "  $(python3 -c "print(f'{$total / float(open(\"$WORK/$name.seconds\").read()):,.0f}')") events/s" >&2
 }
 

@@ -179,7 +179,7 @@ start_redis() {
   wait_port "$port" || { echo "redis-server did not start; see $dir/redis.log" >&2; return 1; }
 }
 
-# For the demo scripts: a work folder WORK (named after $1), a trap that stops what they
+# For the demo and benchmark scripts: a work folder WORK (named after $1), a trap that stops what they
 # started (SLUICE_PID, TANSU_PID, REDIS_PID) on exit, the release build and BIN, then Redis and
 # a broker (unless REDIS_URL and KAFKA_BOOTSTRAP name them).
 start_demo() {

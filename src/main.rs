@@ -3,7 +3,12 @@
 //! Exit codes: 0 success (including a clean shutdown on SIGINT/SIGTERM); 1 a pipeline failed
 //! at run time, or shutdown outlasted the grace period; 2 invalid pipeline files or arguments.
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -599,28 +604,24 @@ fn model(command: ModelCommand) -> ExitCode {
         } => (at, Some(Change::Canary { version, weight })),
         ModelCommand::Shadow { at, version } => (at, Some(Change::Shadow(version))),
     };
-    let location = if at.repository.contains("://") {
-        let mut options = std::collections::BTreeMap::new();
-        for o in &at.options {
-            let Some((k, v)) = o.split_once('=') else {
-                eprintln!("--option {o:?}: expected KEY=VALUE");
-                return ExitCode::from(2);
-            };
-            options.insert(k.to_owned(), v.to_owned());
+    let mut options = std::collections::BTreeMap::new();
+    for o in &at.options {
+        let Some((k, v)) = o.split_once('=') else {
+            eprintln!("--option {o:?}: expected KEY=VALUE");
+            return ExitCode::from(2);
+        };
+        options.insert(k.to_owned(), v.to_owned());
+    }
+    let cache = config::default_cache("cli");
+    let location = match config::repository_location(&at.repository, Path::new("."), options, cache)
+    {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            // A URL that does not parse is a bad argument; a missing folder, like an
+            // unreadable store, fails the command.
+            return ExitCode::from(if at.repository.contains("://") { 2 } else { 1 });
         }
-        match url::Url::parse(&at.repository) {
-            Ok(url) => config::RepositoryLocation::Store {
-                url,
-                options,
-                cache: std::env::temp_dir().join("sluice-models").join("cli"),
-            },
-            Err(e) => {
-                eprintln!("{}: not a URL: {e}", at.repository);
-                return ExitCode::from(2);
-            }
-        }
-    } else {
-        config::RepositoryLocation::Local(PathBuf::from(&at.repository))
     };
     let repository = match sluice::score::store::Repository::open(&location) {
         Ok(r) => r,

@@ -26,8 +26,8 @@ use self::raw::{Properties, RawParquet, RawPipeline, Setting};
 pub use self::{
     join::{JoinSpec, Unlabelled},
     model::{
-        BreakerSpec, DeviceChoice, Encoding, InputSpec, ModelSource, ModelSpec, OutputSpec,
-        RepositoryLocation, TimePart,
+        default_cache, repository_location, BreakerSpec, DeviceChoice, Encoding, InputSpec,
+        ModelSource, ModelSpec, OutputSpec, RepositoryLocation, TimePart,
     },
     redis::{redact, KeyPart, RedisConnection, RedisSpec, ViewSpec},
     train::{GateSpec, OptimizerSpec, RolloutSpec, TrainSpec},

@@ -98,9 +98,9 @@ impl fmt::Display for RepositoryLocation {
     }
 }
 
-/// The repository at `path` (a URL, or a folder relative to `base`): `None` with a problem
-/// pushed at `at` when it is neither. `cache` is where an object store's versions go.
-pub(super) fn repository_location(
+/// The repository at `path`: an object store URL, or a folder relative to `base`; an error
+/// says why it is neither. `cache` is where an object store's versions go.
+pub fn repository_location(
     path: &str,
     base: &Path,
     options: BTreeMap<String, String>,
@@ -126,7 +126,7 @@ pub(super) fn repository_location(
 }
 
 /// The default cache of an object store's versions: `<temp>/sluice-models/<owner>`.
-pub(super) fn default_cache(owner: &str) -> PathBuf {
+pub fn default_cache(owner: &str) -> PathBuf {
     std::env::temp_dir().join("sluice-models").join(owner)
 }
 

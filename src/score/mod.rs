@@ -675,16 +675,8 @@ pub(super) async fn refresh(spec: &Arc<ModelSpec>, versions: &Arc<Versions>) {
 fn plan(spec: &ModelSpec, versions: &Versions) -> Result<Option<Served>, String> {
     let served = versions.served();
     let refused = versions.refused();
-    let known: Vec<&model::Candidate> = [
-        Some(&served.stable),
-        served.get(Slot::Canary),
-        served.get(Slot::Shadow),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|m| &m.candidate)
-    .chain(&refused)
-    .collect();
+    let known: Vec<&model::Candidate> =
+        served.all().map(|m| &m.candidate).chain(&refused).collect();
     let targets = model::targets(&spec.source, &known)?;
     let device = served.stable.device;
     let load = |c: model::Candidate| -> Option<Arc<LoadedModel>> {
@@ -724,16 +716,7 @@ fn plan(spec: &ModelSpec, versions: &Versions) -> Result<Option<Served>, String>
         canary: targets.canary.and_then(|(c, w)| Some((load(c)?, w))),
         shadow: targets.shadow.and_then(load),
     };
-    let same = |a: Option<&Arc<LoadedModel>>, b: Option<&Arc<LoadedModel>>| match (a, b) {
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-        (None, None) => true,
-        _ => false,
-    };
-    let unchanged = Arc::ptr_eq(&next.stable, &served.stable)
-        && same(next.get(Slot::Canary), served.get(Slot::Canary))
-        && next.canary.as_ref().map(|c| c.1) == served.canary.as_ref().map(|c| c.1)
-        && same(next.get(Slot::Shadow), served.get(Slot::Shadow));
-    Ok((!unchanged).then_some(next))
+    Ok((!next.same_as(&served)).then_some(next))
 }
 
 #[cfg(test)]

@@ -189,17 +189,7 @@ pub fn change(repository: &Repository, change: Change, reason: &str) -> Result<R
                 .chain(r.shadow.take())
                 .collect::<Vec<_>>();
             if withdrawn.is_empty() {
-                // The last stable version before it, or else the highest version below it.
-                let stable: u64 = r.stable.parse().unwrap_or(0);
-                let below = repository
-                    .versions()?
-                    .into_iter()
-                    .filter(|v| *v < stable && !r.refused.contains(&v.to_string()))
-                    .max()
-                    .map(|v| v.to_string());
-                let back = r.previous.pop().or(below).ok_or_else(|| {
-                    format!("version {} has no earlier version to go back to", r.stable)
-                })?;
+                let back = go_back(repository, &mut r)?;
                 exists(&back)?;
                 let bad = std::mem::replace(&mut r.stable, back);
                 r.refused.push(bad);
@@ -230,17 +220,7 @@ pub fn change(repository: &Repository, change: Change, reason: &str) -> Result<R
                 r.shadow = None;
             }
             if r.stable == version {
-                let stable: u64 = r.stable.parse().unwrap_or(0);
-                let below = repository
-                    .versions()?
-                    .into_iter()
-                    .filter(|v| *v < stable && !r.refused.contains(&v.to_string()))
-                    .max()
-                    .map(|v| v.to_string());
-                match r.previous.pop().or(below) {
-                    Some(back) => r.stable = back,
-                    None => return Err(format!("version {version} has nothing to go back to")),
-                }
+                r.stable = go_back(repository, &mut r)?;
             }
             if r.watch.as_ref().is_some_and(|w| w.version == version) {
                 r.watch = None;
@@ -252,6 +232,22 @@ pub fn change(repository: &Repository, change: Change, reason: &str) -> Result<R
         .sort_by_key(|v| v.parse::<u64>().unwrap_or(u64::MAX));
     r.refused.dedup();
     write(repository, &r, reason)
+}
+
+/// The version a rollback of the stable one goes to: the last stable version before it, or
+/// else the highest version below it that was not refused.
+fn go_back(repository: &Repository, r: &mut Rollout) -> Result<String, String> {
+    let stable: u64 = r.stable.parse().unwrap_or(0);
+    let below = repository
+        .versions()?
+        .into_iter()
+        .filter(|v| *v < stable && !r.refused.contains(&v.to_string()))
+        .max()
+        .map(|v| v.to_string());
+    r.previous
+        .pop()
+        .or(below)
+        .ok_or_else(|| format!("version {} has no earlier version to go back to", r.stable))
 }
 
 /// Whether the entity `key` is in the first `weight` share of keys (a stable hash of it).
@@ -335,6 +331,22 @@ mod tests {
             r,
             "what was written is read back"
         );
+
+        // A breaker's refusal withdraws the version from its slot only, and again is a no-op.
+        let canary = Change::Canary {
+            version: "3".into(),
+            weight: 0.5,
+        };
+        change(at, canary, "test").unwrap();
+        let r = change(at, Change::Refuse("3".into()), "breaker").unwrap();
+        assert_eq!((r.stable.as_str(), r.canary.clone()), ("2", None));
+        let again = change(at, Change::Refuse("3".into()), "breaker").unwrap();
+        assert_eq!(
+            (again.stable.as_str(), again.refused.clone()),
+            ("2", r.refused.clone())
+        );
+        let r = change(at, Change::Refuse("2".into()), "breaker").unwrap();
+        assert_eq!(r.stable, "1", "a failing stable version goes back");
     }
 
     #[test]

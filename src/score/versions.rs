@@ -42,6 +42,8 @@ pub enum Slot {
 }
 
 impl Slot {
+    pub const ALL: [Slot; 3] = [Slot::Stable, Slot::Canary, Slot::Shadow];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Stable => "stable",
@@ -72,6 +74,26 @@ impl Served {
             Slot::Canary => self.canary.as_ref().map(|(m, _)| m),
             Slot::Shadow => self.shadow.as_ref(),
         }
+    }
+
+    /// Every version in service, stable first.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<LoadedModel>> {
+        Slot::ALL.into_iter().filter_map(|s| self.get(s))
+    }
+
+    /// Whether `slot` holds the same loaded version (or none) in both.
+    pub fn same_in(&self, other: &Served, slot: Slot) -> bool {
+        match (self.get(slot), other.get(slot)) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether both serve the same versions with the same canary weight.
+    pub fn same_as(&self, other: &Served) -> bool {
+        Slot::ALL.into_iter().all(|s| self.same_in(other, s))
+            && self.canary.as_ref().map(|c| c.1) == other.canary.as_ref().map(|c| c.1)
     }
 }
 
@@ -198,16 +220,11 @@ impl Versions {
     pub fn loaded(&self, candidate: &Candidate) -> Option<Arc<LoadedModel>> {
         let served = self.served();
         let state = self.state();
-        let found = [
-            Some(&served.stable),
-            served.get(Slot::Canary),
-            served.get(Slot::Shadow),
-        ]
-        .into_iter()
-        .flatten()
-        .chain(state.previous.as_ref())
-        .find(|m| m.candidate == *candidate)
-        .cloned();
+        let found = served
+            .all()
+            .chain(state.previous.as_ref())
+            .find(|m| m.candidate == *candidate)
+            .cloned();
         found
     }
 
@@ -237,12 +254,7 @@ impl Versions {
         }
         for s in [Slot::Canary, Slot::Shadow] {
             let (a, b) = (old.get(s), new.get(s));
-            let same = match (a, b) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
-            if !same {
+            if !old.same_in(&new, s) {
                 let show = |m: Option<&Arc<LoadedModel>>| {
                     m.map_or_else(|| "none".to_owned(), |m| m.version.to_string())
                 };
@@ -251,16 +263,9 @@ impl Versions {
                 state.windows[s.index()] = Window::default();
             }
         }
-        state.refused.retain(|c| {
-            ![
-                Some(&new.stable),
-                new.get(Slot::Canary),
-                new.get(Slot::Shadow),
-            ]
-            .into_iter()
-            .flatten()
-            .any(|m| m.candidate == *c)
-        });
+        state
+            .refused
+            .retain(|c| !new.all().any(|m| m.candidate == *c));
         set_version_metrics(&self.model, &new, Some(&old));
     }
 
@@ -367,7 +372,7 @@ pub(super) fn set_version_metrics(model: &str, new: &Served, old: Option<&Served
             "version" => m.version.to_string(), "device" => format!("{:?}", m.device))
         .set(v);
     };
-    for slot in [Slot::Stable, Slot::Canary, Slot::Shadow] {
+    for slot in Slot::ALL {
         let gauge = |m: &LoadedModel| {
             metrics::gauge!("sluice_model_rollout", "model" => model.to_owned(),
                 "version" => m.version.to_string(), "slot" => slot.as_str())
@@ -380,14 +385,7 @@ pub(super) fn set_version_metrics(model: &str, new: &Served, old: Option<&Served
             gauge(m).set(weight(new, slot));
         }
     }
-    for m in [
-        Some(&new.stable),
-        new.get(Slot::Canary),
-        new.get(Slot::Shadow),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    for m in new.all() {
         info(m, 1.0);
     }
     if let Ok(v) = new.stable.version.parse::<f64>() {
