@@ -4,6 +4,7 @@
     python3 models.py faulty OUT.pt               raises, returns NaN or the wrong shape on cue
     python3 models.py broken OUT.pt               passes a warm-up of zeros, raises on real rows
     python3 models.py slow OUT.pt                 a score that takes ~0.5 s per batch of 64 rows
+    python3 models.py any-width OUT.pt            0.5 for every row, of any number of features
     python3 models.py reference MODEL.pt EVENTS   one line per event: {"id":..,"score":..}
     python3 models.py train-reference BASE.pt CANDIDATE.pt EXAMPLES --optimizer adam|sgd
         --lr LR [--momentum M] --batch B --epochs E --holdout H
@@ -81,6 +82,14 @@ class Slow(torch.nn.Module):
         return torch.sigmoid(x[:, 0:1] / 100.0 + 0.0 * y[:, 0:1])
 
 
+class AnyWidth(torch.nn.Module):
+    """0.5 for every row, whatever the feature vector's width (the enrichment tests read the
+    features back from the feedback records)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(0.0 * x.sum(dim=1, keepdim=True))
+
+
 def save(module, path):
     scripted = torch.jit.script(module)
     scripted.save(path + ".tmp")
@@ -142,6 +151,8 @@ def main(argv):
         save(Broken().eval(), argv[1])
     elif command == "slow":
         save(Slow().eval(), argv[1])
+    elif command == "any-width":
+        save(AnyWidth().eval(), argv[1])
     elif command == "reference":
         model = torch.jit.load(argv[1])
         model.eval()

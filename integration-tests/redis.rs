@@ -312,50 +312,11 @@ fn bad_redis_settings_fail_fast_without_leaking_secrets() {
 /// entity equals its newest valid event, wherever its slot lives.
 #[test]
 fn features_in_a_redis_cluster() {
-    // Node ports and cluster-bus ports, all distinct (the bus defaults to port + 10000, which
-    // may not exist for a high free port).
-    let ports = free_ports(6);
-    let nodes: Vec<RedisServer> = (0..3)
-        .map(|i| {
-            let bus = ports[i + 3].to_string();
-            let args = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-node-timeout",
-                "2000",
-                "--cluster-port",
-                &bus,
-            ];
-            RedisServer::start_on(ports[i], &args)
-        })
-        .collect();
-    let addrs: Vec<String> = nodes
-        .iter()
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
-    let created = run_ok(
-        Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"]),
-        "redis-cli --cluster create",
-    );
-    // Wait until every node agrees the cluster is up.
-    let started = Instant::now();
-    while !nodes
-        .iter()
-        .all(|n| n.cluster_info().contains("cluster_state:ok"))
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "cluster did not form: {created}\n{}",
-            nodes[0].cluster_info()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let cluster = RedisCluster::start();
+    let nodes = &cluster.nodes;
     let broker = Broker::start();
     let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
-    let urls: Vec<String> = nodes.iter().map(RedisServer::url).collect();
+    let urls = cluster.urls();
     let section = redis_section("unused", "")
         .replace("url = \"unused\"", &format!("cluster_nodes = {urls:?}"));
     let mut text = std::fs::read_to_string(&p.file).unwrap();
@@ -365,10 +326,7 @@ fn features_in_a_redis_cluster() {
     let mut sluice = p.spawn("run.log");
     p.wait_drained(&broker, CLUSTER_DRAIN);
     p.stop(&mut sluice, "run.log");
-    let mut got = BTreeMap::new();
-    for n in &nodes {
-        got.extend(n.hashes("cust:"));
-    }
+    let got = cluster.hashes("cust:");
     let want = expected(&broker, &p.topic);
     assert_eq!(got, want, "O6 across the cluster");
     let holding = nodes

@@ -3,6 +3,12 @@ the feature encoding that `pipelines/orders.toml` declares, training, and TorchS
 
     python3 models/fraud.py train [--out models/fraud] [--version 1] [--seed 7]
     python3 models/fraud.py bench MODEL.pt [--rows 200000] [--batch 256]
+    python3 models/fraud.py compare EXAMPLES.jsonl
+
+`compare` trains the model twice on examples exactly as sluice fed them (`sluice-bench
+examples`: feedback records joined with the demo world's truth), once with the velocity
+aggregates from Redis and once with them zeroed, on the older 75%, and prints the held-out AUC
+and log loss of each on the newer 25%.
 
 `train` writes OUT/VERSION/model.pt (a Triton-style model repository that sluice watches) and
 prints the held-out accuracy. `bench` scores events the way a Python service would (dicts ->
@@ -24,13 +30,18 @@ import torch
 CURRENCIES = ["EUR", "USD", "GBP", "JPY", "BRL"]
 COUNTRIES = ["FR", "DE", "US", "GB", "BR", "JP", "ES", "IT"]
 CHANNELS = ["web", "ios", "android", "store", "partner"]
+# The aggregate inputs of pipelines/orders.toml (view "velocity", read from Redis at the
+# event's own event time, the event included).
+AGGREGATES = ["velocity.orders_10m", "velocity.orders_1h", "velocity.amount_avg_6h", "velocity.amount_max_1h"]
 FEATURES = (
     ["amount"]
     + [f"currency={c}" for c in CURRENCIES]
     + [f"country={c}" for c in COUNTRIES]
     + [f"channel={c}" for c in CHANNELS]
     + ["hour", "new_customer"]
+    + AGGREGATES
 )
+BASE = len(FEATURES) - len(AGGREGATES)
 
 
 def one_hot(value, vocabulary):
@@ -39,7 +50,8 @@ def one_hot(value, vocabulary):
 
 
 def encode(event):
-    """One event (a dict as produced to Kafka) -> the feature vector sluice feeds the model."""
+    """One event (a dict as produced to Kafka, with the aggregates sluice reads from Redis
+    under their input names) -> the feature vector sluice feeds the model."""
     amount = event.get("amount")
     hour = int(event["created_at"][11:13])
     new = event.get("new_customer")
@@ -49,6 +61,7 @@ def encode(event):
         + one_hot(event.get("country"), COUNTRIES)
         + one_hot(event.get("channel"), CHANNELS)
         + [float(hour), 1.0 if new else 0.0]
+        + [float(event.get(a) or 0.0) for a in AGGREGATES]
     )
 
 
@@ -64,6 +77,18 @@ def synthetic_event(rng):
         "new_customer": rng.random() < 0.1,
         "created_at": f"2026-11-21T{rng.randrange(24):02d}:00:00.000Z",
     }
+    # The customer's own history, roughly as `sluice-bench generate` makes it: a spending level
+    # per customer, and now and then a burst of large orders on one account within seconds.
+    level = rng.uniform(0.3, 3.0)
+    burst = rng.random() < 0.03
+    usual = 150.0 * level
+    event["amount"] = round(event["amount"] * level * (5.0 if burst else 1.0), 2)
+    recent = 1 + (rng.randrange(1, 8) if burst else int(rng.random() < 0.2))
+    history = 1 + rng.randrange(12)
+    event["velocity.orders_10m"] = float(recent)
+    event["velocity.orders_1h"] = float(recent + rng.randrange(3))
+    event["velocity.amount_avg_6h"] = (usual * history + event["amount"] * recent) / (history + recent)
+    event["velocity.amount_max_1h"] = max(event["amount"], usual * rng.uniform(1.0, 2.0))
     # The hidden rule the model has to learn: large night-time orders from new customers
     # through partners are riskier.
     hour = int(event["created_at"][11:13])
@@ -74,14 +99,17 @@ def synthetic_event(rng):
         + 1.2 * (event["channel"] == "partner")
         + 0.9 * (event["country"] == "BR")
         + 1.4 * (hour < 6)
+        + 3.5 * burst
     )
     label = rng.random() < 1 / (1 + math.exp(-logit))
     return event, float(label)
 
 
 class FraudModel(torch.nn.Module):
-    """Raw features in (amount in currency units, one-hots, hour 0-23, flag); the scaling is
-    part of the model so that serving needs no preprocessing beyond the declared encoding."""
+    """Raw features in (amount in currency units, one-hots, hour 0-23, flag, then the
+    aggregates); the scaling is part of the model so that serving needs no preprocessing beyond
+    the declared encoding. The amount against the customer's own 6-hour average is a feature
+    the model derives itself."""
 
     def __init__(self, n_features: int):
         super().__init__()
@@ -94,10 +122,69 @@ class FraudModel(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        amount = torch.log1p(x[:, 0:1]) / 8.0
-        angle = x[:, -2:-1] * (2.0 * math.pi / 24.0)
-        z = torch.cat([amount, x[:, 1:-2], torch.sin(angle), torch.cos(angle), x[:, -1:]], dim=1)
+        amount = torch.log1p(x[:, 0:1])
+        angle = x[:, 19:20] * (2.0 * math.pi / 24.0)
+        unusual = amount - torch.log1p(x[:, 23:24])
+        z = torch.cat(
+            [amount / 8.0, x[:, 1:19], torch.sin(angle), torch.cos(angle), x[:, 20:21],
+             torch.log1p(x[:, 21:23]), unusual, torch.log1p(x[:, 24:25]) / 8.0],
+            dim=1,
+        )
         return torch.sigmoid(self.net(z))
+
+
+def fit(x, y, seed, epochs=6):
+    """Adam on mini-batches of 256; returns the model in eval mode."""
+    torch.manual_seed(seed)
+    model = FraudModel(len(FEATURES))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    loss_fn = torch.nn.BCELoss()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 256):
+            idx = perm[i : i + 256]
+            opt.zero_grad()
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def auc(scores, labels):
+    """Area under the ROC curve by ranks (ties share their rank)."""
+    pairs = sorted(zip(scores, labels))
+    ranks, i = [0.0] * len(pairs), 0
+    while i < len(pairs):
+        j = i
+        while j + 1 < len(pairs) and pairs[j + 1][0] == pairs[i][0]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[k] = (i + j) / 2 + 1
+        i = j + 1
+    pos = sum(1 for _, l in pairs if l > 0.5)
+    neg = len(pairs) - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    total = sum(r for r, (_, l) in zip(ranks, pairs) if l > 0.5)
+    return (total - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def compare(path):
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    x = torch.tensor([r["features"] for r in rows], dtype=torch.float32)
+    y = torch.tensor([[float(r["label"])] for r in rows], dtype=torch.float32)
+    split = len(rows) * 3 // 4
+    without = x.clone()
+    without[:, BASE:] = 0.0
+    out = {"examples": len(rows), "train": split, "holdout": len(rows) - split,
+           "positives": float(y.mean().item())}
+    for name, data in (("with_aggregates", x), ("without_aggregates", without)):
+        model = fit(data[:split], y[:split], seed=7, epochs=4)
+        with torch.no_grad():
+            p = model(data[split:]).clamp(1e-6, 1 - 1e-6)
+        loss = torch.nn.functional.binary_cross_entropy(p, y[split:]).item()
+        out[name] = {"auc": auc(p[:, 0].tolist(), y[split:, 0].tolist()), "log_loss": loss}
+    print(json.dumps(out))
 
 
 def train(out, version, seed, samples=60000, epochs=6):
@@ -107,18 +194,7 @@ def train(out, version, seed, samples=60000, epochs=6):
     x = torch.tensor([encode(e) for e, _ in data], dtype=torch.float32)
     y = torch.tensor([[label] for _, label in data], dtype=torch.float32)
     split = samples * 5 // 6
-    model = FraudModel(len(FEATURES))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    loss_fn = torch.nn.BCELoss()
-    for _ in range(epochs):
-        perm = torch.randperm(split)
-        for i in range(0, split, 256):
-            idx = perm[i : i + 256]
-            opt.zero_grad()
-            loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-    model.eval()
+    model = fit(x[:split], y[:split], seed, epochs)
     with torch.no_grad():
         p = model(x[split:])
         accuracy = ((p > 0.5).float() == y[split:]).float().mean().item()
@@ -169,10 +245,14 @@ def main(argv):
     b.add_argument("model")
     b.add_argument("--rows", type=int, default=200000)
     b.add_argument("--batch", type=int, default=256)
+    c = sub.add_parser("compare", help="held-out AUC with and without the aggregates")
+    c.add_argument("examples")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.command == "train":
         train(args.out, args.version, args.seed)
+    elif args.command == "compare":
+        compare(args.examples)
     else:
         bench(args.model, args.rows, args.batch)
 

@@ -9,8 +9,11 @@
 //! ```text
 //!  config ──▶ pipeline (wiring, the commit protocol, the watchdog)
 //!                │
-//!  source ──▶ decode ──▶ batches ──▶ sink::redis        (features, never rolled back)
-//!  (Kafka)   (schema)      │    ├──▶ score ──▶ sink::predictions (models, at least once)
+//!  source ──▶ decode ──▶ batches ──▶ sink::redis        (latest values, never rolled back;
+//!  (Kafka)   (schema)      │    │                        windowed aggregates, exactly once)
+//!                          │    ├──▶ score ──▶ sink::predictions (models, at least once;
+//!                          │    │     ▲                   inputs may be Redis aggregates)
+//!                          │    │     └── aggregates at each event's time, when models use them
 //!                          │    ├──▶ sink::parquet      (files, exactly once)
 //!                          │    ├──▶ sink::join         (feedback + labels → examples)
 //!                          │    └──▶ sink::dead_letter  (rejected events, at least once)

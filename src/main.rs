@@ -146,6 +146,9 @@ enum FeaturesCommand {
         pipeline: PathBuf,
         /// The entity's full key, as the view's key template renders it.
         key: String,
+        /// For an aggregate view's key: the time the windows end at (RFC 3339; default now).
+        #[arg(long)]
+        at: Option<String>,
     },
 }
 
@@ -160,8 +163,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { files } => validate(&files),
         Command::Features {
-            command: FeaturesCommand::Get { pipeline, key },
-        } => features_get(&pipeline, &key),
+            command: FeaturesCommand::Get { pipeline, key, at },
+        } => features_get(&pipeline, &key, at.as_deref()),
         Command::Model { command } => model(command),
         Command::Train {
             file,
@@ -261,7 +264,7 @@ fn train(file: &std::path::Path, rounds: Option<usize>, listen: &str) -> ExitCod
     }
 }
 
-fn features_get(file: &std::path::Path, key: &str) -> ExitCode {
+fn features_get(file: &std::path::Path, key: &str, at: Option<&str>) -> ExitCode {
     let pipeline = match load_all(&[file.to_owned()]) {
         Ok(mut p) => p.remove(0),
         Err(code) => return code,
@@ -278,6 +281,58 @@ fn features_get(file: &std::path::Path, key: &str) -> ExitCode {
         .enable_all()
         .build()
         .expect("building the tokio runtime");
+    if let Some(view) = redis
+        .aggregates
+        .iter()
+        .find(|a| sluice::sink::redis::aggregate::key_matches(&a.key, key))
+    {
+        let at = match at.map(chrono::DateTime::parse_from_rfc3339) {
+            None => chrono::Utc::now().timestamp_millis(),
+            Some(Ok(t)) => t.timestamp_millis(),
+            Some(Err(e)) => {
+                eprintln!("--at: {e} (write e.g. 2026-12-03T10:00:00Z)");
+                return ExitCode::from(2);
+            }
+        };
+        let reading = sluice::sink::redis::read_aggregate(&redis.connection, view, key, at);
+        return match runtime.block_on(reading) {
+            Ok(None) => {
+                eprintln!("{key}: no such entity");
+                ExitCode::from(1)
+            }
+            Ok(Some(r)) => {
+                let time = |ms: i64| {
+                    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+                        || ms.to_string(),
+                        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    )
+                };
+                println!("{key} (aggregate view {:?}, as of {})", view.name, time(at));
+                if let Some(wm) = r.watermark {
+                    println!("  newest event time: {}", time(wm));
+                }
+                for w in r.windows {
+                    println!(
+                        "  window {} [{} .. {}):",
+                        w.window,
+                        time(w.from_ms),
+                        time(w.to_ms)
+                    );
+                    for (name, value) in w.features {
+                        match value {
+                            Some(v) => println!("    {name} = {v}"),
+                            None => println!("    {name} = null"),
+                        }
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     match runtime.block_on(sluice::sink::redis::read_entity(redis, key)) {
         Ok(fields) if fields.is_empty() => {
             eprintln!("{key}: no such entity");

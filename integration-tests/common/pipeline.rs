@@ -182,15 +182,23 @@ time_field = "at"
 
     /// Waits until the log `log` contains `needle`; fails with the log after 60 s.
     pub fn wait_for_log(&self, log: &str, needle: &str) {
+        assert!(
+            self.log_within(log, needle, Duration::from_secs(60)),
+            "no {needle:?} in the log:\n{}",
+            self.log(log)
+        );
+    }
+
+    /// Whether the log `log` contains `needle` within `timeout`.
+    pub fn log_within(&self, log: &str, needle: &str, timeout: Duration) -> bool {
         let started = std::time::Instant::now();
         while !self.log(log).contains(needle) {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "no {needle:?} in the log:\n{}",
-                self.log(log)
-            );
+            if started.elapsed() > timeout {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
+        true
     }
 
     pub fn log(&self, name: &str) -> String {

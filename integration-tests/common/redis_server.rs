@@ -125,3 +125,68 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A Redis Cluster of three real masters on free ports, formed with `redis-cli --cluster
+/// create`, up on every node before this returns.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        // Node ports and cluster-bus ports, all distinct (the bus defaults to port + 10000,
+        // which may not exist for a high free port).
+        let ports = free_ports(6);
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|i| {
+                let bus = ports[i + 3].to_string();
+                let args = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-port",
+                    &bus,
+                ];
+                RedisServer::start_on(ports[i], &args)
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = run_ok(
+            Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&addrs)
+                .args(["--cluster-replicas", "0", "--cluster-yes"]),
+            "redis-cli --cluster create",
+        );
+        let started = Instant::now();
+        while !nodes
+            .iter()
+            .all(|n| n.cluster_info().contains("cluster_state:ok"))
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "cluster did not form: {created}\n{}",
+                nodes[0].cluster_info()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Self { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Every hash whose key starts with `prefix`, over all nodes.
+    pub fn hashes(&self, prefix: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        for n in &self.nodes {
+            out.extend(n.hashes(prefix));
+        }
+        out
+    }
+}

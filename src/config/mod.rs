@@ -4,6 +4,7 @@
 //! Validation never stops at the first problem: [`load`] returns every problem found, each
 //! with its key path, e.g. `sink.parquet.max_file_size: expected a size like "128MiB", got "big"`.
 
+mod aggregate;
 mod env;
 mod join;
 mod model;
@@ -24,6 +25,7 @@ use parquet::basic::{Compression, GzipLevel, ZstdLevel};
 
 use self::raw::{Properties, RawParquet, RawPipeline, Setting};
 pub use self::{
+    aggregate::{AggregateFeature, AggregateSpec, Function, Part},
     join::{JoinSpec, Unlabelled},
     model::{
         default_cache, repository_location, BreakerSpec, DeviceChoice, Encoding, InputSpec,
@@ -508,7 +510,17 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
         topics.push(topic.clone());
     }
     let models = raw.model.as_deref().unwrap_or_default();
-    let models = model::build_models(models, base, schema.as_deref(), &topics, p);
+    let aggregates: Vec<String> = redis
+        .iter()
+        .flatten()
+        .flat_map(|r| &r.aggregates)
+        .flat_map(|a| {
+            a.feature_names()
+                .into_iter()
+                .map(move |f| format!("{}.{f}", a.name))
+        })
+        .collect();
+    let models = model::build_models(models, base, schema.as_deref(), &topics, &aggregates, p);
     if let Some(j) = &join {
         if parquet.is_some() || redis.is_some() || models.as_ref().is_some_and(|m| !m.is_empty()) {
             p.push(

@@ -142,7 +142,11 @@ pub enum DeviceChoice {
 /// One input of the feature vector.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputSpec {
+    /// A column of the event, or for an input from Redis, `<view>.<feature>_<window>`.
     pub column: String,
+    /// The value comes from Redis for the event's entity (an aggregate view's feature at the
+    /// event's point in time), not from the event.
+    pub redis: bool,
     pub encoding: Encoding,
     /// Fill value for a null number; `None`: the event is a dead letter.
     pub null: Option<f32>,
@@ -221,6 +225,7 @@ pub(super) fn build_models(
     base: &Path,
     schema: Option<&EventSchema>,
     topics: &[String],
+    aggregates: &[String],
     p: &mut Problems,
 ) -> Option<Vec<ModelSpec>> {
     let mut models = Vec::new();
@@ -228,7 +233,7 @@ pub(super) fn build_models(
     let mut ok = true;
     for (i, m) in raw.iter().enumerate() {
         let at = format!("model[{i}]");
-        match build_model(m, &at, base, schema, p) {
+        match build_model(m, &at, base, schema, aggregates, p) {
             Some(spec) => {
                 if models.iter().any(|o: &ModelSpec| o.name == spec.name) {
                     p.push(
@@ -265,6 +270,7 @@ fn build_model(
     at: &str,
     base: &Path,
     schema: Option<&EventSchema>,
+    aggregates: &[String],
     p: &mut Problems,
 ) -> Option<ModelSpec> {
     let key_path = |k: &str| format!("{at}.{k}");
@@ -372,7 +378,7 @@ fn build_model(
     let inputs: Vec<Option<InputSpec>> = raw_inputs
         .iter()
         .enumerate()
-        .map(|(i, r)| build_input(r, &format!("{at}.inputs[{i}]"), schema, p))
+        .map(|(i, r)| build_input(r, &format!("{at}.inputs[{i}]"), schema, aggregates, p))
         .collect();
     let output = match &raw.output {
         Some(o) => build_output(o, &key_path("output"), p),
@@ -461,8 +467,41 @@ fn build_input(
     raw: &RawInput,
     at: &str,
     schema: Option<&EventSchema>,
+    aggregates: &[String],
     p: &mut Problems,
 ) -> Option<InputSpec> {
+    let aggregate = p
+        .read(&format!("{at}.aggregate"), &raw.aggregate)
+        .ok()
+        .flatten();
+    if let Some(a) = aggregate {
+        if raw.column.is_some()
+            || raw.one_hot.is_some()
+            || raw.index.is_some()
+            || raw.extract.is_some()
+        {
+            p.push(
+                at,
+                "an `aggregate` input is a number: it takes no `column`, `one_hot`, `index` or `extract`",
+            );
+        }
+        if !aggregates.contains(&a) {
+            p.push(
+                &format!("{at}.aggregate"),
+                format!(
+                    "{a:?} is not a feature of an aggregate view in [sink.redis] (write                      \"<view>.<feature>_<window>\"; there are: {})",
+                    if aggregates.is_empty() { "none".to_owned() } else { aggregates.join(", ") }
+                ),
+            );
+        }
+        let null = p.read(&format!("{at}.null"), &raw.null).ok()?;
+        return Some(InputSpec {
+            column: a,
+            redis: true,
+            encoding: Encoding::Number,
+            null: null.map(|v| v as f32),
+        });
+    }
     let column = p.required(&format!("{at}.column"), &raw.column);
     let null = p.read(&format!("{at}.null"), &raw.null).ok()?;
     let one_hot = p.read(&format!("{at}.one_hot"), &raw.one_hot).ok()?;
@@ -533,6 +572,7 @@ fn build_input(
     }
     Some(InputSpec {
         column: column?,
+        redis: false,
         encoding,
         null: null.map(|v| v as f32),
     })

@@ -158,6 +158,43 @@ pub struct RawRedis {
     pub max_event_time_skew: Option<Setting<HumanDuration>>,
     /// Feature views: each writes one hash per entity.
     pub views: Option<Vec<RawView>>,
+    /// Aggregate views: windowed count/sum/avg/min/max per entity, one hash per entity.
+    pub aggregates: Option<Vec<RawAggregate>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawAggregate {
+    /// View name; letters, digits, `_`, `-`. Model inputs name its features
+    /// `<name>.<feature>_<window>`.
+    pub name: Option<Setting<String>>,
+    /// Key template of the entity's hash, e.g. `velocity:{customer_id}`.
+    pub key: Option<Setting<String>>,
+    /// Event-time bucket of the partial aggregates (whole seconds, e.g. "1m"); every window
+    /// is a whole number of buckets, and its trailing edge moves a bucket at a time.
+    pub bucket: Option<Setting<HumanDuration>>,
+    /// Sliding windows in event time, e.g. ["1h", "24h", "7d"].
+    pub windows: Option<Setting<Vec<String>>>,
+    /// How far behind the entity's newest event time an event still counts (default "0s");
+    /// a later one is counted in `sluice_redis_aggregate_events_total{result="late"}` only.
+    pub lateness: Option<Setting<HumanDuration>>,
+    /// EXPIRE of each entity's hash, refreshed on every write (default and minimum: the
+    /// longest window, the lateness and one bucket).
+    pub ttl: Option<Setting<HumanDuration>>,
+    /// The aggregates, each over every window.
+    pub features: Option<Vec<RawAggregateFeature>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawAggregateFeature {
+    /// Feature name (letters, digits, `_`); stored values are `<name>_<window>`.
+    pub name: Option<Setting<String>>,
+    /// `count`, `sum`, `avg`, `min` or `max`.
+    pub function: Option<Setting<String>>,
+    /// The column: a number for `sum`, `avg`, `min`, `max`; with `count`, the column that
+    /// must equal `equals` for an event to count.
+    pub column: Option<Setting<String>>,
+    /// With `count` and `column`: count only events whose column has this value.
+    pub equals: Option<Setting<Value>>,
 }
 
 /// Where a Redis server or cluster is (the same keys as in `[sink.redis]`).
@@ -273,6 +310,9 @@ pub struct RawModel {
 pub struct RawInput {
     /// The column the feature(s) come from.
     pub column: Option<Setting<String>>,
+    /// Instead of a column: an aggregate from Redis for the event's entity,
+    /// `<view>.<feature>_<window>` (the windows ending at the event's own event time).
+    pub aggregate: Option<Setting<String>>,
     /// Value used when the column is null or absent; without it, such an event is a dead
     /// letter (stage `inference`, reason `null_input`).
     pub null: Option<Setting<f64>>,

@@ -3,6 +3,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use super::{
+    aggregate::{build_aggregate, AggregateSpec},
     raw::{RawRedis, RawRedisConnection, RawView},
     valid_name, Problems,
 };
@@ -47,6 +48,7 @@ pub struct RedisSpec {
     /// Event times later than now plus this are refused (dead letters).
     pub max_event_time_skew: Duration,
     pub views: Vec<ViewSpec>,
+    pub aggregates: Vec<AggregateSpec>,
 }
 
 impl std::fmt::Debug for RedisSpec {
@@ -55,6 +57,7 @@ impl std::fmt::Debug for RedisSpec {
             .field("connection", &self.connection)
             .field("time_field", &self.time_field)
             .field("views", &self.views)
+            .field("aggregates", &self.aggregates)
             .finish()
     }
 }
@@ -211,8 +214,12 @@ pub(super) fn build_redis(
         )
         .map(|d| d.0);
     let raw_views = raw.views.as_deref().unwrap_or_default();
-    if raw_views.is_empty() {
-        p.push(&format!("{AT}.views"), "at least one view is required");
+    let raw_aggregates = raw.aggregates.as_deref().unwrap_or_default();
+    if raw_views.is_empty() && raw_aggregates.is_empty() {
+        p.push(
+            &format!("{AT}.views"),
+            "at least one view (or aggregate view) is required",
+        );
     }
     let mut views = Vec::new();
     let mut names = Vec::new();
@@ -241,6 +248,27 @@ pub(super) fn build_redis(
             views.push(view);
         }
     }
+    let mut aggregates: Vec<AggregateSpec> = Vec::new();
+    for (i, a) in raw_aggregates.iter().enumerate() {
+        let at = format!("{AT}.aggregates[{i}]");
+        if let Some(agg) = build_aggregate(a, &at, schema, p) {
+            if names.contains(&agg.name) {
+                p.push(
+                    &format!("{at}.name"),
+                    format!("{:?} is used twice", agg.name),
+                );
+            }
+            names.push(agg.name.clone());
+            if views.iter().any(|v| v.key == agg.key) || aggregates.iter().any(|o| o.key == agg.key)
+            {
+                p.push(
+                    &format!("{at}.key"),
+                    "is the key template of another view: each view needs a hash of its own",
+                );
+            }
+            aggregates.push(agg);
+        }
+    }
     Some(RedisSpec {
         connection: connection?,
         time_field: time_field?,
@@ -248,6 +276,7 @@ pub(super) fn build_redis(
         pipeline_size: pipeline_size?,
         max_event_time_skew: skew?,
         views,
+        aggregates,
     })
 }
 
@@ -309,13 +338,15 @@ pub(super) fn build_connection(
     })
 }
 
-fn build_view(
-    raw: &RawView,
+/// A view's `name` and `key` template (of any kind of view), checked against the schema.
+pub(super) fn name_and_key(
+    name: &Option<super::raw::Setting<String>>,
+    key: &Option<super::raw::Setting<String>>,
     at: &str,
     schema: Option<&EventSchema>,
     p: &mut Problems,
-) -> Option<ViewSpec> {
-    let name = p.required(&format!("{at}.name"), &raw.name);
+) -> (Option<String>, Option<Vec<KeyPart>>) {
+    let name = p.required(&format!("{at}.name"), name);
     if let Some(n) = name
         .as_deref()
         .filter(|n| !valid_name(n) || n.contains('.'))
@@ -325,9 +356,8 @@ fn build_view(
             format!("{n:?} may only use letters, digits, `_` and `-`"),
         );
     }
-    let prefix = p.get(&format!("{at}.prefix_keys"), &raw.prefix_keys, false);
     let key = p
-        .required(&format!("{at}.key"), &raw.key)
+        .required(&format!("{at}.key"), key)
         .and_then(|k| match parse_key(&k) {
             Ok(parts) => Some(parts),
             Err(e) => {
@@ -338,6 +368,17 @@ fn build_view(
     if let (Some(parts), Some(schema)) = (&key, schema) {
         check_key(parts, &format!("{at}.key"), schema, p);
     }
+    (name, key)
+}
+
+fn build_view(
+    raw: &RawView,
+    at: &str,
+    schema: Option<&EventSchema>,
+    p: &mut Problems,
+) -> Option<ViewSpec> {
+    let (name, key) = name_and_key(&raw.name, &raw.key, at, schema, p);
+    let prefix = p.get(&format!("{at}.prefix_keys"), &raw.prefix_keys, false);
     let columns = p.required(&format!("{at}.columns"), &raw.columns);
     let renames = p.get(
         &format!("{at}.field_names"),
@@ -448,6 +489,7 @@ mod tests {
                 pipeline_size: 1,
                 max_event_time_skew: Duration::from_secs(1),
                 views: vec![],
+                aggregates: vec![],
             }
         )
         .contains("hunter2"));

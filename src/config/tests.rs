@@ -576,3 +576,119 @@ momentum = 0.9
         assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
     }
 }
+
+const REDIS_HEAD: &str = r#"
+name = "p"
+schema = "s.json"
+[source]
+bootstrap_servers = "localhost:1"
+topics = ["t"]
+group_id = "g"
+[errors]
+policy = "skip"
+[sink.redis]
+url = "redis://localhost:6379"
+time_field = "at"
+"#;
+
+#[test]
+fn an_aggregate_view_and_a_model_input_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "s.json", SCHEMA);
+    fs::create_dir_all(dir.path().join("m/1")).unwrap();
+    fs::write(dir.path().join("m/1/model.pt"), b"not loaded by validation").unwrap();
+    let file = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"{REDIS_HEAD}
+[[sink.redis.aggregates]]
+name = "velocity"
+key = "vel:{{id}}"
+bucket = "1m"
+windows = ["24h", "1h"]
+lateness = "5m"
+features = [
+  {{ name = "orders", function = "count" }},
+  {{ name = "fr", function = "count", column = "country", equals = "FR" }},
+  {{ name = "amount_avg", function = "avg", column = "amount" }},
+  {{ name = "amount_max", function = "max", column = "amount" }},
+]
+[[model]]
+name = "m"
+path = "m"
+output_topic = "out"
+key = "{{id}}"
+output = {{ kind = "score" }}
+inputs = [{{ column = "amount", null = 0.0 }}, {{ aggregate = "velocity.orders_1h", null = 0.0 }}]
+"#
+        ),
+    );
+    let p = load(&file).unwrap_or_else(|e| panic!("{e}"));
+    let a = &p.redis.as_ref().unwrap().aggregates[0];
+    assert_eq!(
+        a.windows,
+        [
+            ("1h".to_owned(), Duration::from_secs(3_600)),
+            ("24h".to_owned(), Duration::from_secs(86_400))
+        ],
+        "shortest first"
+    );
+    assert_eq!(
+        a.description(),
+        "60000;n,c:fr,s:amount,k:amount,hi:amount",
+        "the partials, each once"
+    );
+    // The longest window, the lateness and a bucket, rounded up to whole seconds.
+    assert_eq!(a.ttl.as_secs(), 86_400 + 300 + 60);
+    assert_eq!(a.feature_names()[..2], ["orders_1h", "orders_24h"]);
+    let input = &p.models[0].inputs[1];
+    assert!(input.redis && input.column == "velocity.orders_1h");
+}
+
+#[test]
+fn aggregate_problems_are_listed_with_their_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "s.json", SCHEMA);
+    fs::create_dir_all(dir.path().join("m/1")).unwrap();
+    fs::write(dir.path().join("m/1/model.pt"), b"x").unwrap();
+    let file = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"{REDIS_HEAD}
+[[sink.redis.aggregates]]
+name = "velocity"
+key = "vel:{{id}}"
+bucket = "7m"
+windows = ["1h", "1h", "soon"]
+ttl = "10m"
+features = [
+  {{ name = "orders", function = "count", column = "country" }},
+  {{ name = "total", function = "sum", column = "country" }},
+  {{ name = "x", function = "median", column = "amount" }},
+  {{ name = "y", function = "avg" }},
+]
+[[model]]
+name = "m"
+path = "m"
+output_topic = "out"
+inputs = [{{ aggregate = "velocity.orders_2h" }}]
+"#
+        ),
+    );
+    let all = load(&file).unwrap_err().problems.join("\n");
+    for expected in [
+        "sink.redis.aggregates[0].windows[0]: \"1h\" is not a whole number of buckets (7m)",
+        "sink.redis.aggregates[0].windows[1]: \"1h\" is listed twice",
+        "sink.redis.aggregates[0].windows[2]: expected a duration",
+        "sink.redis.aggregates[0].ttl: 10m is shorter than the longest window",
+        "sink.redis.aggregates[0].features[0]: `count` takes no column, or a `column` and the value it `equals`",
+        "sink.redis.aggregates[0].features[1].column: `country` is not an integer or number field",
+        "sink.redis.aggregates[0].features[2].function: expected \"count\", \"sum\", \"avg\", \"min\" or \"max\", got \"median\"",
+        "sink.redis.aggregates[0].features[3].column: is required for this function",
+        "model[0].inputs[0].aggregate: \"velocity.orders_2h\" is not a feature of an aggregate view",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+}

@@ -77,6 +77,16 @@ pub async fn run(
     result
 }
 
+/// The aggregate views whose features the pipeline's models take as inputs.
+fn enriched(spec: &Pipeline) -> Vec<String> {
+    spec.models
+        .iter()
+        .flat_map(|m| &m.inputs)
+        .filter(|i| i.redis)
+        .filter_map(|i| i.column.split('.').next().map(str::to_owned))
+        .collect()
+}
+
 async fn run_inner(
     spec: Pipeline,
     shutdown: CancellationToken,
@@ -90,7 +100,13 @@ async fn run_inner(
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(r) = &spec.redis {
         sinks.push(Box::new(
-            RedisSink::open(&spec.name, r, status.redis_healthy.clone()).await?,
+            RedisSink::open(
+                &spec.name,
+                r,
+                status.redis_healthy.clone(),
+                &enriched(&spec),
+            )
+            .await?,
         ));
     }
     if let Some(pq) = &spec.parquet {

@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use arrow::record_batch::RecordBatch;
 use futures::{future::BoxFuture, stream::FuturesUnordered, StreamExt};
 use rdkafka::error::KafkaError;
 use tokio::sync::mpsc;
@@ -308,10 +309,23 @@ impl Runner {
                 .collect();
             filter_partitions(&batch.rows, &owned)?
         };
-        // Scoring runs beside the writes below; its holds keep the batch's offsets (and the
+        // The sinks that enrich the rows for the models (Redis aggregates) write first; then
+        // scoring runs beside the other writes, its holds keeping the batch's offsets (and the
         // segments that contain them) from becoming a resume position before its predictions
         // are delivered.
+        let enrichers = self.sinks.iter().take_while(|s| s.enriches()).count();
+        let mut enrichment = Vec::new();
+        for i in 0..enrichers {
+            if !self
+                .write_to(i, &rows, batch.originals.as_deref(), shutdown)
+                .await?
+            {
+                return Ok(false);
+            }
+            enrichment.extend(self.sinks[i].enrichment());
+        }
         if !self.scorers.is_empty() && rows.num_rows() > 0 {
+            let scored_rows = with_columns(&rows, enrichment)?;
             let holds: Vec<(TopicPartition, i64)> = batch
                 .spans
                 .iter()
@@ -324,7 +338,7 @@ impl Runner {
                 }
                 let scored = scorer
                     .submit(
-                        rows.clone(),
+                        scored_rows.clone(),
                         batch.originals.clone(),
                         holds.clone(),
                         batch.consumed_at,
@@ -334,39 +348,12 @@ impl Runner {
                     .push(Box::pin(async move { Done::Scored(scored.await) }));
             }
         }
-        // In the declared order (see `run_inner`); a row one sink refuses for good becomes a
-        // dead letter of that sink's stage, and the later sinks still have it.
-        let (topics, partitions, offsets) = crate::schema::provenance(&rows);
-        for i in 0..self.sinks.len() {
-            let refused = match self.sinks[i]
-                .write(&rows, batch.originals.as_deref(), shutdown)
-                .await
+        for i in enrichers..self.sinks.len() {
+            if !self
+                .write_to(i, &rows, batch.originals.as_deref(), shutdown)
+                .await?
             {
-                Ok(refused) => refused,
-                Err(SinkError::Cancelled) => return Ok(false),
-                Err(e) => return Err(PipelineError::sink(self.sinks[i].name())(e)),
-            };
-            for r in refused {
-                let (t, p, o) = (
-                    topics.value(r.row),
-                    partitions.value(r.row),
-                    offsets.value(r.row),
-                );
-                let original = batch
-                    .originals
-                    .as_ref()
-                    .and_then(|x| x.rejected(t, p, o, r.failure));
-                match original {
-                    Some(rejected) => self.reject(rejected)?,
-                    None => {
-                        return Err(PipelineError::OriginalGone {
-                            topic: t.to_owned(),
-                            partition: p,
-                            offset: o,
-                            sink: self.sinks[i].name(),
-                        })
-                    }
-                }
+                return Ok(false);
             }
         }
         for (tp, span) in &batch.spans {
@@ -403,6 +390,42 @@ impl Runner {
         }
         if rolled {
             self.commit().await;
+        }
+        Ok(true)
+    }
+
+    /// Writes the rows to sink `i`; a row it refuses for good becomes a dead letter of its
+    /// stage, and the later sinks still have it. False if shutdown interrupted the write.
+    async fn write_to(
+        &mut self,
+        i: usize,
+        rows: &RecordBatch,
+        originals: Option<&crate::event::Originals>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, PipelineError> {
+        let refused = match self.sinks[i].write(rows, originals, shutdown).await {
+            Ok(refused) => refused,
+            Err(SinkError::Cancelled) => return Ok(false),
+            Err(e) => return Err(PipelineError::sink(self.sinks[i].name())(e)),
+        };
+        let (topics, partitions, offsets) = crate::schema::provenance(rows);
+        for r in refused {
+            let (t, p, o) = (
+                topics.value(r.row),
+                partitions.value(r.row),
+                offsets.value(r.row),
+            );
+            match originals.and_then(|x| x.rejected(t, p, o, r.failure)) {
+                Some(rejected) => self.reject(rejected)?,
+                None => {
+                    return Err(PipelineError::OriginalGone {
+                        topic: t.to_owned(),
+                        partition: p,
+                        offset: o,
+                        sink: self.sinks[i].name(),
+                    })
+                }
+            }
         }
         Ok(true)
     }
@@ -607,4 +630,27 @@ fn filter_partitions(
         })
         .collect();
     Ok(arrow::compute::filter_record_batch(batch, &keep)?)
+}
+
+/// The batch with `columns` added (the features sinks computed for the models).
+fn with_columns(
+    batch: &RecordBatch,
+    columns: Vec<(String, arrow::array::ArrayRef)>,
+) -> Result<RecordBatch, PipelineError> {
+    if columns.is_empty() {
+        return Ok(batch.clone());
+    }
+    let mut fields: Vec<arrow::datatypes::FieldRef> =
+        batch.schema().fields().iter().cloned().collect();
+    let mut arrays = batch.columns().to_vec();
+    for (name, array) in columns {
+        fields.push(std::sync::Arc::new(arrow::datatypes::Field::new(
+            name,
+            array.data_type().clone(),
+            true,
+        )));
+        arrays.push(array);
+    }
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(fields));
+    Ok(RecordBatch::try_new(schema, arrays)?)
 }

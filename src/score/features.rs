@@ -217,6 +217,7 @@ mod tests {
     fn input(column: &str, encoding: Encoding, null: Option<f32>) -> InputSpec {
         InputSpec {
             column: column.into(),
+            redis: false,
             encoding,
             null,
         }

@@ -112,6 +112,18 @@ pub trait Sink: Send {
         cancel: &CancellationToken,
     ) -> Result<Vec<Refusal>, SinkError>;
 
+    /// Whether models take inputs from this sink's [`Self::enrichment`]: the runner then
+    /// writes the batch to it before the batch is scored.
+    fn enriches(&self) -> bool {
+        false
+    }
+
+    /// Columns computed for the rows of the last `write` for the models to take as inputs
+    /// (features read back at each row's point in time), by name.
+    fn enrichment(&mut self) -> Vec<(String, arrow::array::ArrayRef)> {
+        Vec::new()
+    }
+
     /// The first offset of `tp` written but not durable yet: nothing at or after it may be
     /// committed.
     fn not_durable_from(&self, _tp: &TopicPartition) -> Option<i64> {

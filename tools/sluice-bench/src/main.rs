@@ -3,7 +3,7 @@
 //! summarize what a pipeline produced.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -130,6 +130,17 @@ enum Command {
         #[arg(long)]
         elapsed: Option<f64>,
     },
+    /// Write a model's feedback records joined with the demo world's truth (the events of
+    /// `generate` with the same settings) as JSON lines `{"event_id", "features", "label"}`,
+    /// in event order: training data exactly as the model was fed it.
+    Examples {
+        /// The feedback topic.
+        topic: String,
+        #[command(flatten)]
+        events: Events,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Summarize a predictions topic: how many, by model version, the score distribution, one
     /// example.
     Predictions {
@@ -205,6 +216,7 @@ fn main() -> anyhow::Result<()> {
             elapsed,
         ),
         Command::Predictions { topic, field } => predictions(&cli.bootstrap, &topic, &field),
+        Command::Examples { topic, events, out } => examples(&cli.bootstrap, &topic, events, &out),
         Command::WaitCommitted {
             topic,
             group,
@@ -267,14 +279,49 @@ const CITIES: [&str; 6] = [
     "Tokyo",
 ];
 
-/// One valid commerce event.
+/// A customer's usual spending, 0.3 to 3 times the catalogue's prices (deterministic), so
+/// that an amount can be unusual against the customer's own history.
+fn spending(customer: u32) -> f64 {
+    let h = u64::from(customer).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+    0.3 + 2.7 * (h as f64 / (1u64 << 24) as f64)
+}
+
+/// A burst in progress: a fraudster placing several large orders within seconds on one
+/// customer's account (the signal that velocity features reveal).
+#[derive(Clone, Copy)]
+struct Burst {
+    customer: u32,
+    left: u32,
+}
+
+/// One valid commerce event, and whether it belongs to a burst. Event times advance 100 ms per
+/// event.
 fn valid_event(
     rng: &mut SmallRng,
     i: u64,
     customers: u32,
     base_ms: i64,
-) -> (String, serde_json::Value) {
-    let customer = format!("c-{:06}", rng.random_range(0..customers));
+    burst: &mut Option<Burst>,
+) -> (String, serde_json::Value, bool) {
+    if burst.is_none() && rng.random_bool(0.004) {
+        *burst = Some(Burst {
+            customer: rng.random_range(0..customers),
+            left: rng.random_range(4..9),
+        });
+    }
+    let (number, in_burst) = match burst {
+        Some(b) => {
+            let c = b.customer;
+            b.left -= 1;
+            if b.left == 0 {
+                *burst = None;
+            }
+            (c, true)
+        }
+        None => (rng.random_range(0..customers), false),
+    };
+    let scale = spending(number) * if in_burst { 5.0 } else { 1.0 };
+    let customer = format!("c-{number:06}");
     let kind = match rng.random_range(0..100) {
         0..=54 => "order_placed",
         55..=89 => "payment_captured",
@@ -282,14 +329,12 @@ fn valid_event(
         _ => "refund",
     };
     let c = rng.random_range(0..COUNTRIES.len());
-    // Events spread over a few hours, so the demo shows several hour partitions.
-    let at = chrono::DateTime::from_timestamp_millis(base_ms + (i as i64 * 997) % (6 * 3_600_000))
-        .unwrap_or_default();
+    let at = chrono::DateTime::from_timestamp_millis(base_ms + i as i64 * 100).unwrap_or_default();
     let items: Vec<_> = (0..rng.random_range(1..4))
         .map(|_| {
             json!({"sku": format!("sku-{}", rng.random_range(0..500)),
                    "quantity": rng.random_range(1..5),
-                   "unit_price": (rng.random_range(100..20_000) as f64) / 100.0})
+                   "unit_price": (rng.random_range(100..20_000) as f64 * scale).round() / 100.0})
         })
         .collect();
     let amount: f64 = items
@@ -312,7 +357,7 @@ fn valid_event(
         "created_at": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         "client": {"ip": "203.0.113.7", "agent": "demo"}
     });
-    (customer, event)
+    (customer, event, in_burst)
 }
 
 /// A broken event and the reason sluice should give for it.
@@ -370,26 +415,48 @@ struct Events {
 }
 
 impl Events {
-    /// (number, key, payload, kind, the valid event it came from).
-    fn iter(self) -> impl Iterator<Item = (u64, String, Vec<u8>, &'static str, serde_json::Value)> {
+    /// The events in order.
+    fn iter(self) -> impl Iterator<Item = Generated> {
         let mut rng = SmallRng::seed_from_u64(self.seed);
         let base_ms = 1_795_000_000_000; // 2026-11-18
+        let mut burst = None;
         (self.first..self.first + self.count).map(move |i| {
-            let (key, event) = valid_event(&mut rng, i, self.customers, base_ms);
+            let (key, event, in_burst) =
+                valid_event(&mut rng, i, self.customers, base_ms, &mut burst);
             let (payload, kind) = if rng.random_bool(self.invalid_ratio) {
                 broken_event(&mut rng, event.clone())
             } else {
                 (event.to_string().into_bytes(), "valid")
             };
-            (i, key, payload, kind, event)
+            Generated {
+                i,
+                key,
+                payload,
+                kind,
+                event,
+                burst: in_burst,
+            }
         })
     }
 }
 
+/// One generated event: its number, key, bytes, kind (`valid` or why it is broken), the valid
+/// event it came from, and whether it is part of a burst (hidden from the event itself).
+struct Generated {
+    i: u64,
+    key: String,
+    payload: Vec<u8>,
+    kind: &'static str,
+    event: serde_json::Value,
+    burst: bool,
+}
+
 /// Whether the demo's world makes event `i` a fraud. The rule the shipped model learned
 /// (models/fraud.py) has drifted: fraud moved from partners to the iOS app and from Brazil to
-/// Germany; the rest (large night-time orders from new customers) still holds.
-fn fraud(i: u64, event: &serde_json::Value) -> bool {
+/// Germany; the rest (large night-time orders from new customers) still holds. Bursts of
+/// orders on one account, at amounts unusual for that customer, are the fraud that only
+/// velocity features see.
+fn fraud(i: u64, event: &serde_json::Value, burst: bool) -> bool {
     let amount = event["amount"].as_f64().unwrap_or(0.0);
     let hour: u32 = event["created_at"].as_str().unwrap_or("")[11..13]
         .parse()
@@ -399,7 +466,8 @@ fn fraud(i: u64, event: &serde_json::Value) -> bool {
         + 1.8 * f64::from(u8::from(event["new_customer"] == true))
         + 1.6 * f64::from(u8::from(event["channel"] == "ios"))
         + 1.2 * f64::from(u8::from(event["country"] == "DE"))
-        + 1.4 * f64::from(u8::from(hour < 6));
+        + 1.4 * f64::from(u8::from(hour < 6))
+        + 3.5 * f64::from(u8::from(burst));
     let mut rng = SmallRng::seed_from_u64(i ^ 0x9e37_79b9_7f4a_7c15);
     rng.random_bool(1.0 / (1.0 + (-logit).exp()))
 }
@@ -430,11 +498,12 @@ fn labels(bootstrap: &str, topic: &str, events: Events, confirm_share: f64) -> a
         })?;
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let (mut frauds, mut confirmed, mut unlabelled) = (0u64, 0u64, 0u64);
-    for (i, _, _, kind, event) in events.iter() {
-        if kind != "valid" {
+    for g in events.iter() {
+        let (i, event) = (g.i, &g.event);
+        if g.kind != "valid" {
             continue;
         }
-        let label = if fraud(i, &event) {
+        let label = if fraud(i, event, g.burst) {
             frauds += 1;
             1
         } else if SmallRng::seed_from_u64(i).random_bool(confirm_share) {
@@ -475,10 +544,13 @@ fn generate(bootstrap: &str, topic: &str, events: Events, rate: Option<f64>) -> 
     let mut produced: BTreeMap<&str, u64> = BTreeMap::new();
     let started = Instant::now();
     let count = events.count;
-    for (n, (_, key, payload, kind, _)) in events.iter().enumerate() {
+    for (n, g) in events.iter().enumerate() {
         let i = n as u64;
-        *produced.entry(kind).or_default() += 1;
-        send(&producer, BaseRecord::to(topic).key(&key).payload(&payload))?;
+        *produced.entry(g.kind).or_default() += 1;
+        send(
+            &producer,
+            BaseRecord::to(topic).key(&g.key).payload(&g.payload),
+        )?;
         if i.is_multiple_of(1000) {
             producer.poll(Duration::ZERO);
         }
@@ -637,9 +709,11 @@ fn wait_committed(
 /// `rows` demo payloads, a share `invalid_ratio` of them broken, always the same ones.
 fn demo_payloads(rows: usize, invalid_ratio: f64) -> Vec<Vec<u8>> {
     let mut rng = SmallRng::seed_from_u64(7);
+    let mut burst = None;
     (0..rows)
         .map(|i| {
-            let (_, event) = valid_event(&mut rng, i as u64, 5_000, 1_795_000_000_000);
+            let (_, event, _) =
+                valid_event(&mut rng, i as u64, 5_000, 1_795_000_000_000, &mut burst);
             if invalid_ratio > 0.0 && rng.random_bool(invalid_ratio) {
                 broken_event(&mut rng, event).0
             } else {
@@ -815,6 +889,22 @@ fn score(pipeline: &std::path::Path, rows: usize) -> anyhow::Result<()> {
 }
 
 /// Reads a whole topic until it is quiet for 3 s, handing each message to `each`.
+/// Every JSON value in a topic, from the beginning (other payloads are skipped).
+fn read_json(
+    bootstrap: &str,
+    topic: &str,
+    mut each: impl FnMut(serde_json::Value),
+) -> anyhow::Result<()> {
+    read_topic(bootstrap, topic, |m| {
+        if let Some(v) = m
+            .payload()
+            .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+        {
+            each(v);
+        }
+    })
+}
+
 fn read_topic(
     bootstrap: &str,
     topic: &str,
@@ -843,19 +933,40 @@ fn read_topic(
     }
 }
 
+fn examples(bootstrap: &str, topic: &str, events: Events, out: &Path) -> anyhow::Result<()> {
+    let truth: HashMap<String, (u64, bool)> = events
+        .iter()
+        .filter(|g| g.kind == "valid")
+        .map(|g| {
+            let id = g.event["event_id"].as_str().unwrap_or_default().to_owned();
+            (id, (g.i, fraud(g.i, &g.event, g.burst)))
+        })
+        .collect();
+    let mut rows: BTreeMap<u64, String> = BTreeMap::new();
+    read_json(bootstrap, topic, |v| {
+        if let Some((i, label)) = v["event_id"].as_str().and_then(|id| truth.get(id)) {
+            let line = json!({"event_id": v["event_id"], "features": v["features"],
+                              "label": u8::from(*label)});
+            rows.insert(*i, line.to_string());
+        }
+    })?;
+    let mut text = String::new();
+    for line in rows.values() {
+        text.push_str(line);
+        text.push('\n');
+    }
+    std::fs::write(out, text)?;
+    println!("{}", json!({"examples": rows.len(), "out": out}));
+    Ok(())
+}
+
 fn predictions(bootstrap: &str, topic: &str, field: &str) -> anyhow::Result<()> {
     // Per version: predictions, sum of the field, how many at 0.5 or more.
     let mut versions: BTreeMap<String, (u64, f64, u64)> = BTreeMap::new();
     let mut buckets = [0u64; 10];
     let mut example = None;
     let mut n = 0u64;
-    read_topic(bootstrap, topic, |m| {
-        let Some(v) = m
-            .payload()
-            .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
-        else {
-            return;
-        };
+    read_json(bootstrap, topic, |v| {
         n += 1;
         let version = v["model_version"].as_str().unwrap_or("?").to_owned();
         let entry = versions.entry(version).or_default();

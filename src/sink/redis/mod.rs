@@ -34,7 +34,7 @@ use std::{
 };
 
 use arrow::{
-    array::{Array, AsArray},
+    array::{ArrayRef, AsArray},
     datatypes::{DataType, Date32Type, TimestampMicrosecondType},
     record_batch::RecordBatch,
 };
@@ -45,6 +45,8 @@ use redis::{
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+
+pub mod aggregate;
 
 use crate::{
     config::{KeyPart, RedisConnection, RedisSpec},
@@ -225,6 +227,101 @@ pub async fn read_entity(
     Ok(fields)
 }
 
+/// An entity's aggregates as of a time: per window, its label, the buckets it used (first
+/// bucket start and end, ms since the epoch, end exclusive) and each feature's value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// `_parts` of the hash: its bucket length and partials.
+    pub parts: String,
+    /// The entity's newest applied event time (ms).
+    pub watermark: Option<i64>,
+    pub windows: Vec<WindowReading>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowReading {
+    pub window: String,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// `(<feature>_<window>, value)`; `None`: no value (an `avg`, `min` or `max` of nothing).
+    pub features: Vec<(String, Option<f64>)>,
+}
+
+/// Reads an aggregate view's hash with [`aggregate::READ`] as of `at_ms`; `None` when the
+/// key is absent. A hash written under another definition of the view is an error.
+pub async fn read_aggregate(
+    connection: &RedisConnection,
+    view: &crate::config::AggregateSpec,
+    key: &str,
+    at_ms: i64,
+) -> Result<Option<Reading>, RedisSinkError> {
+    let mut conn = connect(connection).await?;
+    let script = Script::new(aggregate::READ);
+    let mut call = script.prepare_invoke();
+    call.key(key).arg(at_ms);
+    for (_, d) in &view.windows {
+        call.arg(d.as_millis() as u64);
+    }
+    let fail = |source| RedisSinkError::Connect {
+        url: connection.shown(),
+        source,
+    };
+    let reply: redis::Value = match &mut conn {
+        Connection::Single(c) => call.invoke_async(c).await,
+        Connection::Cluster(c) => call.invoke_async(c).await,
+    }
+    .map_err(fail)?;
+    let text = |v: &redis::Value| -> String {
+        match v {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            redis::Value::SimpleString(s) => s.clone(),
+            redis::Value::Int(n) => n.to_string(),
+            _ => String::new(),
+        }
+    };
+    let redis::Value::Array(items) = reply else {
+        return Ok(None);
+    };
+    if items.len() < 2 {
+        return Ok(None);
+    }
+    let parts = text(&items[0]);
+    if parts != view.description() {
+        return Err(fail(RedisError::from((
+            redis::ErrorKind::Parse,
+            "the hash was written under another definition of the view",
+            format!("stored {parts:?}, configured {:?}", view.description()),
+        ))));
+    }
+    let configured = view.parts();
+    let mut windows = Vec::new();
+    for ((label, _), row) in view.windows.iter().zip(&items[2..]) {
+        let redis::Value::Array(row) = row else {
+            continue;
+        };
+        let values: Vec<String> = row.iter().map(text).collect();
+        let partials: Vec<Option<f64>> = values[3..].iter().map(|v| v.parse().ok()).collect();
+        windows.push(WindowReading {
+            window: label.clone(),
+            from_ms: values[1].parse().unwrap_or_default(),
+            to_ms: values[2].parse().unwrap_or_default(),
+            features: (0..view.features.len())
+                .map(|f| {
+                    (
+                        format!("{}_{label}", view.features[f].name),
+                        aggregate::finish(view, &configured, &partials, f),
+                    )
+                })
+                .collect(),
+        });
+    }
+    Ok(Some(Reading {
+        parts,
+        watermark: text(&items[1]).parse().ok(),
+        windows,
+    }))
+}
+
 /// One view, resolved against the batch schema.
 struct View {
     key: Vec<KeyPart>,
@@ -240,16 +337,22 @@ pub struct RedisSink {
     conn: Connection,
     script: Script,
     views: Vec<View>,
+    aggregate_script: Script,
+    aggregates: Vec<aggregate::View>,
+    /// The point-in-time features of the last batch written, for the models.
+    enrichment: Vec<(String, ArrayRef)>,
     /// False while writes are failing; `/readyz` reports it.
     healthy: Arc<AtomicBool>,
 }
 
 impl RedisSink {
-    /// Connects, checks the server supports what the views need, and loads the script.
+    /// Connects, checks the server supports what the views need, and loads the scripts.
+    /// `enrich`: the aggregate views whose features models take as inputs.
     pub async fn open(
         pipeline: &str,
         spec: &RedisSpec,
         healthy: Arc<AtomicBool>,
+        enrich: &[String],
     ) -> Result<Self, RedisSinkError> {
         let mut conn = connect(&spec.connection).await?;
         let shown = spec.connection.shown();
@@ -277,12 +380,15 @@ impl RedisSink {
             }
         }
         let script = Script::new(SCRIPT);
-        conn.load(&script)
-            .await
-            .map_err(|source| RedisSinkError::Connect {
-                url: shown.clone(),
-                source,
-            })?;
+        let aggregate_script = Script::new(aggregate::WRITE);
+        for s in [&script, &aggregate_script] {
+            conn.load(s)
+                .await
+                .map_err(|source| RedisSinkError::Connect {
+                    url: shown.clone(),
+                    source,
+                })?;
+        }
         info!(url = %shown, cluster = spec.connection.cluster, views = spec.views.len(), "Connected to Redis.");
         healthy.store(true, Ordering::Release);
         let views = spec
@@ -299,55 +405,183 @@ impl RedisSink {
                     .collect(),
             })
             .collect();
+        let aggregates = spec
+            .aggregates
+            .iter()
+            .map(|a| aggregate::View::new(a, enrich.contains(&a.name)))
+            .collect();
         Ok(Self {
             pipeline: pipeline.to_owned(),
             spec: spec.clone(),
             conn,
             script,
             views,
+            aggregate_script,
+            aggregates,
+            enrichment: Vec::new(),
             healthy,
         })
     }
 
-    /// Writes a batch's features and returns once Redis has acknowledged every write, retrying
-    /// transient failures with backoff; returns the rows whose writes Redis refused for good.
+    /// Writes a batch's features and aggregates and returns once Redis has acknowledged every
+    /// write, retrying transient failures with backoff; returns the rows whose writes Redis
+    /// refused for good.
     pub async fn write(
         &mut self,
         batch: &RecordBatch,
         cancel: &CancellationToken,
     ) -> Result<Vec<Refusal>, RedisSinkError> {
+        self.enrichment.clear();
         if batch.num_rows() == 0 {
             return Ok(Vec::new());
         }
         let started = Instant::now();
-        let (invocations, future) = self.build(batch);
+        let times = event_times(batch, &self.spec.time_field);
+        let mut refused = self.future(&times);
+        let mut skip = vec![false; batch.num_rows()];
+        for r in &refused {
+            skip[r.row] = true;
+        }
+        if !self.views.is_empty() {
+            refused.extend(self.write_views(batch, &times, &skip, cancel).await?);
+        }
+        if !self.aggregates.is_empty() {
+            refused.extend(self.write_aggregates(batch, &times, &skip, cancel).await?);
+        }
+        let labels = [("pipeline", self.pipeline.clone())];
+        metrics::histogram!("sluice_redis_write_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
+        refused.sort_by_key(|r| r.row);
+        refused.dedup_by_key(|r| r.row);
+        Ok(refused)
+    }
+
+    async fn write_views(
+        &self,
+        batch: &RecordBatch,
+        times: &[i64],
+        skip: &[bool],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Refusal>, RedisSinkError> {
+        let invocations = self.build(batch, times, skip);
         let sent = invocations.len();
         let labels = [("pipeline", self.pipeline.clone())];
-        metrics::counter!("sluice_redis_rows_coalesced_total", &labels)
-            .increment((batch.num_rows() * self.views.len()).saturating_sub(sent) as u64);
-        // A cluster routes each command by its key's slot, and a pipeline must stay within one
-        // slot: there, every script goes alone, and the multiplexed connections pipeline them
-        // on the wire, `max_in_flight * pipeline_size` at a time.
+        metrics::counter!("sluice_redis_rows_coalesced_total", &labels).increment(
+            (skip.iter().filter(|s| !**s).count() * self.views.len()).saturating_sub(sent) as u64,
+        );
+        let calls: Vec<(&str, &[String])> = invocations
+            .iter()
+            .map(|i| (i.key.as_str(), i.args.as_slice()))
+            .collect();
+        let replies = self.execute::<u64>(&self.script, &calls, cancel).await?;
+        let (mut accepted, mut refused) = (0, Vec::new());
+        for (inv, reply) in invocations.iter().zip(replies) {
+            match reply {
+                Ok(n) => accepted += n,
+                Err((reason, error)) => refused.push(self::refused(inv.row, reason, error)),
+            }
+        }
+        metrics::counter!("sluice_redis_rows_total", &labels).increment(accepted);
+        metrics::counter!("sluice_redis_rows_stale_total", &labels)
+            .increment((sent - refused.len()) as u64 - accepted);
+        Ok(refused)
+    }
+
+    /// One call per (view, entity, partition), so that a partition's events reach each
+    /// entity's guard in offset order; with models taking the features, they come back as the
+    /// batch's enrichment columns.
+    async fn write_aggregates(
+        &mut self,
+        batch: &RecordBatch,
+        times: &[i64],
+        skip: &[bool],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Refusal>, RedisSinkError> {
+        let calls = aggregate::calls(&self.aggregates, batch, times, skip);
+        let keyed: Vec<(&str, &[String])> = calls
+            .iter()
+            .map(|c| (c.key.as_str(), c.args.as_slice()))
+            .collect();
+        let replies = self
+            .execute::<redis::Value>(&self.aggregate_script, &keyed, cancel)
+            .await?;
+        let mut refused = Vec::new();
+        let mut per_view: Vec<Vec<aggregate::Answered>> =
+            (0..self.aggregates.len()).map(|_| Vec::new()).collect();
+        let mut counts: Vec<aggregate::Counts> = vec![Default::default(); self.aggregates.len()];
+        for (call, reply) in calls.iter().zip(replies) {
+            let parsed = reply.and_then(|v| {
+                aggregate::reply(v).map_err(|e| ("script_error", format!("unexpected reply: {e}")))
+            });
+            match parsed {
+                Ok((c, partials)) => {
+                    let total = &mut counts[call.view];
+                    total.applied += c.applied;
+                    total.replayed += c.replayed;
+                    total.late += c.late;
+                    per_view[call.view].push((call, partials));
+                }
+                Err((reason, error)) => refused.extend(
+                    call.rows
+                        .iter()
+                        .map(|row| self::refused(*row, reason, error.clone())),
+                ),
+            }
+        }
+        for (view, c) in self.aggregates.iter().zip(&counts) {
+            for (result, n) in [
+                ("applied", c.applied),
+                ("replayed", c.replayed),
+                ("late", c.late),
+            ] {
+                metrics::counter!("sluice_redis_aggregate_events_total",
+                    "pipeline" => self.pipeline.clone(), "view" => view.spec.name.clone(),
+                    "result" => result)
+                .increment(n);
+            }
+        }
+        let mut enrichment = Vec::new();
+        for (view, results) in self.aggregates.iter().zip(&per_view) {
+            if view.enriches() {
+                enrichment.extend(aggregate::columns(view, batch.num_rows(), results));
+            }
+        }
+        self.enrichment = enrichment;
+        Ok(refused)
+    }
+
+    /// Runs `script` once per `(key, args)` call, as pipelines (`pipeline_size` calls,
+    /// `max_in_flight` at a time; one call each on a cluster, where a pipeline must stay within
+    /// one slot), until Redis has answered every call; returns each call's reply, or why Redis
+    /// refused it for good.
+    async fn execute<T: redis::FromRedisValue + Send>(
+        &self,
+        script: &Script,
+        calls: &[(&str, &[String])],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Result<T, (&'static str, String)>>, RedisSinkError> {
         let (chunk, concurrency) = if self.spec.connection.cluster {
             (1, self.spec.max_in_flight * self.spec.pipeline_size)
         } else {
             (self.spec.pipeline_size, self.spec.max_in_flight)
         };
-        let pipes: Vec<(Pipeline, Vec<usize>)> = invocations
-            .chunks(chunk)
-            .map(|chunk| {
+        let size = chunk;
+        let pipes: Vec<(usize, Pipeline)> = calls
+            .chunks(size)
+            .enumerate()
+            .map(|(i, chunk)| {
                 let mut pipe = redis::pipe();
                 // Each command's reply on its own, so that one refused key fails only itself.
                 pipe.ignore_errors();
-                for inv in chunk {
-                    let mut call = self.script.prepare_invoke();
-                    call.key(&inv.key);
-                    for a in &inv.args {
+                for (key, args) in chunk {
+                    let mut call = script.prepare_invoke();
+                    call.key(*key);
+                    for a in *args {
                         call.arg(a.as_bytes());
                     }
                     pipe.invoke_script(&call);
                 }
-                (pipe, chunk.iter().map(|inv| inv.row).collect())
+                (i * size, pipe)
             })
             .collect();
         let who = Retrying {
@@ -356,62 +590,42 @@ impl RedisSink {
             what: "Redis write",
             healthy: Some(&self.healthy),
         };
-        let results: Vec<Result<Sent, GaveUp<RedisError>>> = futures::stream::iter(pipes)
-            .map(|(pipe, rows)| {
+        let results: Vec<(usize, Sent<T>)> = futures::stream::iter(pipes)
+            .map(|(at, pipe)| {
                 let conn = self.conn.clone();
-                let script = &self.script;
                 let who = &who;
-                async move { send(conn, script, &pipe, &rows, who, cancel).await }
+                async move { (at, send::<T>(conn, script, &pipe, who, cancel).await) }
             })
             .buffer_unordered(concurrency)
             .collect()
             .await;
-        let (mut accepted, mut refused) = (0, Vec::new());
-        for r in results {
+        let mut replies: Vec<Option<Result<T, (&'static str, String)>>> =
+            (0..calls.len()).map(|_| None).collect();
+        for (at, r) in results {
             match r {
-                Ok((n, mut bad)) => {
-                    accepted += n;
-                    refused.append(&mut bad);
+                Ok(rs) => {
+                    for (i, reply) in rs.into_iter().enumerate() {
+                        replies[at + i] = Some(reply);
+                    }
                 }
                 Err(GaveUp::Cancelled) => return Err(RedisSinkError::Cancelled),
                 Err(GaveUp::Failed(_, source)) => return Err(RedisSinkError::Fatal { source }),
             }
         }
-        metrics::counter!("sluice_redis_rows_total", &labels).increment(accepted);
-        metrics::counter!("sluice_redis_rows_stale_total", &labels)
-            .increment((sent - refused.len()) as u64 - accepted);
-        metrics::histogram!("sluice_redis_write_seconds", &labels)
-            .record(started.elapsed().as_secs_f64());
-        refused.extend(future);
-        refused.sort_by_key(|r| r.row);
-        Ok(refused)
+        Ok(replies
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(("refused", "no reply".into()))))
+            .collect())
     }
 
-    /// One script invocation per (view, key): the newest event of the batch for that key; and
-    /// the rows whose event time is too far in the future to be written at all.
-    fn build(&self, batch: &RecordBatch) -> (Vec<Invocation>, Vec<Refusal>) {
-        let time = batch
-            .column_by_name(&self.spec.time_field)
-            .expect("validated time field");
-        let times: Vec<i64> = match time.data_type() {
-            DataType::Timestamp(..) => time
-                .as_primitive::<TimestampMicrosecondType>()
-                .values()
-                .to_vec(),
-            _ => time
-                .as_primitive::<Date32Type>()
-                .values()
-                .iter()
-                .map(|d| *d as i64 * 86_400_000_000)
-                .collect(),
-        };
-        let (topics, partitions, offsets) = crate::schema::provenance(batch);
-        // An event time far in the future would win over every real event of its entity
-        // until then: such rows are refused (review finding A8). It also keeps event times far
-        // below 2^53 µs, where the script's numbers (doubles) stop being exact.
+    /// The rows whose event time is too far in the future to be written at all: such an event
+    /// would win over every real event of its entity until then (review finding A8). It also
+    /// keeps event times far below 2^53 µs, where the scripts' numbers (doubles) stop being
+    /// exact.
+    fn future(&self, times: &[i64]) -> Vec<Refusal> {
         let skew = self.spec.max_event_time_skew;
         let limit = chrono::Utc::now().timestamp_micros() + skew.as_micros() as i64;
-        let future: Vec<Refusal> = (0..batch.num_rows())
+        (0..times.len())
             .filter(|r| times[*r] > limit)
             .map(|row| {
                 refused(
@@ -425,12 +639,17 @@ impl RedisSink {
                     ),
                 )
             })
-            .collect();
+            .collect()
+    }
+
+    /// One script invocation per (view, key): the newest event of the batch for that key.
+    fn build(&self, batch: &RecordBatch, times: &[i64], skip: &[bool]) -> Vec<Invocation> {
+        let (topics, partitions, offsets) = crate::schema::provenance(batch);
         let mut out = Vec::new();
         for view in &self.views {
             // Newest row per key: by event time, then topic, partition and offset.
             let mut newest: HashMap<String, usize> = HashMap::new();
-            for row in (0..batch.num_rows()).filter(|r| times[*r] <= limit) {
+            for row in (0..batch.num_rows()).filter(|r| !skip[*r]) {
                 let key = render_key(&view.key, batch, row);
                 let order = |r: usize| {
                     (
@@ -480,12 +699,33 @@ impl RedisSink {
                 out.push(Invocation { key, args, row });
             }
         }
-        (out, future)
+        out
     }
 }
 
-/// What one pipeline did: how many scripts wrote, and the rows Redis refused for good.
-type Sent = (u64, Vec<Refusal>);
+/// The event times of a batch, µs since the epoch (a date is its midnight UTC).
+fn event_times(batch: &RecordBatch, field: &str) -> Vec<i64> {
+    let time = batch.column_by_name(field).expect("validated time field");
+    match time.data_type() {
+        DataType::Timestamp(..) => time
+            .as_primitive::<TimestampMicrosecondType>()
+            .values()
+            .to_vec(),
+        _ => time
+            .as_primitive::<Date32Type>()
+            .values()
+            .iter()
+            .map(|d| *d as i64 * 86_400_000_000)
+            .collect(),
+    }
+}
+
+/// Each command's reply, or why Redis refused it for good (`wrong_type`, `script_error`,
+/// `refused`) and the error.
+type Replies<T> = Vec<Result<T, (&'static str, String)>>;
+
+/// What sending one pipeline came to.
+type Sent<T> = Result<Replies<T>, GaveUp<RedisError>>;
 
 /// One run of the script: for `key`, from the batch's `row`.
 struct Invocation {
@@ -495,16 +735,14 @@ struct Invocation {
 }
 
 /// Sends one pipeline until Redis has answered every command, retrying transient failures;
-/// returns how many scripts wrote (the others found a newer event already stored) and the
-/// rows (`rows[i]` for the pipeline's command `i`) whose commands Redis refused for good.
-async fn send(
+/// returns each command's reply, or why Redis refused it for good.
+async fn send<T: redis::FromRedisValue>(
     conn: Connection,
     script: &Script,
     pipe: &Pipeline,
-    rows: &[usize],
     who: &Retrying<'_>,
     cancel: &CancellationToken,
-) -> Result<Sent, GaveUp<RedisError>> {
+) -> Sent<T> {
     let retried = &AtomicBool::new(false);
     failure::retry(who, cancel, failure::redis, || {
         let mut conn = conn.clone();
@@ -513,28 +751,27 @@ async fn send(
                 // After a restart the server has forgotten the script.
                 let _ = conn.load(script).await;
             }
-            let replies = conn.query::<Vec<redis::RedisResult<u64>>>(pipe).await?;
-            let (mut written, mut refused) = (0, Vec::new());
-            for (i, reply) in replies.into_iter().enumerate() {
+            let replies = conn.query::<Vec<redis::RedisResult<T>>>(pipe).await?;
+            let mut out = Vec::with_capacity(replies.len());
+            for reply in replies {
                 match reply {
-                    Ok(n) => written += n,
+                    Ok(v) => out.push(Ok(v)),
                     Err(error) => match failure::redis(&error) {
-                        Class::PerRecord => refused.push(self::refused(
-                            rows[i],
+                        Class::PerRecord => out.push(Err((
                             match error.code() {
                                 Some("WRONGTYPE") => "wrong_type",
                                 _ if error.to_string().contains("script") => "script_error",
                                 _ => "refused",
                             },
                             error.to_string(),
-                        )),
-                        // Transient: the whole pipeline again (the script makes a second write of
-                        // the same event a no-op); fatal: give up.
+                        ))),
+                        // Transient: the whole pipeline again (the scripts' guards make a
+                        // second write of the same event a no-op); fatal: give up.
                         _ => return Err(error),
                     },
                 }
             }
-            Ok((written, refused))
+            Ok(out)
         }
     })
     .await
@@ -543,6 +780,14 @@ async fn send(
 impl Sink for RedisSink {
     fn name(&self) -> &'static str {
         "redis"
+    }
+
+    fn enriches(&self) -> bool {
+        self.aggregates.iter().any(aggregate::View::enriches)
+    }
+
+    fn enrichment(&mut self) -> Vec<(String, ArrayRef)> {
+        std::mem::take(&mut self.enrichment)
     }
 
     /// Durable once written: the features are acknowledged by Redis before the call returns,
