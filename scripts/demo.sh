@@ -55,6 +55,21 @@ if [ -n "$EXAMPLE" ]; then
   echo "one of them, as \`$BIN/sluice features get pipelines/orders.toml $EXAMPLE\` shows it:"
   "$BIN/sluice" features get pipelines/orders.toml "$EXAMPLE"
 fi
+# Windowed aggregates (view "velocity"): one customer's, as of its newest event (the demo's
+# events are from 2026-11-18, so windows ending now would be empty).
+EXAMPLE=$(redis-cli -u "$REDIS_URL" --scan --pattern 'vel:*' | sort | head -1 || true)
+if [ -n "$EXAMPLE" ]; then
+  AT=$(python3 -c 'import datetime, sys; print(datetime.datetime.fromtimestamp(int(sys.argv[1]) / 1000, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))' \
+    "$(redis-cli -u "$REDIS_URL" HGET "$EXAMPLE" _wm)")
+  echo "its aggregates, as \`$BIN/sluice features get pipelines/orders.toml $EXAMPLE --at $AT\` shows them:"
+  "$BIN/sluice" features get pipelines/orders.toml "$EXAMPLE" --at "$AT"
+fi
 echo "fraud scores (model \"fraud\", models/fraud) went to topic $FRAUD_TOPIC, feedback to $FRAUD_FEEDBACK_TOPIC:"
 "$BIN/sluice-bench" predictions "$FRAUD_TOPIC" --field fraud_score
+# What the aggregates are worth: the model trained twice on the feedback records (the
+# features exactly as fed, aggregates included) joined with the demo world's truth, with and
+# without the aggregates, on the older 75%; held-out AUC on the newer 25%.
+"$BIN/sluice-bench" examples "$FRAUD_FEEDBACK_TOPIC" --count "$EVENTS" --out "$WORK/examples.jsonl" >/dev/null
+python3 models/fraud.py compare "$WORK/examples.jsonl" --text
+
 echo "Parquet files are in $OUTPUT; the pipeline's log is $WORK/sluice.log"

@@ -439,18 +439,34 @@ fn validate(files: &[PathBuf]) -> ExitCode {
                 r.time_field,
                 r.max_event_time_skew
             );
-            for v in &r.views {
-                let key: String = v
-                    .key
+            let template = |parts: &[config::KeyPart]| -> String {
+                parts
                     .iter()
                     .map(|part| match part {
                         config::KeyPart::Text(t) => t.clone(),
                         config::KeyPart::Column(c) => format!("{{{c}}}"),
                     })
-                    .collect();
+                    .collect()
+            };
+            for v in &r.views {
                 println!(
-                    "    view {:?}: key {key:?}, fields {:?}, ttl {:?}",
-                    v.name, v.fields, v.ttl
+                    "    view {:?}: key {:?}, fields {:?}, ttl {:?}",
+                    v.name,
+                    template(&v.key),
+                    v.fields,
+                    v.ttl
+                );
+            }
+            for a in &r.aggregates {
+                println!(
+                    "    aggregate view {:?}: key {:?}, buckets of {:?}, lateness {:?}, ttl {:?}, \
+                     features {}",
+                    a.name,
+                    template(&a.key),
+                    a.bucket,
+                    a.lateness,
+                    a.ttl,
+                    a.feature_names().join(", ")
                 );
             }
         }

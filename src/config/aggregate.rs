@@ -243,7 +243,9 @@ pub(super) fn build_aggregate(
         lateness: lateness?,
         windows,
         // Whole seconds, rounded up (EXPIRE).
-        ttl: ttl.unwrap_or(least + Duration::from_millis(999)),
+        ttl: ttl.unwrap_or(Duration::from_secs(
+            least.as_secs() + u64::from(least.subsec_nanos() > 0),
+        )),
         features: features?,
     })
 }

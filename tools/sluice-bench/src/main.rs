@@ -303,7 +303,7 @@ fn valid_event(
     base_ms: i64,
     burst: &mut Option<Burst>,
 ) -> (String, serde_json::Value, bool) {
-    if burst.is_none() && rng.random_bool(0.004) {
+    if burst.is_none() && rng.random_bool(0.01) {
         *burst = Some(Burst {
             customer: rng.random_range(0..customers),
             left: rng.random_range(4..9),
@@ -457,7 +457,11 @@ struct Generated {
 /// orders on one account, at amounts unusual for that customer, are the fraud that only
 /// velocity features see.
 fn fraud(i: u64, event: &serde_json::Value, burst: bool) -> bool {
-    let amount = event["amount"].as_f64().unwrap_or(0.0);
+    // The amount against the customer's usual spending, which only its history reveals.
+    let customer: u32 = event["customer_id"].as_str().unwrap_or("c-0")[2..]
+        .parse()
+        .unwrap_or(0);
+    let amount = event["amount"].as_f64().unwrap_or(0.0) / spending(customer);
     let hour: u32 = event["created_at"].as_str().unwrap_or("")[11..13]
         .parse()
         .unwrap_or(12);
@@ -467,7 +471,7 @@ fn fraud(i: u64, event: &serde_json::Value, burst: bool) -> bool {
         + 1.6 * f64::from(u8::from(event["channel"] == "ios"))
         + 1.2 * f64::from(u8::from(event["country"] == "DE"))
         + 1.4 * f64::from(u8::from(hour < 6))
-        + 3.5 * f64::from(u8::from(burst));
+        + 3.0 * f64::from(u8::from(burst));
     let mut rng = SmallRng::seed_from_u64(i ^ 0x9e37_79b9_7f4a_7c15);
     rng.random_bool(1.0 / (1.0 + (-logit).exp()))
 }
