@@ -40,27 +40,47 @@ def metric_sum(m, metric, **labels):
     return sum(v for (name, ls), v in m.items() if name == metric and all(w in ls for w in want))
 
 
-runs = {"bare": run("bare"), "parquet": run("parquet"), "full": run("full"), "python": run("python")}
+runs = {"bare": run("bare"), "parquet": run("parquet"), "full": run("full"), "noagg": run("noagg"),
+        "python": run("python")}
 labels = {
     "bare": "(c) bare rdkafka consumer: join, count, commit",
     "parquet": "(b) sluice: Parquet + dead letters",
-    "full": "(a) sluice: Parquet + DLQ + Redis + scoring",
-    "python": "(d) Python: same job as (a)",
+    "full": "(a) sluice: Parquet+DLQ+Redis+aggregates+scoring",
+    "noagg": "(a0) sluice: (a) without the aggregate views",
+    "python": "(d) Python: same job as (a0)",
 }
 print()
 print(f"{events:,} events pre-loaded (3% broken), 4 partitions; {os.cpu_count()} CPUs")
 print(f"{'run':<50} {'events/s':>10} {'seconds':>8} {'CPU s/M ev':>11} {'peak RSS':>10}")
-for key in ("bare", "parquet", "full", "python"):
+for key in ("bare", "parquet", "full", "noagg", "python"):
     r = runs[key]
     print(f"{labels[key]:<50} {r['rate']:>10,.0f} {r['seconds']:>8.1f} {r['cpu_per_m']:>11.1f} {r['rss']:>7.0f} MiB")
 print()
 ratio = lambda a, b: runs[a]["rate"] / runs[b]["rate"]
-print(f"(a) / (d)  sluice full job vs Python:       {ratio('full', 'python'):>6.2f}x   (goal: at least 10)")
+print(f"(a) / (a0) with aggregates vs without:      {ratio('full', 'noagg'):>6.2f}    (goal: at least 0.8)")
+print(f"(a0) / (d) sluice vs Python, same job:       {ratio('noagg', 'python'):>6.2f}x   (goal: at least 10)")
+print(f"(a) / (d)  sluice with aggregates vs Python: {ratio('full', 'python'):>6.2f}x")
 print(f"(a) / (c)  sluice full job vs bare consumer: {ratio('full', 'bare'):>6.2f}")
 print(f"(b) / (c)  sluice Parquet vs bare consumer:  {ratio('parquet', 'bare'):>6.2f}    (goal: at least 0.6)")
 print(f"(b) / (d)  sluice Parquet vs Python full job:{ratio('parquet', 'python'):>6.2f}x")
 cpu = lambda a, b: runs[b]["cpu_per_m"] / runs[a]["cpu_per_m"]
 print(f"CPU per event, (d) / (a):                    {cpu('full', 'python'):>6.2f}x")
+
+def redis_cpu(name):
+    """Redis CPU seconds per million events of a run."""
+    before = float(open(path(f"{name}.redis-cpu-before")).read())
+    after = float(open(path(f"{name}.redis-cpu-after")).read())
+    return (after - before) / events * 1e6
+
+
+print()
+print("Redis (emptied before each run):")
+for key in ("full", "noagg", "python"):
+    print(f"  {labels[key]:<50} Redis CPU {redis_cpu(key):>6.1f} s per million events")
+memory = json.load(open(path("full.redis-memory")))
+for prefix, m in memory.items():
+    print(f"  after (a), {prefix:<6} {m['keys']:>7,} keys, {m['mean_bytes']:>8,.0f} bytes and {m['mean_fields']:>5.1f} fields each (MEMORY USAGE, mean of up to 500)")
+
 
 def rss_over_time(name, seconds):
     """Peak RSS (MiB) in each fifth of the drain, from the 250 ms samples."""

@@ -492,11 +492,12 @@ fn aggregates_in_a_redis_cluster() {
     assert!(holding >= 2, "the keys should spread over the nodes");
 }
 
-/// The model's inputs take aggregates: each scored event's feedback record carries the
-/// windows ending at its own event time, the event included (nulls, as -1, for a too-late
-/// event), as the oracle computes them from the records before it. A replay by a new group
-/// then finds every event of the partition already applied: each event's windows then hold
-/// every event of its entity in buckets up to its own, as documented.
+/// The model's inputs take aggregates and a latest value: each scored event's feedback record
+/// carries the windows ending at its own event time, the event included (nulls, as -1, for a
+/// too-late event), and the amount of its customer's newest earlier event, as the oracle
+/// computes them from the records before it. A replay by a new group then finds every event
+/// of the partition already applied: each event's windows hold every event of its entity in
+/// buckets up to its own, and no latest value is older than the event, as documented.
 #[test]
 fn scored_events_carry_the_aggregates_at_their_point_in_time() {
     let broker = Broker::start();
@@ -528,6 +529,7 @@ inputs = [
   {{ aggregate = "velocity.amount_sum_1h", null = -1.0 }},
   {{ aggregate = "velocity.amount_avg_6h", null = -1.0 }},
   {{ aggregate = "velocity.amount_max_6h", null = -1.0 }},
+  {{ latest = "customer.amount", null = -1.0 }},
 ]
 output = {{ kind = "score" }}
 "#
@@ -540,14 +542,26 @@ output = {{ kind = "score" }}
     p.run_until_drained(&broker, DRAIN, "run.log");
 
     let records = seen(&broker, &p.topic);
-    // Point in time: the entity as the oracle has it right after the event.
+    // Point in time: the entity as the oracle has it right after the event; its latest
+    // amount, from its newest event before this one (by event time, partition, offset).
     let mut entities: HashMap<String, Entity> = HashMap::new();
+    let mut newest: HashMap<String, ((i64, i32, i64), f64)> = HashMap::new();
     let mut first: HashMap<String, Vec<f64>> = HashMap::new();
     for e in &records {
         let entity = entities.entry(e.customer.clone()).or_default();
         let late = entity.too_late(e.ms);
         entity.apply(e);
-        first.insert(e.id.clone(), fed(e, entity, late));
+        let order = (e.ms, e.partition, e.offset);
+        let latest = match newest.get(&e.customer) {
+            Some((o, amount)) if *o < order => *amount,
+            _ => -1.0,
+        };
+        if newest.get(&e.customer).is_none_or(|(o, _)| order > *o) {
+            newest.insert(e.customer.clone(), (order, e.amount));
+        }
+        let mut features = fed(e, entity, late);
+        features.push(latest);
+        first.insert(e.id.clone(), features);
     }
     let check = |topic: &str, want: &HashMap<String, Vec<f64>>| {
         let got = broker.read_all(topic);
@@ -594,7 +608,10 @@ output = {{ kind = "score" }}
         .iter()
         .map(|e| {
             let entity = &after[&e.customer];
-            (e.id.clone(), fed(e, entity, entity.too_late(e.ms)))
+            // Redis holds each customer's newest event, never older than a replayed one.
+            let mut features = fed(e, entity, entity.too_late(e.ms));
+            features.push(-1.0);
+            (e.id.clone(), features)
         })
         .collect();
     check(&replayed, &second);

@@ -5,9 +5,14 @@
 #   (c) a bare rdkafka consumer that joins the group, counts and commits (the client's limit);
 #   (b) sluice, Parquet (zstd, dt/hour partitions) + dead letters;
 #   (a) sluice, the whole of pipelines/orders.toml: Parquet + dead letters + Redis features +
-#       fraud scores (TorchScript) with predictions and feedback on Kafka;
-#   (d) benches/python_pipeline.py: the same job in Python (confluent-kafka, orjson, pyarrow,
-#       redis-py, torch), same model, Redis layout, topics and Parquet layout.
+#       two aggregate views of three windows each, read back as model inputs + fraud scores
+#       (TorchScript) with predictions and feedback on Kafka;
+#   (a0) the same without the aggregate views (the model's aggregate inputs replaced by the
+#       amount, so that the model does the same work);
+#   (d) benches/python_pipeline.py: the job of (a0) in Python (confluent-kafka, orjson,
+#       pyarrow, redis-py, torch), same model, Redis layout, topics and Parquet layout.
+# Redis is emptied before each run; its CPU seconds over the run, and after (a) the memory per
+# entity of each view (MEMORY USAGE), are recorded.
 # Every run is timed from its process's start to the moment the broker holds its commit of the
 # last event, the same way for all four; CPU seconds and peak RSS come from the kernel (wait4).
 # Then (a) drains a backlog BENCH_MEMORY_FACTOR times larger, to compare peak RSS. Prints one
@@ -41,6 +46,18 @@ done
 # pipelines/orders.toml up to its Redis sink: Parquet and dead letters only.
 sed '/^\[sink.redis\]/,$d' pipelines/orders.toml >"$WORK/parquet-only.toml"
 sed -i "s|^schema = \"../schemas/|schema = \"$PWD/schemas/|" "$WORK/parquet-only.toml"
+# pipelines/orders.toml without its aggregate views; the model's aggregate inputs read the
+# amount instead, so that it stays as wide.
+python3 - "$PWD" "$WORK/no-aggregates.toml" <<'PY'
+import re, sys
+root, out = sys.argv[1], sys.argv[2]
+text = open(f"{root}/pipelines/orders.toml").read()
+text = re.sub(r"\[\[sink\.redis\.aggregates\]\].*?(?=\n# Scoring|\n\[\[sink\.redis\.aggregates\]\])", "", text, flags=re.S)
+text = re.sub(r'\{ aggregate = "[^"]+", null = [0-9.]+ \}', '{ column = "amount" }', text)
+text = text.replace('"../schemas/', f'"{root}/schemas/').replace(":-../models/fraud}", f":-{root}/models/fraud}}")
+assert "{ aggregate =" not in text and "[[sink.redis.aggregates]]" not in text, "aggregates left"
+open(out, "w").write(text)
+PY
 
 # preload TOPIC COUNT
 preload() {
@@ -55,6 +72,8 @@ preload() {
 measure() {
   local name="$1" topic="$2" total="$3"; shift 3
   local start end pid
+  redis-cli -u "$REDIS_URL" FLUSHALL >/dev/null
+  python3 benches/redis_usage.py "$REDIS_URL" cpu >"$WORK/$name.redis-cpu-before"
   start=$(date +%s.%N)
   python3 benches/measure.py run "$WORK/$name.json" -- "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
   SLUICE_PID=$!
@@ -62,6 +81,8 @@ measure() {
     --timeout-secs 3600 --while-running "$SLUICE_PID"
   end=$(date +%s.%N)
   python3 -c "print($end - $start)" >"$WORK/$name.seconds"
+  python3 benches/redis_usage.py "$REDIS_URL" cpu >"$WORK/$name.redis-cpu-after"
+  python3 benches/redis_usage.py "$REDIS_URL" memory "$WORK/$name.redis-memory"
   if [ -n "${METRICS_PORT:-}" ]; then
     curl -s "127.0.0.1:$METRICS_PORT/metrics" >"$WORK/$name.metrics"
   fi
@@ -91,8 +112,11 @@ measure bare "$TOPIC" "$EVENTS" "$BIN/sluice-bench" drain "$TOPIC" --expect "$EV
 say "(b) sluice: Parquet + dead letters"
 sluice parquet "$TOPIC" "$EVENTS" "$WORK/parquet-only.toml"
 
-say "(a) sluice: Parquet + dead letters + Redis + scoring, predictions and feedback"
+say "(a) sluice: Parquet + dead letters + Redis + aggregates + scoring, predictions and feedback"
 sluice full "$TOPIC" "$EVENTS" pipelines/orders.toml
+
+say "(a0) sluice: the same without the aggregate views"
+sluice noagg "$TOPIC" "$EVENTS" "$WORK/no-aggregates.toml"
 
 say "(d) Python: confluent-kafka + orjson + pyarrow + redis-py + torch"
 measure python "$TOPIC" "$EVENTS" python3 benches/python_pipeline.py --topic "$TOPIC" \

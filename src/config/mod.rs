@@ -510,17 +510,40 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
         topics.push(topic.clone());
     }
     let models = raw.model.as_deref().unwrap_or_default();
-    let aggregates: Vec<String> = redis
-        .iter()
-        .flatten()
-        .flat_map(|r| &r.aggregates)
-        .flat_map(|a| {
-            a.feature_names()
-                .into_iter()
-                .map(move |f| format!("{}.{f}", a.name))
-        })
-        .collect();
-    let models = model::build_models(models, base, schema.as_deref(), &topics, &aggregates, p);
+    let numeric = |column: &str| {
+        schema
+            .as_deref()
+            .and_then(|s| s.field(column))
+            .is_some_and(|f| {
+                matches!(
+                    f.kind,
+                    Kind::Integer { .. } | Kind::Number { .. } | Kind::Boolean
+                )
+            })
+    };
+    let specs: Vec<&RedisSpec> = redis.iter().flatten().collect();
+    let from_redis = model::RedisInputs {
+        aggregates: specs
+            .iter()
+            .flat_map(|r| &r.aggregates)
+            .flat_map(|a| {
+                a.feature_names()
+                    .into_iter()
+                    .map(move |f| format!("{}.{f}", a.name))
+            })
+            .collect(),
+        latest: specs
+            .iter()
+            .flat_map(|r| &r.views)
+            .flat_map(|v| {
+                v.fields
+                    .iter()
+                    .filter(|(c, _)| numeric(c))
+                    .map(move |(_, f)| format!("{}.{f}", v.name))
+            })
+            .collect(),
+    };
+    let models = model::build_models(models, base, schema.as_deref(), &topics, &from_redis, p);
     if let Some(j) = &join {
         if parquet.is_some() || redis.is_some() || models.as_ref().is_some_and(|m| !m.is_empty()) {
             p.push(

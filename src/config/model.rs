@@ -219,13 +219,21 @@ fn parse_device(s: &str) -> Result<DeviceChoice, String> {
     }
 }
 
+/// What model inputs can take from Redis: aggregate features (`<view>.<feature>_<window>`)
+/// and latest-value fields that hold numbers or booleans (`<view>.<hash field>`).
+#[derive(Debug, Default)]
+pub(super) struct RedisInputs {
+    pub aggregates: Vec<String>,
+    pub latest: Vec<String>,
+}
+
 /// Every model section; `topics` are the topics already in use (source, dead letters).
 pub(super) fn build_models(
     raw: &[RawModel],
     base: &Path,
     schema: Option<&EventSchema>,
     topics: &[String],
-    aggregates: &[String],
+    redis: &RedisInputs,
     p: &mut Problems,
 ) -> Option<Vec<ModelSpec>> {
     let mut models = Vec::new();
@@ -233,7 +241,7 @@ pub(super) fn build_models(
     let mut ok = true;
     for (i, m) in raw.iter().enumerate() {
         let at = format!("model[{i}]");
-        match build_model(m, &at, base, schema, aggregates, p) {
+        match build_model(m, &at, base, schema, redis, p) {
             Some(spec) => {
                 if models.iter().any(|o: &ModelSpec| o.name == spec.name) {
                     p.push(
@@ -270,7 +278,7 @@ fn build_model(
     at: &str,
     base: &Path,
     schema: Option<&EventSchema>,
-    aggregates: &[String],
+    redis: &RedisInputs,
     p: &mut Problems,
 ) -> Option<ModelSpec> {
     let key_path = |k: &str| format!("{at}.{k}");
@@ -378,7 +386,7 @@ fn build_model(
     let inputs: Vec<Option<InputSpec>> = raw_inputs
         .iter()
         .enumerate()
-        .map(|(i, r)| build_input(r, &format!("{at}.inputs[{i}]"), schema, aggregates, p))
+        .map(|(i, r)| build_input(r, &format!("{at}.inputs[{i}]"), schema, redis, p))
         .collect();
     let output = match &raw.output {
         Some(o) => build_output(o, &key_path("output"), p),
@@ -467,14 +475,34 @@ fn build_input(
     raw: &RawInput,
     at: &str,
     schema: Option<&EventSchema>,
-    aggregates: &[String],
+    redis: &RedisInputs,
     p: &mut Problems,
 ) -> Option<InputSpec> {
     let aggregate = p
         .read(&format!("{at}.aggregate"), &raw.aggregate)
         .ok()
         .flatten();
-    if let Some(a) = aggregate {
+    let latest = p.read(&format!("{at}.latest"), &raw.latest).ok().flatten();
+    let (kind, name, known, form) = match (aggregate, latest) {
+        (None, None) => (None, String::new(), &[][..], ""),
+        (Some(a), None) => (
+            Some("aggregate"),
+            a,
+            &redis.aggregates[..],
+            "a feature of an aggregate view (write \"<view>.<feature>_<window>\")",
+        ),
+        (None, Some(l)) => (
+            Some("latest"),
+            l,
+            &redis.latest[..],
+            "a number or boolean field of a view (write \"<view>.<hash field>\")",
+        ),
+        (Some(_), Some(_)) => {
+            p.push(at, "set `aggregate` or `latest`, not both");
+            return None;
+        }
+    };
+    if let Some(kind) = kind {
         if raw.column.is_some()
             || raw.one_hot.is_some()
             || raw.index.is_some()
@@ -482,21 +510,28 @@ fn build_input(
         {
             p.push(
                 at,
-                "an `aggregate` input is a number: it takes no `column`, `one_hot`, `index` or `extract`",
+                format!(
+                    "an `{kind}` input is a number: it takes no `column`, `one_hot`, `index` \
+                     or `extract`"
+                ),
             );
         }
-        if !aggregates.contains(&a) {
+        if !known.contains(&name) {
             p.push(
-                &format!("{at}.aggregate"),
+                &format!("{at}.{kind}"),
                 format!(
-                    "{a:?} is not a feature of an aggregate view in [sink.redis] (write                      \"<view>.<feature>_<window>\"; there are: {})",
-                    if aggregates.is_empty() { "none".to_owned() } else { aggregates.join(", ") }
+                    "{name:?} is not {form} in [sink.redis] (there are: {})",
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
                 ),
             );
         }
         let null = p.read(&format!("{at}.null"), &raw.null).ok()?;
         return Some(InputSpec {
-            column: a,
+            column: name,
             redis: true,
             encoding: Encoding::Number,
             null: null.map(|v| v as f32),

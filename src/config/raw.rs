@@ -313,6 +313,9 @@ pub struct RawInput {
     /// Instead of a column: an aggregate from Redis for the event's entity,
     /// `<view>.<feature>_<window>` (the windows ending at the event's own event time).
     pub aggregate: Option<Setting<String>>,
+    /// Instead of a column: a latest-value view's field for the event's entity,
+    /// `<view>.<hash field>` (a number or boolean), as of the entity's previous event.
+    pub latest: Option<Setting<String>>,
     /// Value used when the column is null or absent; without it, such an event is a dead
     /// letter (stage `inference`, reason `null_input`).
     pub null: Option<Setting<f64>>,

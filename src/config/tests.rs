@@ -673,7 +673,11 @@ features = [
 name = "m"
 path = "m"
 output_topic = "out"
-inputs = [{{ aggregate = "velocity.orders_2h" }}]
+inputs = [{{ aggregate = "velocity.orders_2h" }}, {{ latest = "customer.country" }}]
+[[sink.redis.views]]
+name = "customer"
+key = "cust:{{id}}"
+columns = ["country", "amount"]
 "#
         ),
     );
@@ -688,6 +692,7 @@ inputs = [{{ aggregate = "velocity.orders_2h" }}]
         "sink.redis.aggregates[0].features[2].function: expected \"count\", \"sum\", \"avg\", \"min\" or \"max\", got \"median\"",
         "sink.redis.aggregates[0].features[3].column: is required for this function",
         "model[0].inputs[0].aggregate: \"velocity.orders_2h\" is not a feature of an aggregate view",
+        "model[0].inputs[1].latest: \"customer.country\" is not a number or boolean field of a view (write \"<view>.<hash field>\") in [sink.redis] (there are: customer.amount)",
     ] {
         assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
     }

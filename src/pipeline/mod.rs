@@ -77,13 +77,13 @@ pub async fn run(
     result
 }
 
-/// The aggregate views whose features the pipeline's models take as inputs.
+/// The inputs the pipeline's models take from Redis (`<view>.<field or feature>`).
 fn enriched(spec: &Pipeline) -> Vec<String> {
     spec.models
         .iter()
         .flat_map(|m| &m.inputs)
         .filter(|i| i.redis)
-        .filter_map(|i| i.column.split('.').next().map(str::to_owned))
+        .map(|i| i.column.clone())
         .collect()
 }
 

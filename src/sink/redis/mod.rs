@@ -322,8 +322,14 @@ pub async fn read_aggregate(
     }))
 }
 
+/// Reads hash fields (`ARGV`) of `KEYS[1]`: the state a batch's latest-value inputs start from.
+const READ_FIELDS: &str = "return redis.call('HMGET', KEYS[1], unpack(ARGV))";
+
 /// One view, resolved against the batch schema.
 struct View {
+    name: String,
+    /// The (hash field, column) pairs that models take as inputs.
+    enrich: Vec<(String, String)>,
     key: Vec<KeyPart>,
     fields: Vec<(String, String)>,
     ttl_secs: u64,
@@ -338,6 +344,7 @@ pub struct RedisSink {
     script: Script,
     views: Vec<View>,
     aggregate_script: Script,
+    read_script: Script,
     aggregates: Vec<aggregate::View>,
     /// The point-in-time features of the last batch written, for the models.
     enrichment: Vec<(String, ArrayRef)>,
@@ -347,7 +354,7 @@ pub struct RedisSink {
 
 impl RedisSink {
     /// Connects, checks the server supports what the views need, and loads the scripts.
-    /// `enrich`: the aggregate views whose features models take as inputs.
+    /// `enrich`: the inputs models take from Redis (`<view>.<field or feature>`).
     pub async fn open(
         pipeline: &str,
         spec: &RedisSpec,
@@ -381,7 +388,8 @@ impl RedisSink {
         }
         let script = Script::new(SCRIPT);
         let aggregate_script = Script::new(aggregate::WRITE);
-        for s in [&script, &aggregate_script] {
+        let read_script = Script::new(READ_FIELDS);
+        for s in [&script, &aggregate_script, &read_script] {
             conn.load(s)
                 .await
                 .map_err(|source| RedisSinkError::Connect {
@@ -395,6 +403,13 @@ impl RedisSink {
             .views
             .iter()
             .map(|v| View {
+                name: v.name.clone(),
+                enrich: v
+                    .fields
+                    .iter()
+                    .filter(|(_, f)| enrich.contains(&format!("{}.{f}", v.name)))
+                    .map(|(c, f)| (f.clone(), c.clone()))
+                    .collect(),
                 key: v.key.clone(),
                 fields: v.fields.clone(),
                 ttl_secs: v.ttl.map_or(0, |t| t.as_secs()),
@@ -408,7 +423,12 @@ impl RedisSink {
         let aggregates = spec
             .aggregates
             .iter()
-            .map(|a| aggregate::View::new(a, enrich.contains(&a.name)))
+            .map(|a| {
+                let used = enrich
+                    .iter()
+                    .any(|e| e.split('.').next() == Some(a.name.as_str()));
+                aggregate::View::new(a, used)
+            })
             .collect();
         Ok(Self {
             pipeline: pipeline.to_owned(),
@@ -417,6 +437,7 @@ impl RedisSink {
             script,
             views,
             aggregate_script,
+            read_script,
             aggregates,
             enrichment: Vec::new(),
             healthy,
@@ -457,12 +478,14 @@ impl RedisSink {
     }
 
     async fn write_views(
-        &self,
+        &mut self,
         batch: &RecordBatch,
         times: &[i64],
         skip: &[bool],
         cancel: &CancellationToken,
     ) -> Result<Vec<Refusal>, RedisSinkError> {
+        let previous = self.previous(batch, times, skip, cancel).await?;
+        self.enrichment.extend(previous);
         let invocations = self.build(batch, times, skip);
         let sent = invocations.len();
         let labels = [("pipeline", self.pipeline.clone())];
@@ -485,6 +508,103 @@ impl RedisSink {
         metrics::counter!("sluice_redis_rows_stale_total", &labels)
             .increment((sent - refused.len()) as u64 - accepted);
         Ok(refused)
+    }
+
+    /// The latest-value inputs of the batch's rows: for each row, the field as of its
+    /// entity's newest event before it (by event time, then topic, partition and offset) among
+    /// what the hash held before the batch and the batch's earlier rows; null when there is
+    /// none, or when what is known is not older than the row (a replay, an out-of-order event).
+    async fn previous(
+        &self,
+        batch: &RecordBatch,
+        times: &[i64],
+        skip: &[bool],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<(String, ArrayRef)>, RedisSinkError> {
+        type Order = (i64, String, i32, i64);
+        let (topics, partitions, offsets) = crate::schema::provenance(batch);
+        let number = |text: Option<&str>| match text {
+            Some("true") => Some(1.0),
+            Some("false") => Some(0.0),
+            Some(t) => t.parse::<f64>().ok(),
+            None => None,
+        };
+        let mut out = Vec::new();
+        for view in self.views.iter().filter(|v| !v.enrich.is_empty()) {
+            let mut keys: Vec<String> = Vec::new();
+            let mut rows: HashMap<String, Vec<usize>> = HashMap::new();
+            for row in (0..batch.num_rows()).filter(|r| !skip[*r]) {
+                let key = render_key(&view.key, batch, row);
+                rows.entry(key.clone())
+                    .or_insert_with(|| {
+                        keys.push(key);
+                        Vec::new()
+                    })
+                    .push(row);
+            }
+            let mut fields: Vec<String> = ["_ts", "_topic", "_partition", "_offset"]
+                .map(String::from)
+                .to_vec();
+            fields.extend(view.enrich.iter().map(|(f, _)| f.clone()));
+            let calls: Vec<(&str, &[String])> = keys
+                .iter()
+                .map(|k| (k.as_str(), fields.as_slice()))
+                .collect();
+            let replies = self
+                .execute::<Vec<Option<String>>>(&self.read_script, &calls, cancel)
+                .await?;
+            let mut values = vec![vec![None; batch.num_rows()]; view.enrich.len()];
+            for (key, reply) in keys.iter().zip(replies) {
+                // A key Redis refuses to read (another type) has no previous values; its write
+                // is refused below, and its events dead-lettered.
+                let stored = reply.unwrap_or_default();
+                let field = |i: usize| stored.get(i).and_then(|v| v.as_deref());
+                let mut known: Option<(Order, Vec<Option<f64>>)> = match (
+                    field(0).and_then(|t| t.parse().ok()),
+                    field(2).and_then(|p| p.parse().ok()),
+                    field(3).and_then(|o| o.parse().ok()),
+                ) {
+                    (Some(ts), Some(p), Some(o)) => Some((
+                        (ts, field(1).unwrap_or_default().to_owned(), p, o),
+                        (0..view.enrich.len())
+                            .map(|f| number(field(4 + f)))
+                            .collect(),
+                    )),
+                    _ => None,
+                };
+                for &row in &rows[key] {
+                    let order: Order = (
+                        times[row],
+                        topics.value(row).to_owned(),
+                        partitions.value(row),
+                        offsets.value(row),
+                    );
+                    if let Some((_, v)) = known.as_ref().filter(|(o, _)| *o < order) {
+                        for (f, value) in v.iter().enumerate() {
+                            values[f][row] = *value;
+                        }
+                    }
+                    if known.as_ref().is_none_or(|(o, _)| order > *o) {
+                        let own = view
+                            .enrich
+                            .iter()
+                            .map(|(_, c)| {
+                                let column = batch.column_by_name(c).expect("validated column");
+                                number(encode(column, row).as_deref())
+                            })
+                            .collect();
+                        known = Some((order, own));
+                    }
+                }
+            }
+            for ((field, _), v) in view.enrich.iter().zip(values) {
+                out.push((
+                    format!("{}.{field}", view.name),
+                    Arc::new(arrow::array::Float64Array::from(v)) as ArrayRef,
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// One call per (view, entity, partition), so that a partition's events reach each
@@ -546,7 +666,7 @@ impl RedisSink {
                 enrichment.extend(aggregate::columns(view, batch.num_rows(), results));
             }
         }
-        self.enrichment = enrichment;
+        self.enrichment.extend(enrichment);
         Ok(refused)
     }
 
@@ -784,6 +904,7 @@ impl Sink for RedisSink {
 
     fn enriches(&self) -> bool {
         self.aggregates.iter().any(aggregate::View::enriches)
+            || self.views.iter().any(|v| !v.enrich.is_empty())
     }
 
     fn enrichment(&mut self) -> Vec<(String, ArrayRef)> {
