@@ -342,13 +342,26 @@ fn aggregates_equal_the_oracle_across_late_out_of_order_and_replayed_events() {
     let p = TestPipeline::new(&broker, 3, "idle_flush = \"300ms\"");
     with_aggregates(&p, &redis.url(), "");
     produce_agg(&broker, &p.topic, 0..3_000);
-    p.run_until_drained(&broker, DRAIN, "run.log");
+    let port = free_port();
+    let mut sluice = p.spawn_listening("run.log", &format!("127.0.0.1:{port}"));
+    p.wait_drained(&broker, DRAIN);
+    let metrics = http_get(port, "/metrics").1;
+    p.stop(&mut sluice, "run.log");
     let records = seen(&broker, &p.topic);
     let entities = oracle(&records);
     assert_eq!(entities.len(), 12);
-    assert!(
-        entities.values().map(|e| e.late).sum::<u64>() > 50,
-        "the events should include late ones"
+    let late: u64 = entities.values().map(|e| e.late).sum();
+    assert!(late > 50, "the events should include late ones");
+    let counted: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("sluice_redis_aggregate_events_total{") && l.contains("result=\"late\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        counted as u64, late,
+        "too-late events counted in the metric:\n{metrics}"
     );
     assert_hashes(
         &redis.hashes("agg:"),

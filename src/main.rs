@@ -150,6 +150,9 @@ enum FeaturesCommand {
         #[arg(long)]
         at: Option<String>,
     },
+    /// Print the read-only Lua script that finishes an aggregate view's windows in Redis, for
+    /// other services: `EVAL <script> 1 <key> <T ms> <window ms>...` (see the README).
+    ReadScript,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -165,6 +168,12 @@ fn main() -> ExitCode {
         Command::Features {
             command: FeaturesCommand::Get { pipeline, key, at },
         } => features_get(&pipeline, &key, at.as_deref()),
+        Command::Features {
+            command: FeaturesCommand::ReadScript,
+        } => {
+            print!("{}", sluice::sink::redis::aggregate::READ.trim_start());
+            ExitCode::SUCCESS
+        }
         Command::Model { command } => model(command),
         Command::Train {
             file,

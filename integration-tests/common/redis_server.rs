@@ -133,7 +133,23 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
+    /// Starts the cluster; a node that lost its port to another test between the choice of
+    /// ports and its start (it exits) makes this try again on new ports, up to three times.
     pub fn start() -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start() {
+                Ok(cluster) => return cluster,
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!(
+            "no Redis Cluster after three tries:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    fn try_start() -> Result<Self, String> {
         // Node ports and cluster-bus ports, all distinct (the bus defaults to port + 10000,
         // which may not exist for a high free port).
         let ports = free_ports(6);
@@ -155,13 +171,19 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let created = run_ok(
-            Command::new("redis-cli")
-                .args(["--cluster", "create"])
-                .args(&addrs)
-                .args(["--cluster-replicas", "0", "--cluster-yes"]),
-            "redis-cli --cluster create",
-        );
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .map_err(|e| format!("redis-cli could not start: {e}"))?;
+        let created = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create: {}{created}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
         let started = Instant::now();
         while !nodes
             .iter()
@@ -174,7 +196,7 @@ impl RedisCluster {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        Self { nodes }
+        Ok(Self { nodes })
     }
 
     pub fn urls(&self) -> Vec<String> {
