@@ -180,10 +180,25 @@ impl Partial {
         };
     }
 
-    /// The documented packed form: `%.17g` numbers (Rust's shortest round trip parses back
-    /// to the same double, which is what is compared).
+    /// The documented form: a JSON array of the partials in `_parts` order, `null` for a
+    /// missing min or max (17 significant digits: the same double, which is what is compared).
     fn parse(text: &str) -> Self {
-        let v: Vec<Option<f64>> = text.split(',').map(|x| x.parse().ok()).collect();
+        // Parsed by hand: serde_json's default float parsing may miss the last bit of a
+        // 17-digit number, where `str::parse` is exact.
+        let inner = text
+            .strip_prefix('[')
+            .and_then(|t| t.strip_suffix(']'))
+            .unwrap_or_else(|| panic!("partials {text:?}: not a JSON array"));
+        let v: Vec<Option<f64>> = inner
+            .split(',')
+            .map(|x| match x {
+                "null" => None,
+                x => Some(
+                    x.parse()
+                        .unwrap_or_else(|e| panic!("partials {text:?}: {e}")),
+                ),
+            })
+            .collect();
         assert_eq!(v.len(), 6, "partials {text:?}");
         Self {
             n: v[0].unwrap(),

@@ -5,7 +5,7 @@
 //!
 //! | field | value |
 //! |---|---|
-//! | `<bucket start, ms since the epoch>` | the bucket's partials, comma-separated, in `_parts` order (`''` for a `lo`/`hi` with no value) |
+//! | `<bucket start, ms since the epoch>` | the bucket's partials as a JSON array in `_parts` order (`null` for a `lo`/`hi` with no value) |
 //! | `_parts` | `<bucket ms>;<part>,<part>,…`, parts `n` (events), `c:<feature>` (events matching its condition), `s:<col>` (sum), `k:<col>` (non-null values), `lo:<col>`, `hi:<col>` |
 //! | `_wm` | the entity's newest applied event time (ms) |
 //! | `_o:<topic>:<partition>` | the guard: the last offset of that partition applied (or judged too late) |
@@ -63,25 +63,29 @@ local wins = {}
 for j = 1, nw do wins[j] = tonumber(ARGV[i]); i = i + 1 end
 local ne = tonumber(ARGV[i]); i = i + 1
 
+-- Buckets are decoded only when an event needs them: `raw` holds the stored JSON, `buckets`
+-- the decoded partials (and the new buckets).
 local stored = redis.call('HGETALL', key)
-local buckets, meta = {}, {}
+local raw, buckets, meta = {}, {}, {}
 for j = 1, #stored, 2 do
   local start = tonumber(stored[j])
-  if start then
-    local vals, k = {}, 1
-    for v in (stored[j + 1] .. ','):gmatch('([^,]*),') do
-      vals[k] = tonumber(v) or false
-      k = k + 1
-    end
-    buckets[start] = vals
-  else
-    meta[stored[j]] = stored[j + 1]
-  end
+  if start then raw[start] = stored[j + 1] else meta[stored[j]] = stored[j + 1] end
 end
 if meta['_parts'] and meta['_parts'] ~= desc then
   -- The view's definition changed: its aggregates start again (the guards stay).
-  for start in pairs(buckets) do redis.call('HDEL', key, string.format('%d', start)) end
-  buckets = {}
+  for start in pairs(raw) do redis.call('HDEL', key, string.format('%d', start)) end
+  raw = {}
+end
+local function bucket_of(start)
+  local b = buckets[start]
+  if b == nil and raw[start] then
+    b = cjson.decode(raw[start])
+    for j = 1, np do
+      if b[j] == cjson.null or b[j] == nil then b[j] = false end
+    end
+    buckets[start] = b
+  end
+  return b
 end
 local last = tonumber(meta[guard]) or -1
 local wm = tonumber(meta['_wm'])
@@ -115,6 +119,11 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
+local function json(x)
+  if x == false then return 'null' end
+  return string.format('%.17g', x)
+end
+
 for _ = 1, ne do
   local off, ts = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   local first = i + 2
@@ -126,8 +135,8 @@ for _ = 1, ne do
     last = off
   else
     local start = ts - ts % bucket
-    local b = buckets[start]
-    if not b then b = empty(); buckets[start] = b end
+    local b = bucket_of(start)
+    if not b then b = empty(); buckets[start] = b; raw[start] = '' end
     for j = 1, np do
       local k, v = kinds[j], ARGV[first + j - 1]
       if k == 'n' then
@@ -153,8 +162,9 @@ for _ = 1, ne do
       local cur = ts - ts % bucket
       local accs = {}
       for w = 1, nw do accs[w] = empty() end
-      for start, b in pairs(buckets) do
-        if start <= cur then
+      for start in pairs(raw) do
+        if start <= cur and start > cur - longest then
+          local b = bucket_of(start)
           for w = 1, nw do
             if start > cur - wins[w] then merge(accs[w], b) end
           end
@@ -172,14 +182,14 @@ if wm then
   local horizon = edge - edge % bucket - longest
   local hset = {guard, string.format('%d', last), '_wm', string.format('%d', wm), '_parts', desc}
   local hdel = {}
-  for start, b in pairs(buckets) do
+  for start in pairs(raw) do
     if start <= horizon then
       hdel[#hdel + 1] = string.format('%d', start)
     elseif dirty[start] then
-      local vals = {}
-      for j = 1, np do vals[j] = fmt(b[j]) end
+      local b, vals = buckets[start], {}
+      for j = 1, np do vals[j] = json(b[j]) end
       hset[#hset + 1] = string.format('%d', start)
-      hset[#hset + 1] = table.concat(vals, ',')
+      hset[#hset + 1] = '[' .. table.concat(vals, ',') .. ']'
     end
   end
   redis.call('HSET', key, unpack(hset))
@@ -221,10 +231,10 @@ for w = 2, #ARGV do
   end
   for start, packed in pairs(buckets) do
     if start <= cur and start > cur - len then
-      local j = 1
-      for v in (packed .. ','):gmatch('([^,]*),') do
-        local x, k = tonumber(v), kinds[j]
-        if x then
+      local vals = cjson.decode(packed)
+      for j = 1, np do
+        local x, k = vals[j], kinds[j]
+        if type(x) == 'number' then
           if k == 'lo' then
             if not acc[j] or x < acc[j] then acc[j] = x end
           elseif k == 'hi' then
@@ -233,7 +243,6 @@ for w = 2, #ARGV do
             acc[j] = acc[j] + x
           end
         end
-        j = j + 1
       end
     end
   end
