@@ -591,12 +591,18 @@ url = "redis://localhost:6379"
 time_field = "at"
 "#;
 
-#[test]
-fn an_aggregate_view_and_a_model_input_from_it() {
+/// A folder with the schema and a model repository `m` (validation does not load the model).
+fn with_model_repository() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "s.json", SCHEMA);
     fs::create_dir_all(dir.path().join("m/1")).unwrap();
     fs::write(dir.path().join("m/1/model.pt"), b"not loaded by validation").unwrap();
+    dir
+}
+
+#[test]
+fn an_aggregate_view_and_a_model_input_from_it() {
+    let dir = with_model_repository();
     let file = write(
         dir.path(),
         "p.toml",
@@ -648,10 +654,7 @@ inputs = [{{ column = "amount", null = 0.0 }}, {{ aggregate = "velocity.orders_1
 
 #[test]
 fn aggregate_problems_are_listed_with_their_paths() {
-    let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "s.json", SCHEMA);
-    fs::create_dir_all(dir.path().join("m/1")).unwrap();
-    fs::write(dir.path().join("m/1/model.pt"), b"x").unwrap();
+    let dir = with_model_repository();
     let file = write(
         dir.path(),
         "p.toml",

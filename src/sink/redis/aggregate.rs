@@ -260,15 +260,48 @@ return reply
 pub(super) struct View {
     pub(super) spec: AggregateSpec,
     parts: Vec<Part>,
+    /// What each part takes from a row, in `parts` order.
+    inputs: Vec<Input>,
     /// Whether a model takes its features: then each event's windows come back.
     enrich: bool,
     /// The arguments every call of this view starts with, after the guard.
     head: Vec<String>,
 }
 
+/// What the script gets from a row for one part.
+enum Input {
+    /// Nothing (`n` counts the event itself).
+    None,
+    /// `1` when the column's text form equals the value, else nothing.
+    Equals { column: String, value: String },
+    /// The column's value (nothing when null).
+    Value(String),
+}
+
 impl View {
     pub(super) fn new(spec: &AggregateSpec, enrich: bool) -> Self {
         let parts = spec.parts();
+        let inputs = parts
+            .iter()
+            .map(|part| match part {
+                Part::Count => Input::None,
+                Part::Matching(feature) => match spec
+                    .features
+                    .iter()
+                    .find(|f| f.name == *feature)
+                    .map(|f| &f.function)
+                {
+                    Some(Function::CountIf { column, equals }) => Input::Equals {
+                        column: column.clone(),
+                        value: equals.clone(),
+                    },
+                    _ => unreachable!("a matching part comes from a condition"),
+                },
+                Part::Sum(c) | Part::NonNull(c) | Part::Min(c) | Part::Max(c) => {
+                    Input::Value(c.clone())
+                }
+            })
+            .collect();
         let ms = |d: std::time::Duration| d.as_millis().to_string();
         let mut head = vec![spec.description(), parts.len().to_string()];
         head.extend(parts.iter().map(|p| p.kind().to_owned()));
@@ -278,33 +311,26 @@ impl View {
         Self {
             spec: spec.clone(),
             parts,
+            inputs,
             enrich,
             head,
         }
     }
 
-    /// The script's inputs of one part for `row`: the column's value, `1` when the row
+    /// The script's input of one part for `row`: the column's value, `1` when the row
     /// matches a condition, `''` for none.
-    fn input(&self, part: &Part, batch: &RecordBatch, row: usize) -> String {
+    fn input(input: &Input, batch: &RecordBatch, row: usize) -> String {
         let column = |c: &str| batch.column_by_name(c).expect("validated column");
-        match part {
-            Part::Count => String::new(),
-            Part::Matching(feature) => {
-                let f = self.spec.features.iter().find(|f| f.name == *feature);
-                match f.map(|f| &f.function) {
-                    Some(Function::CountIf { column: c, equals }) => {
-                        if encode(column(c), row).as_deref() == Some(equals.as_str()) {
-                            "1".into()
-                        } else {
-                            String::new()
-                        }
-                    }
-                    _ => unreachable!("a matching part comes from a condition"),
+        match input {
+            Input::None => String::new(),
+            Input::Equals { column: c, value } => {
+                if encode(column(c), row).as_deref() == Some(value.as_str()) {
+                    "1".into()
+                } else {
+                    String::new()
                 }
             }
-            Part::Sum(c) | Part::NonNull(c) | Part::Min(c) | Part::Max(c) => {
-                encode(column(c), row).unwrap_or_default()
-            }
+            Input::Value(c) => encode(column(c), row).unwrap_or_default(),
         }
     }
 }
@@ -352,8 +378,8 @@ pub(super) fn calls(
             for &row in &rows {
                 args.push(offsets.value(row).to_string());
                 args.push(times[row].div_euclid(1_000).to_string());
-                for part in &view.parts {
-                    args.push(view.input(part, batch, row));
+                for input in &view.inputs {
+                    args.push(View::input(input, batch, row));
                 }
             }
             out.push(Call {

@@ -521,7 +521,9 @@ impl RedisSink {
         skip: &[bool],
         cancel: &CancellationToken,
     ) -> Result<Vec<(String, ArrayRef)>, RedisSinkError> {
-        type Order = (i64, String, i32, i64);
+        // Event time, topic, partition, offset: the stored event's topic is owned, a row's
+        // borrowed from the batch.
+        type Order<'a> = (i64, &'a str, i32, i64);
         let (topics, partitions, offsets) = crate::schema::provenance(batch);
         let number = |text: Option<&str>| match text {
             Some("true") => Some(1.0),
@@ -565,7 +567,7 @@ impl RedisSink {
                     field(3).and_then(|o| o.parse().ok()),
                 ) {
                     (Some(ts), Some(p), Some(o)) => Some((
-                        (ts, field(1).unwrap_or_default().to_owned(), p, o),
+                        (ts, field(1).unwrap_or_default(), p, o),
                         (0..view.enrich.len())
                             .map(|f| number(field(4 + f)))
                             .collect(),
@@ -575,7 +577,7 @@ impl RedisSink {
                 for &row in &rows[key] {
                     let order: Order = (
                         times[row],
-                        topics.value(row).to_owned(),
+                        topics.value(row),
                         partitions.value(row),
                         offsets.value(row),
                     );
