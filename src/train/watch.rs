@@ -189,17 +189,6 @@ impl Watching {
             (true, true, _) => "promoted",
             (true, false, _) => "rolled_back",
         };
-        let why = |what: &str| format!("version {} {what} by the trainer's watch", w.version);
-        match result {
-            "kept" => rollout::change(repo, Change::Watch(None), &why("kept")),
-            "promoted" => rollout::change(
-                repo,
-                Change::Promote(Some(w.version.clone())),
-                &why("promoted"),
-            ),
-            "rolled_back" => rollout::change(repo, Change::Rollback, &why("rolled back")),
-            _ => Ok(current),
-        }?;
         let decision = WatchDecision {
             model: spec.model.clone(),
             version: w.version.clone(),
@@ -212,10 +201,23 @@ impl Watching {
             version_metrics: watched,
             decided_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         };
+        // The decision is written before it takes effect, so that whoever sees the rollout
+        // change finds its reasons beside the version.
         let json = serde_json::to_vec_pretty(&decision).expect("serializable");
         if let Err(e) = repo.write(&format!("{}/watch.json", w.version), &json) {
             warn!(error = %e, "Cannot write the watch decision.");
         }
+        let why = |what: &str| format!("version {} {what} by the trainer's watch", w.version);
+        match result {
+            "kept" => rollout::change(repo, Change::Watch(None), &why("kept")),
+            "promoted" => rollout::change(
+                repo,
+                Change::Promote(Some(w.version.clone())),
+                &why("promoted"),
+            ),
+            "rolled_back" => rollout::change(repo, Change::Rollback, &why("rolled back")),
+            _ => Ok(current),
+        }?;
         metrics::counter!("sluice_train_watches_total", "model" => spec.model.clone(),
             "result" => result)
         .increment(1);
