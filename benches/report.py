@@ -40,8 +40,9 @@ def metric_sum(m, metric, **labels):
     return sum(v for (name, ls), v in m.items() if name == metric and all(w in ls for w in want))
 
 
-runs = {"bare": run("bare"), "parquet": run("parquet"), "full": run("full"), "noagg": run("noagg"),
-        "python": run("python")}
+# The runs made (BENCH_ONLY may leave some out).
+runs = {name: run(name) for name in ("bare", "parquet", "full", "noagg", "python")
+        if os.path.exists(path(f"{name}.seconds"))}
 labels = {
     "bare": "(c) bare rdkafka consumer: join, count, commit",
     "parquet": "(b) sluice: Parquet + dead letters",
@@ -52,19 +53,22 @@ labels = {
 print()
 print(f"{events:,} events pre-loaded (3% broken), 4 partitions; {os.cpu_count()} CPUs")
 print(f"{'run':<50} {'events/s':>10} {'seconds':>8} {'CPU s/M ev':>11} {'peak RSS':>10}")
-for key in ("bare", "parquet", "full", "noagg", "python"):
-    r = runs[key]
+for key, r in runs.items():
     print(f"{labels[key]:<50} {r['rate']:>10,.0f} {r['seconds']:>8.1f} {r['cpu_per_m']:>11.1f} {r['rss']:>7.0f} MiB")
 print()
 ratio = lambda a, b: runs[a]["rate"] / runs[b]["rate"]
-print(f"(a) / (a0) with aggregates vs without:      {ratio('full', 'noagg'):>6.2f}    (goal: at least 0.8)")
-print(f"(a0) / (d) sluice vs Python, same job:       {ratio('noagg', 'python'):>6.2f}x   (goal: at least 10)")
-print(f"(a) / (d)  sluice with aggregates vs Python: {ratio('full', 'python'):>6.2f}x")
-print(f"(a) / (c)  sluice full job vs bare consumer: {ratio('full', 'bare'):>6.2f}")
-print(f"(b) / (c)  sluice Parquet vs bare consumer:  {ratio('parquet', 'bare'):>6.2f}    (goal: at least 0.6)")
-print(f"(b) / (d)  sluice Parquet vs Python full job:{ratio('parquet', 'python'):>6.2f}x")
 cpu = lambda a, b: runs[b]["cpu_per_m"] / runs[a]["cpu_per_m"]
-print(f"CPU per event, (d) / (a):                    {cpu('full', 'python'):>6.2f}x")
+for a, b, text, f, unit, goal in [
+    ("full", "noagg", "(a) / (a0) with aggregates vs without:      ", ratio, " ", "    (goal: at least 0.8)"),
+    ("noagg", "python", "(a0) / (d) sluice vs Python, same job:       ", ratio, "x", "   (goal: at least 10)"),
+    ("full", "python", "(a) / (d)  sluice with aggregates vs Python: ", ratio, "x", ""),
+    ("full", "bare", "(a) / (c)  sluice full job vs bare consumer: ", ratio, " ", ""),
+    ("parquet", "bare", "(b) / (c)  sluice Parquet vs bare consumer:  ", ratio, " ", "    (goal: at least 0.6)"),
+    ("parquet", "python", "(b) / (d)  sluice Parquet vs Python full job:", ratio, "x", ""),
+    ("full", "python", "CPU per event, (d) / (a):                    ", cpu, "x", ""),
+]:
+    if a in runs and b in runs:
+        print(f"{text}{f(a, b):>6.2f}{unit}{goal}")
 
 def redis_cpu(name):
     """Redis CPU seconds per million events of a run."""
@@ -75,9 +79,9 @@ def redis_cpu(name):
 
 print()
 print("Redis (emptied before each run):")
-for key in ("full", "noagg", "python"):
+for key in (k for k in ("full", "noagg", "python") if k in runs):
     print(f"  {labels[key]:<50} Redis CPU {redis_cpu(key):>6.1f} s per million events")
-memory = json.load(open(path("full.redis-memory")))
+memory = json.load(open(path("full.redis-memory"))) if "full" in runs else {}
 for prefix, m in memory.items():
     print(f"  after (a), {prefix:<6} {m['keys']:>7,} keys, {m['mean_bytes']:>8,.0f} bytes and {m['mean_fields']:>5.1f} fields each (MEMORY USAGE, mean of up to 500)")
 
@@ -93,7 +97,7 @@ def rss_over_time(name, seconds):
     return " ".join(f"{m:>5.0f}" for m in fifths)
 
 
-if factor > 0:
+if factor > 0 and "full" in runs:
     name = f"full-x{factor}"
     big = run(name, events * factor)
     print()
@@ -103,7 +107,7 @@ if factor > 0:
     print(f"  peak RSS (MiB) in each fifth of the drain, {events:,} events:  {rss_over_time('full', runs['full']['seconds'])}")
     print(f"  peak RSS (MiB) in each fifth of the drain, {events * factor:,} events:  {rss_over_time(name, big['seconds'])}")
 
-for name in ("full", "parquet"):
+for name in ("full", "noagg", "parquet"):
     m = metrics(name)
     if not m:
         continue

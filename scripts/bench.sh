@@ -25,6 +25,8 @@
 #                        trainer fine-tuning the model (TRAIN_THREADS libtorch threads, default
 #                        1), and prediction latency with events produced live at half the
 #                        rate of (a)
+#   BENCH_ONLY           run only these of bare, parquet, full, noagg, python (space-separated;
+#                        default all); the report shows the runs made
 #   KAFKA_BOOTSTRAP / REDIS_URL  use this broker / Redis instead of starting one
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -102,28 +104,31 @@ sluice() {
   METRICS_PORT=""
 }
 
+# runs NAME: whether BENCH_ONLY (default: every run) names NAME.
+runs() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
+
 TOPIC="bench-$RUN_ID"
 preload "$TOPIC" "$EVENTS"
 
-say "(c) bare rdkafka consumer: join the group, count, commit"
+runs bare && say "(c) bare rdkafka consumer: join the group, count, commit" &&
 measure bare "$TOPIC" "$EVENTS" "$BIN/sluice-bench" drain "$TOPIC" --expect "$EVENTS" \
   --group "bench-$RUN_ID-bare"
 
-say "(b) sluice: Parquet + dead letters"
+runs parquet && say "(b) sluice: Parquet + dead letters" &&
 sluice parquet "$TOPIC" "$EVENTS" "$WORK/parquet-only.toml"
 
-say "(a) sluice: Parquet + dead letters + Redis + aggregates + scoring, predictions and feedback"
+runs full && say "(a) sluice: Parquet + dead letters + Redis + aggregates + scoring, predictions and feedback" &&
 sluice full "$TOPIC" "$EVENTS" pipelines/orders.toml
 
-say "(a0) sluice: the same without the aggregate views"
+runs noagg && say "(a0) sluice: the same without the aggregate views" &&
 sluice noagg "$TOPIC" "$EVENTS" "$WORK/no-aggregates.toml"
 
-say "(d) Python: confluent-kafka + orjson + pyarrow + redis-py + torch"
+runs python && say "(d) Python: confluent-kafka + orjson + pyarrow + redis-py + torch" &&
 measure python "$TOPIC" "$EVENTS" python3 benches/python_pipeline.py --topic "$TOPIC" \
   --group "bench-$RUN_ID-python" --dead-letters "$ORDERS_DLQ" --predictions "$FRAUD_TOPIC" \
   --feedback "$FRAUD_FEEDBACK_TOPIC" --output "$WORK/out-python"
 
-if [ "$FACTOR" -gt 0 ]; then
+if [ "$FACTOR" -gt 0 ] && runs full; then
   BIG=$((EVENTS * FACTOR))
   BIG_TOPIC="bench-$RUN_ID-x$FACTOR"
   preload "$BIG_TOPIC" "$BIG"

@@ -43,163 +43,14 @@ use crate::{
     util::text::{encode, render_key},
 };
 
-/// The write script; see the module documentation. `ARGV`: bucket ms, lateness ms, longest
-/// window ms, ttl s, guard field, `_parts`, P, P part kinds, want (`1`: return each event's
-/// windows), W, W window lengths ms, N, then N × (offset, event ms, P values). Returns
-/// `{applied, replayed, late}` and, with want, N × W × P partials (`''`: none; all `''` for
-/// a too-late event).
-pub(super) const WRITE: &str = r#"
-local key = KEYS[1]
-local bucket, lateness, longest = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local ttl, guard, desc = tonumber(ARGV[4]), ARGV[5], ARGV[6]
-local np = tonumber(ARGV[7])
-local kinds = {}
-for j = 1, np do kinds[j] = ARGV[7 + j] end
-local i = 8 + np
-local want = ARGV[i] == '1'
-local nw = tonumber(ARGV[i + 1])
-i = i + 2
-local wins = {}
-for j = 1, nw do wins[j] = tonumber(ARGV[i]); i = i + 1 end
-local ne = tonumber(ARGV[i]); i = i + 1
+/// The write script (`aggregate_write.lua`, which documents its arguments and reply): one
+/// call carries the events of up to [`KEYS_PER_CALL`] entities of one view.
+pub(super) const WRITE: &str = include_str!("aggregate_write.lua");
 
--- Buckets are decoded only when an event needs them: `raw` holds the stored JSON, `buckets`
--- the decoded partials (and the new buckets).
-local stored = redis.call('HGETALL', key)
-local raw, buckets, meta = {}, {}, {}
-for j = 1, #stored, 2 do
-  local start = tonumber(stored[j])
-  if start then raw[start] = stored[j + 1] else meta[stored[j]] = stored[j + 1] end
-end
-if meta['_parts'] and meta['_parts'] ~= desc then
-  -- The view's definition changed: its aggregates start again (the guards stay).
-  for start in pairs(raw) do redis.call('HDEL', key, string.format('%d', start)) end
-  raw = {}
-end
-local function bucket_of(start)
-  local b = buckets[start]
-  if b == nil and raw[start] then
-    b = cjson.decode(raw[start])
-    for j = 1, np do
-      if b[j] == cjson.null or b[j] == nil then b[j] = false end
-    end
-    buckets[start] = b
-  end
-  return b
-end
-local last = tonumber(meta[guard]) or -1
-local wm = tonumber(meta['_wm'])
-local dirty = {}
-local applied, replayed, late = 0, 0, 0
-local out = {}
-
-local function merge(acc, b)
-  for j = 1, np do
-    local k, x = kinds[j], b[j]
-    if k == 'lo' then
-      if x and (not acc[j] or x < acc[j]) then acc[j] = x end
-    elseif k == 'hi' then
-      if x and (not acc[j] or x > acc[j]) then acc[j] = x end
-    else
-      acc[j] = acc[j] + x
-    end
-  end
-end
-
-local function empty()
-  local b = {}
-  for j = 1, np do
-    if kinds[j] == 'lo' or kinds[j] == 'hi' then b[j] = false else b[j] = 0 end
-  end
-  return b
-end
-
-local function fmt(x)
-  if x == false then return '' end
-  return string.format('%.17g', x)
-end
-
-local function json(x)
-  if x == false then return 'null' end
-  return string.format('%.17g', x)
-end
-
-for _ = 1, ne do
-  local off, ts = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-  local first = i + 2
-  i = first + np
-  if off <= last then
-    replayed = replayed + 1
-  elseif wm and ts < wm - lateness then
-    late = late + 1
-    last = off
-  else
-    local start = ts - ts % bucket
-    local b = bucket_of(start)
-    if not b then b = empty(); buckets[start] = b; raw[start] = '' end
-    for j = 1, np do
-      local k, v = kinds[j], ARGV[first + j - 1]
-      if k == 'n' then
-        b[j] = b[j] + 1
-      elseif v ~= '' then
-        local x = tonumber(v)
-        if k == 's' then b[j] = b[j] + x
-        elseif k == 'c' or k == 'k' then b[j] = b[j] + 1
-        elseif k == 'lo' then if not b[j] or x < b[j] then b[j] = x end
-        elseif k == 'hi' then if not b[j] or x > b[j] then b[j] = x end
-        end
-      end
-    end
-    dirty[start] = true
-    last = off
-    if not wm or ts > wm then wm = ts end
-    applied = applied + 1
-  end
-  if want then
-    if wm and ts < wm - lateness then
-      for _ = 1, nw * np do out[#out + 1] = '' end
-    else
-      local cur = ts - ts % bucket
-      local accs = {}
-      for w = 1, nw do accs[w] = empty() end
-      for start in pairs(raw) do
-        if start <= cur and start > cur - longest then
-          local b = bucket_of(start)
-          for w = 1, nw do
-            if start > cur - wins[w] then merge(accs[w], b) end
-          end
-        end
-      end
-      for w = 1, nw do
-        for j = 1, np do out[#out + 1] = fmt(accs[w][j]) end
-      end
-    end
-  end
-end
-
-if wm then
-  local edge = wm - lateness
-  local horizon = edge - edge % bucket - longest
-  local hset = {guard, string.format('%d', last), '_wm', string.format('%d', wm), '_parts', desc}
-  local hdel = {}
-  for start in pairs(raw) do
-    if start <= horizon then
-      hdel[#hdel + 1] = string.format('%d', start)
-    elseif dirty[start] then
-      local b, vals = buckets[start], {}
-      for j = 1, np do vals[j] = json(b[j]) end
-      hset[#hset + 1] = string.format('%d', start)
-      hset[#hset + 1] = '[' .. table.concat(vals, ',') .. ']'
-    end
-  end
-  redis.call('HSET', key, unpack(hset))
-  if #hdel > 0 then redis.call('HDEL', key, unpack(hdel)) end
-  redis.call('EXPIRE', key, ttl)
-end
-local reply = {applied, replayed, late}
-for j = 1, #out do reply[3 + j] = out[j] end
-return reply
-"#;
+/// Entities per write call on a standalone server (on a cluster one, as a script's keys must
+/// share a slot): the script's fixed cost is paid once for them all, and the call stays short
+/// enough not to hold the server up (a few hundred microseconds).
+pub(super) const KEYS_PER_CALL: usize = 64;
 
 /// The read path, for any client (`EVAL_RO` on a replica works): `KEYS[1]` an aggregate
 /// hash, `ARGV` the time to read at (ms) and window lengths (ms). Returns `{_parts, _wm}`,
@@ -302,12 +153,9 @@ impl View {
                 }
             })
             .collect();
-        let ms = |d: std::time::Duration| d.as_millis().to_string();
         let mut head = vec![spec.description(), parts.len().to_string()];
         head.extend(parts.iter().map(|p| p.kind().to_owned()));
         head.push(if enrich { "1" } else { "0" }.into());
-        head.push(spec.windows.len().to_string());
-        head.extend(spec.windows.iter().map(|(_, d)| ms(*d)));
         Self {
             spec: spec.clone(),
             parts,
@@ -335,66 +183,159 @@ impl View {
     }
 }
 
-/// One script call: a view's events of one entity from one partition, in offset order.
+/// One script call: a view's events of up to `per_call` entities, each entity's events of one
+/// source partition in offset order (an entity seen on two partitions is two entries, each
+/// with its guard).
 pub(super) struct Call {
-    pub(super) key: String,
-    pub(super) args: Vec<String>,
     pub(super) view: usize,
-    /// The batch rows of the events, in the order sent.
-    pub(super) rows: Vec<usize>,
+    pub(super) keys: Vec<String>,
+    pub(super) args: Vec<String>,
+    /// Where the view's head ends in `args`, and each entry's arguments.
+    head: usize,
+    tails: Vec<std::ops::Range<usize>>,
+    /// Each entry's batch rows, in the order sent.
+    pub(super) rows: Vec<Vec<usize>>,
+    /// With a view that enriches, each entry's events as sent: event ms and the script's
+    /// input of each part (as a number; `None` for `''`).
+    events: Vec<Vec<(i64, Vec<Option<f64>>)>>,
 }
 
-/// The calls for a batch: one per (view, entity, topic, partition). `times` are event times
-/// in µs; rows with `skip` set are left out.
-pub(super) fn calls(
-    views: &[View],
+impl Call {
+    /// Entry `e`'s events as sent (none unless the view enriches).
+    pub(super) fn event(&self, e: usize) -> &[(i64, Vec<Option<f64>>)] {
+        self.events.get(e).map_or(&[], Vec::as_slice)
+    }
+
+    /// The call again as one call per entry: after Redis refused the whole call, each entity
+    /// on its own, so that only the one it cannot take is refused.
+    pub(super) fn split(&self) -> Vec<Call> {
+        (0..self.keys.len())
+            .map(|e| {
+                let mut args = self.args[..self.head].to_vec();
+                args.extend_from_slice(&self.args[self.tails[e].clone()]);
+                Call {
+                    view: self.view,
+                    keys: vec![self.keys[e].clone()],
+                    tails: vec![self.head..args.len()],
+                    args,
+                    head: self.head,
+                    rows: vec![self.rows[e].clone()],
+                    events: self.events.get(e).cloned().into_iter().collect(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A call planned: a view's entries (entity key, guard field, batch rows in offset order).
+pub(super) struct Plan {
+    view: usize,
+    entries: Vec<(String, String, Vec<usize>)>,
+}
+
+/// The calls of view `v` for a batch, planned: its events grouped by (entity, topic,
+/// partition), up to `per_call` groups per call. Rows with `skip` set are left out. The
+/// arguments are made by [`Plan::call`], so that a call's can be made while Redis runs the
+/// previous.
+pub(super) fn plan(
+    v: usize,
+    view: &View,
     batch: &RecordBatch,
-    times: &[i64],
     skip: &[bool],
-) -> Vec<Call> {
+    per_call: usize,
+) -> Vec<Plan> {
     let (topics, partitions, offsets) = crate::schema::provenance(batch);
     let mut out = Vec::new();
-    for (v, view) in views.iter().enumerate() {
+    {
+        let mut order = Vec::new();
         let mut groups: HashMap<(String, &str, i32), Vec<usize>> = HashMap::new();
         for row in (0..batch.num_rows()).filter(|r| !skip[*r]) {
             let key = render_key(&view.spec.key, batch, row);
             groups
                 .entry((key, topics.value(row), partitions.value(row)))
-                .or_default()
+                .or_insert_with_key(|k| {
+                    order.push(k.clone());
+                    Vec::new()
+                })
                 .push(row);
         }
-        for ((key, topic, partition), mut rows) in groups {
-            rows.sort_by_key(|r| offsets.value(*r));
-            let spec = &view.spec;
-            let mut args = vec![
-                spec.bucket.as_millis().to_string(),
-                spec.lateness.as_millis().to_string(),
-                spec.longest().as_millis().to_string(),
-                spec.ttl.as_secs().max(1).to_string(),
-                format!("_o:{topic}:{partition}"),
-            ];
-            args.extend(view.head.iter().cloned());
-            args.push(rows.len().to_string());
-            for &row in &rows {
-                args.push(offsets.value(row).to_string());
-                args.push(times[row].div_euclid(1_000).to_string());
-                for input in &view.inputs {
-                    args.push(View::input(input, batch, row));
-                }
-            }
-            out.push(Call {
-                key,
-                args,
-                view: v,
-                rows,
-            });
+        for chunk in order.chunks(per_call.max(1)) {
+            let entries = chunk
+                .iter()
+                .map(|group| {
+                    let mut rows = groups.remove(group).expect("grouped above");
+                    rows.sort_by_key(|r| offsets.value(*r));
+                    let (key, topic, partition) = group;
+                    (key.clone(), format!("_o:{topic}:{partition}"), rows)
+                })
+                .collect();
+            out.push(Plan { view: v, entries });
         }
     }
     out
 }
 
-/// A call and its events' partials.
-pub(super) type Answered<'a> = (&'a Call, Vec<Option<f64>>);
+impl Plan {
+    /// The call's arguments, from the batch's rows (`times`: event times in µs).
+    pub(super) fn call(self, views: &[View], batch: &RecordBatch, times: &[i64]) -> Call {
+        let offsets = crate::schema::provenance(batch).2;
+        let view = &views[self.view];
+        let spec = &view.spec;
+        let mut args: Vec<String> = [
+            spec.bucket.as_millis().to_string(),
+            spec.lateness.as_millis().to_string(),
+            spec.longest().as_millis().to_string(),
+            spec.ttl.as_secs().max(1).to_string(),
+        ]
+        .into_iter()
+        .chain(view.head.iter().cloned())
+        .collect();
+        let n = self.entries.len();
+        let mut call = Call {
+            view: self.view,
+            keys: Vec::with_capacity(n),
+            head: args.len(),
+            args: Vec::new(),
+            tails: Vec::with_capacity(n),
+            rows: Vec::with_capacity(n),
+            events: Vec::new(),
+        };
+        for (key, guard, rows) in self.entries {
+            let from = args.len();
+            args.push(guard);
+            args.push(rows.len().to_string());
+            let mut events = Vec::new();
+            for &row in &rows {
+                let ms = times[row].div_euclid(1_000);
+                args.push(offsets.value(row).to_string());
+                args.push(ms.to_string());
+                let at = args.len();
+                for input in &view.inputs {
+                    args.push(View::input(input, batch, row));
+                }
+                if view.enrich {
+                    // A condition's or a count's input is only present or not.
+                    let inputs = args[at..]
+                        .iter()
+                        .map(|v| (!v.is_empty()).then(|| v.parse().unwrap_or(1.0)))
+                        .collect();
+                    events.push((ms, inputs));
+                }
+            }
+            if view.enrich {
+                call.events.push(events);
+            }
+            call.tails.push(from..args.len());
+            call.keys.push(key);
+            call.rows.push(rows);
+        }
+        call.args = args;
+        call
+    }
+}
+
+/// An entry's rows and their events' partials.
+pub(super) type Answered = (Vec<usize>, Vec<Option<f64>>);
 
 /// What one call did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -404,30 +345,159 @@ pub(super) struct Counts {
     pub(super) late: u64,
 }
 
-/// Reads a call's reply: its counts, and (when the view enriches) each event's partials per
-/// window and part.
-pub(super) fn reply(value: Value) -> Result<(Counts, Vec<Option<f64>>), String> {
+/// What the script did with one entry.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(super) struct Answer {
+    /// Per event: `a` applied, `r` a replay, `l` too late.
+    outcomes: Vec<u8>,
+    /// The hash's `_wm` before the call.
+    wm: Option<i64>,
+    /// With a view that enriches, the buckets before the call, by start.
+    buckets: std::collections::BTreeMap<i64, Vec<Option<f64>>>,
+}
+
+impl Answer {
+    pub(super) fn counts(&self) -> Counts {
+        let n = |c: u8| self.outcomes.iter().filter(|o| **o == c).count() as u64;
+        Counts {
+            applied: n(b'a'),
+            replayed: n(b'r'),
+            late: n(b'l'),
+        }
+    }
+}
+
+/// One entry's answer, or why Redis refused its key.
+pub(super) type Outcome = Result<Answer, String>;
+
+/// Reads a call's reply: one outcome per entry, in the call's order.
+pub(super) fn reply(value: Value, entries: usize) -> Result<Vec<Outcome>, String> {
     let Value::Array(items) = value else {
         return Err(format!("expected an array, got {value:?}"));
     };
-    let number = |v: &Value| -> Option<f64> {
-        match v {
-            Value::Int(n) => Some(*n as f64),
-            Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-            Value::SimpleString(s) => s.parse().ok(),
-            _ => None,
-        }
-    };
-    if items.len() < 3 {
-        return Err(format!("expected counts, got {items:?}"));
+    if items.len() != entries {
+        return Err(format!("expected {entries} entries, got {}", items.len()));
     }
-    let count = |i: usize| number(&items[i]).map(|n| n as u64).unwrap_or(0);
-    let counts = Counts {
-        applied: count(0),
-        replayed: count(1),
-        late: count(2),
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(n) => n.to_string(),
+        v => format!("{v:?}"),
     };
-    Ok((counts, items[3..].iter().map(number).collect()))
+    items
+        .into_iter()
+        .map(|item| {
+            let Value::Array(fields) = item else {
+                return Err(format!("expected an entry, got {item:?}"));
+            };
+            if fields.len() < 2 {
+                return Err(format!("expected outcomes, got {fields:?}"));
+            }
+            let first = text(&fields[0]);
+            if first == "error" {
+                return Ok(Err(text(&fields[1])));
+            }
+            let mut answer = Answer {
+                outcomes: first.into_bytes(),
+                wm: text(&fields[1]).parse().ok(),
+                buckets: Default::default(),
+            };
+            for pair in fields[2..].chunks(2) {
+                let [field, value] = pair else {
+                    return Err("a field without its value".into());
+                };
+                if let Ok(start) = text(field).parse::<i64>() {
+                    let partials = parse_bucket(&text(value))
+                        .ok_or_else(|| format!("bucket {start} is not an array of numbers"))?;
+                    answer.buckets.insert(start, partials);
+                }
+            }
+            Ok(Ok(answer))
+        })
+        .collect()
+}
+
+/// A bucket's stored partials, `[3,2469.12,null]`.
+fn parse_bucket(text: &str) -> Option<Vec<Option<f64>>> {
+    let inner = text.trim().strip_prefix('[')?.strip_suffix(']')?;
+    inner
+        .split(',')
+        .map(|v| match v.trim() {
+            "null" => Some(None),
+            v => v.parse().ok().map(Some),
+        })
+        .collect()
+}
+
+/// Adds `partial` into `acc` by part kind: counts and sums add, `lo`/`hi` keep the extreme;
+/// `None` in a sum is nothing to add.
+fn merge(kinds: &[&str], acc: &mut [Option<f64>], partial: &[Option<f64>]) {
+    for ((kind, a), x) in kinds.iter().zip(acc.iter_mut()).zip(partial) {
+        let Some(x) = *x else { continue };
+        *a = Some(match (*kind, *a) {
+            (_, None) => x,
+            ("lo", Some(a)) => a.min(x),
+            ("hi", Some(a)) => a.max(x),
+            (_, Some(a)) => a + x,
+        });
+    }
+}
+
+/// Each event's partials per window and part (`(event * W + window) * P`), at its point in
+/// time: the buckets the hash held before the call, with the entry's events applied in order
+/// as the script did (its `outcomes`); an event too late for the windows gets none.
+pub(super) fn windows(
+    view: &View,
+    answer: Answer,
+    events: &[(i64, Vec<Option<f64>>)],
+) -> Vec<Option<f64>> {
+    let spec = &view.spec;
+    let bucket = spec.bucket.as_millis() as i64;
+    let lateness = spec.lateness.as_millis() as i64;
+    let kinds: Vec<&str> = view.parts.iter().map(Part::kind).collect();
+    // A bucket with nothing yet: counts and sums 0, no lo/hi.
+    let empty: Vec<Option<f64>> = kinds
+        .iter()
+        .map(|k| (!matches!(*k, "lo" | "hi")).then_some(0.0))
+        .collect();
+    let Answer {
+        outcomes,
+        mut wm,
+        mut buckets,
+    } = answer;
+    let (nw, np) = (spec.windows.len(), kinds.len());
+    let mut out = Vec::with_capacity(events.len() * nw * np);
+    for (e, (ms, inputs)) in events.iter().enumerate() {
+        let start = ms - ms.rem_euclid(bucket);
+        if outcomes.get(e) == Some(&b'a') {
+            // The event's own partial: it counts once, and its inputs by kind.
+            let partial: Vec<Option<f64>> = kinds
+                .iter()
+                .zip(inputs)
+                .map(|(kind, x)| match *kind {
+                    "n" => Some(1.0),
+                    "c" | "k" => x.map(|_| 1.0),
+                    _ => *x,
+                })
+                .collect();
+            let b = buckets.entry(start).or_insert_with(|| empty.clone());
+            merge(&kinds, b, &partial);
+            wm = Some(wm.map_or(*ms, |w| w.max(*ms)));
+        }
+        if wm.is_some_and(|w| *ms < w - lateness) {
+            out.extend(std::iter::repeat_n(None, nw * np));
+            continue;
+        }
+        for (_, len) in &spec.windows {
+            let len = len.as_millis() as i64;
+            let mut acc = empty.clone();
+            for (_, b) in buckets.range(start - len + 1..=start) {
+                merge(&kinds, &mut acc, b);
+            }
+            out.extend(acc);
+        }
+    }
+    out
 }
 
 /// Finishes a feature from a window's partials (`parts` order).
@@ -454,16 +524,12 @@ pub fn finish(
 
 /// The enrichment columns of one view (`<view>.<feature>_<window>`, feature-major), from
 /// each call's partials.
-pub(super) fn columns(
-    view: &View,
-    rows: usize,
-    results: &[Answered<'_>],
-) -> Vec<(String, ArrayRef)> {
+pub(super) fn columns(view: &View, rows: usize, results: &[Answered]) -> Vec<(String, ArrayRef)> {
     let spec = &view.spec;
     let (nw, np) = (spec.windows.len(), view.parts.len());
     let mut values: Vec<Vec<Option<f64>>> = vec![vec![None; rows]; spec.features.len() * nw];
-    for (call, partials) in results {
-        for (e, &row) in call.rows.iter().enumerate() {
+    for (entry, partials) in results {
+        for (e, &row) in entry.iter().enumerate() {
             for w in 0..nw {
                 let at = (e * nw + w) * np;
                 let Some(window) = partials.get(at..at + np) else {

@@ -336,8 +336,16 @@ struct View {
     field_ttl: Vec<(String, u64)>,
 }
 
-/// Writes feature views to Redis.
+/// Writes feature views to Redis. Each batch is written by a task of its own, so that it
+/// goes on while the pipeline task writes Parquet (which blocks its thread).
 pub struct RedisSink {
+    writer: Arc<Writer>,
+    /// The point-in-time features of the last batch written, for the models.
+    enrichment: Vec<(String, ArrayRef)>,
+}
+
+/// What writes a batch: the connection, the scripts and the views.
+struct Writer {
     pipeline: String,
     spec: RedisSpec,
     conn: Connection,
@@ -346,11 +354,12 @@ pub struct RedisSink {
     aggregate_script: Script,
     read_script: Script,
     aggregates: Vec<aggregate::View>,
-    /// The point-in-time features of the last batch written, for the models.
-    enrichment: Vec<(String, ArrayRef)>,
     /// False while writes are failing; `/readyz` reports it.
     healthy: Arc<AtomicBool>,
 }
+
+/// Rows Redis refused for good, and the batch's enrichment columns.
+type Written = (Vec<Refusal>, Vec<(String, ArrayRef)>);
 
 impl RedisSink {
     /// Connects, checks the server supports what the views need, and loads the scripts.
@@ -430,7 +439,7 @@ impl RedisSink {
                 aggregate::View::new(a, used)
             })
             .collect();
-        Ok(Self {
+        let writer = Writer {
             pipeline: pipeline.to_owned(),
             spec: spec.clone(),
             conn,
@@ -439,8 +448,11 @@ impl RedisSink {
             aggregate_script,
             read_script,
             aggregates,
-            enrichment: Vec::new(),
             healthy,
+        };
+        Ok(Self {
+            writer: Arc::new(writer),
+            enrichment: Vec::new(),
         })
     }
 
@@ -453,8 +465,28 @@ impl RedisSink {
         cancel: &CancellationToken,
     ) -> Result<Vec<Refusal>, RedisSinkError> {
         self.enrichment.clear();
+        let (writer, rows, stop) = (self.writer.clone(), batch.clone(), cancel.clone());
+        let task = tokio::spawn(async move { writer.write(&rows, &stop).await });
+        let (refused, enrichment) = match task.await {
+            Ok(written) => written?,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Err(RedisSinkError::Cancelled),
+        };
+        self.enrichment = enrichment;
+        Ok(refused)
+    }
+}
+
+impl Writer {
+    /// [`RedisSink::write`]; the latest-value views and the aggregate views are written side
+    /// by side.
+    async fn write(
+        &self,
+        batch: &RecordBatch,
+        cancel: &CancellationToken,
+    ) -> Result<Written, RedisSinkError> {
         if batch.num_rows() == 0 {
-            return Ok(Vec::new());
+            return Ok(Default::default());
         }
         let started = Instant::now();
         let times = event_times(batch, &self.spec.time_field);
@@ -463,38 +495,51 @@ impl RedisSink {
         for r in &refused {
             skip[r.row] = true;
         }
-        if !self.views.is_empty() {
-            refused.extend(self.write_views(batch, &times, &skip, cancel).await?);
-        }
-        if !self.aggregates.is_empty() {
-            refused.extend(self.write_aggregates(batch, &times, &skip, cancel).await?);
+        // The aggregates first: most of Redis's work, so that it starts at once.
+        let (aggregates, views) = futures::join!(
+            async {
+                match self.aggregates.is_empty() {
+                    true => Ok(Written::default()),
+                    false => self.write_aggregates(batch, &times, &skip, cancel).await,
+                }
+            },
+            async {
+                match self.views.is_empty() {
+                    true => Ok(Written::default()),
+                    false => self.write_views(batch, &times, &skip, cancel).await,
+                }
+            }
+        );
+        let mut enrichment = Vec::new();
+        for written in [views?, aggregates?] {
+            refused.extend(written.0);
+            enrichment.extend(written.1);
         }
         let labels = [("pipeline", self.pipeline.clone())];
         metrics::histogram!("sluice_redis_write_seconds", &labels)
             .record(started.elapsed().as_secs_f64());
         refused.sort_by_key(|r| r.row);
         refused.dedup_by_key(|r| r.row);
-        Ok(refused)
+        Ok((refused, enrichment))
     }
 
     async fn write_views(
-        &mut self,
+        &self,
         batch: &RecordBatch,
         times: &[i64],
         skip: &[bool],
         cancel: &CancellationToken,
-    ) -> Result<Vec<Refusal>, RedisSinkError> {
+    ) -> Result<Written, RedisSinkError> {
         let previous = self.previous(batch, times, skip, cancel).await?;
-        self.enrichment.extend(previous);
         let invocations = self.build(batch, times, skip);
         let sent = invocations.len();
         let labels = [("pipeline", self.pipeline.clone())];
         metrics::counter!("sluice_redis_rows_coalesced_total", &labels).increment(
             (skip.iter().filter(|s| !**s).count() * self.views.len()).saturating_sub(sent) as u64,
         );
-        let calls: Vec<(&str, &[String])> = invocations
+        let calls: Vec<(&[String], &[String])> = invocations
             .iter()
-            .map(|i| (i.key.as_str(), i.args.as_slice()))
+            .map(|i| (std::slice::from_ref(&i.key), i.args.as_slice()))
             .collect();
         let replies = self.execute::<u64>(&self.script, &calls, cancel).await?;
         let (mut accepted, mut refused) = (0, Vec::new());
@@ -507,7 +552,7 @@ impl RedisSink {
         metrics::counter!("sluice_redis_rows_total", &labels).increment(accepted);
         metrics::counter!("sluice_redis_rows_stale_total", &labels)
             .increment((sent - refused.len()) as u64 - accepted);
-        Ok(refused)
+        Ok((refused, previous))
     }
 
     /// The latest-value inputs of the batch's rows: for each row, the field as of its
@@ -548,9 +593,9 @@ impl RedisSink {
                 .map(String::from)
                 .to_vec();
             fields.extend(view.enrich.iter().map(|(f, _)| f.clone()));
-            let calls: Vec<(&str, &[String])> = keys
+            let calls: Vec<(&[String], &[String])> = keys
                 .iter()
-                .map(|k| (k.as_str(), fields.as_slice()))
+                .map(|k| (std::slice::from_ref(k), fields.as_slice()))
                 .collect();
             let replies = self
                 .execute::<Vec<Option<String>>>(&self.read_script, &calls, cancel)
@@ -609,48 +654,74 @@ impl RedisSink {
         Ok(out)
     }
 
-    /// One call per (view, entity, partition), so that a partition's events reach each
-    /// entity's guard in offset order; with models taking the features, they come back as the
-    /// batch's enrichment columns.
+    /// One entry per (view, entity, partition), so that a partition's events reach each
+    /// entity's guard in offset order, up to [`aggregate::KEYS_PER_CALL`] entries per call;
+    /// with models taking the features, they come back as the batch's enrichment columns.
+    /// The calls go out as pipelines of about `pipeline_size` entries, `max_in_flight` at a
+    /// time, each made while Redis runs the ones before and read as soon as it answers.
     async fn write_aggregates(
-        &mut self,
+        &self,
         batch: &RecordBatch,
         times: &[i64],
         skip: &[bool],
         cancel: &CancellationToken,
-    ) -> Result<Vec<Refusal>, RedisSinkError> {
-        let calls = aggregate::calls(&self.aggregates, batch, times, skip);
-        let keyed: Vec<(&str, &[String])> = calls
-            .iter()
-            .map(|c| (c.key.as_str(), c.args.as_slice()))
-            .collect();
-        let replies = self
-            .execute::<redis::Value>(&self.aggregate_script, &keyed, cancel)
-            .await?;
-        let mut refused = Vec::new();
-        let mut per_view: Vec<Vec<aggregate::Answered>> =
-            (0..self.aggregates.len()).map(|_| Vec::new()).collect();
-        let mut counts: Vec<aggregate::Counts> = vec![Default::default(); self.aggregates.len()];
-        for (call, reply) in calls.iter().zip(replies) {
-            let parsed = reply.and_then(|v| {
-                aggregate::reply(v).map_err(|e| ("script_error", format!("unexpected reply: {e}")))
-            });
-            match parsed {
-                Ok((c, partials)) => {
-                    let total = &mut counts[call.view];
-                    total.applied += c.applied;
-                    total.replayed += c.replayed;
-                    total.late += c.late;
-                    per_view[call.view].push((call, partials));
+    ) -> Result<Written, RedisSinkError> {
+        let (per_call, per_pipe, concurrency) = if self.spec.connection.cluster {
+            (1, 1, self.spec.max_in_flight * self.spec.pipeline_size)
+        } else {
+            let per_pipe = self.spec.pipeline_size.div_ceil(aggregate::KEYS_PER_CALL);
+            (aggregate::KEYS_PER_CALL, per_pipe, self.spec.max_in_flight)
+        };
+        // Each view planned when the pipelines before it are out.
+        let views = &self.aggregates;
+        let pipes = (0..views.len()).flat_map(move |v| {
+            let mut plans = aggregate::plan(v, &views[v], batch, skip, per_call).into_iter();
+            std::iter::from_fn(move || {
+                let pipe: Vec<_> = plans.by_ref().take(per_pipe).collect();
+                (!pipe.is_empty()).then_some(pipe)
+            })
+        });
+        let script = &self.aggregate_script;
+        let who = self.who();
+        let mut taken = Taken::new(self.aggregates.len());
+        let mut again = Vec::new();
+        let mut sent = futures::stream::iter(pipes)
+            .map(|plans| {
+                let (who, conn) = (&who, self.conn.clone());
+                async move {
+                    let calls: Vec<aggregate::Call> = plans
+                        .into_iter()
+                        .map(|p| p.call(&self.aggregates, batch, times))
+                        .collect();
+                    let pipe = pipeline(
+                        script,
+                        calls.iter().map(|c| (c.keys.as_slice(), c.args.as_slice())),
+                    );
+                    let replies = send::<redis::Value>(conn, script, &pipe, who, cancel).await;
+                    (calls, replies)
                 }
-                Err((reason, error)) => refused.extend(
-                    call.rows
-                        .iter()
-                        .map(|row| self::refused(*row, reason, error.clone())),
-                ),
-            }
+            })
+            .buffer_unordered(concurrency);
+        while let Some((calls, replies)) = sent.next().await {
+            let replies = match replies {
+                Ok(replies) => replies,
+                Err(GaveUp::Cancelled) => return Err(RedisSinkError::Cancelled),
+                Err(GaveUp::Failed(_, source)) => return Err(RedisSinkError::Fatal { source }),
+            };
+            again.extend(self.take(calls, replies, &mut taken));
         }
-        for (view, c) in self.aggregates.iter().zip(&counts) {
+        drop(sent);
+        // A call Redis refused as a whole goes again as one call per entity.
+        if !again.is_empty() {
+            let keyed: Vec<(&[String], &[String])> = again
+                .iter()
+                .map(|c| (c.keys.as_slice(), c.args.as_slice()))
+                .collect();
+            let replies = self.execute::<redis::Value>(script, &keyed, cancel).await?;
+            let left = self.take(again, replies, &mut taken);
+            debug_assert!(left.is_empty(), "a call of one entity is not split");
+        }
+        for (view, c) in self.aggregates.iter().zip(&taken.counts) {
             for (result, n) in [
                 ("applied", c.applied),
                 ("replayed", c.replayed),
@@ -663,23 +734,80 @@ impl RedisSink {
             }
         }
         let mut enrichment = Vec::new();
-        for (view, results) in self.aggregates.iter().zip(&per_view) {
+        for (view, results) in self.aggregates.iter().zip(&taken.answered) {
             if view.enriches() {
                 enrichment.extend(aggregate::columns(view, batch.num_rows(), results));
             }
         }
-        self.enrichment.extend(enrichment);
-        Ok(refused)
+        Ok((taken.refused, enrichment))
     }
 
-    /// Runs `script` once per `(key, args)` call, as pipelines (`pipeline_size` calls,
+    /// Takes the replies to aggregate calls into `taken`; returns the calls of several
+    /// entities that Redis refused as a whole, to go again one entity each.
+    fn take(
+        &self,
+        calls: Vec<aggregate::Call>,
+        replies: Replies<redis::Value>,
+        taken: &mut Taken,
+    ) -> Vec<aggregate::Call> {
+        let mut again = Vec::new();
+        for (mut call, reply) in calls.into_iter().zip(replies) {
+            let entries = call.keys.len();
+            let parsed = reply.and_then(|v| {
+                aggregate::reply(v, entries)
+                    .map_err(|e| ("script_error", format!("unexpected reply: {e}")))
+            });
+            match parsed {
+                Ok(outcomes) => {
+                    let view = &self.aggregates[call.view];
+                    let rows = std::mem::take(&mut call.rows);
+                    for (e, (rows, outcome)) in rows.into_iter().zip(outcomes).enumerate() {
+                        match outcome {
+                            Ok(answer) => {
+                                let c = answer.counts();
+                                let total = &mut taken.counts[call.view];
+                                total.applied += c.applied;
+                                total.replayed += c.replayed;
+                                total.late += c.late;
+                                if view.enriches() {
+                                    let partials = aggregate::windows(view, answer, call.event(e));
+                                    taken.answered[call.view].push((rows, partials));
+                                }
+                            }
+                            Err(error) => {
+                                let reason = if error.contains("WRONGTYPE") {
+                                    "wrong_type"
+                                } else {
+                                    "refused"
+                                };
+                                taken.refused.extend(
+                                    rows.iter()
+                                        .map(|row| self::refused(*row, reason, error.clone())),
+                                );
+                            }
+                        }
+                    }
+                }
+                Err(_) if entries > 1 => again.extend(call.split()),
+                Err((reason, error)) => taken.refused.extend(
+                    call.rows
+                        .iter()
+                        .flatten()
+                        .map(|row| self::refused(*row, reason, error.clone())),
+                ),
+            }
+        }
+        again
+    }
+
+    /// Runs `script` once per `(keys, args)` call, as pipelines (`pipeline_size` calls,
     /// `max_in_flight` at a time; one call each on a cluster, where a pipeline must stay within
     /// one slot), until Redis has answered every call; returns each call's reply, or why Redis
     /// refused it for good.
     async fn execute<T: redis::FromRedisValue + Send>(
         &self,
         script: &Script,
-        calls: &[(&str, &[String])],
+        calls: &[(&[String], &[String])],
         cancel: &CancellationToken,
     ) -> Result<Vec<Result<T, (&'static str, String)>>, RedisSinkError> {
         let (chunk, concurrency) = if self.spec.connection.cluster {
@@ -691,27 +819,9 @@ impl RedisSink {
         let pipes: Vec<(usize, Pipeline)> = calls
             .chunks(size)
             .enumerate()
-            .map(|(i, chunk)| {
-                let mut pipe = redis::pipe();
-                // Each command's reply on its own, so that one refused key fails only itself.
-                pipe.ignore_errors();
-                for (key, args) in chunk {
-                    let mut call = script.prepare_invoke();
-                    call.key(*key);
-                    for a in *args {
-                        call.arg(a.as_bytes());
-                    }
-                    pipe.invoke_script(&call);
-                }
-                (i * size, pipe)
-            })
+            .map(|(i, chunk)| (i * size, pipeline(script, chunk.iter().copied())))
             .collect();
-        let who = Retrying {
-            pipeline: &self.pipeline,
-            metric: "sluice_redis_retries_total",
-            what: "Redis write",
-            healthy: Some(&self.healthy),
-        };
+        let who = self.who();
         let results: Vec<(usize, Sent<T>)> = futures::stream::iter(pipes)
             .map(|(at, pipe)| {
                 let conn = self.conn.clone();
@@ -738,6 +848,15 @@ impl RedisSink {
             .into_iter()
             .map(|r| r.unwrap_or(Err(("refused", "no reply".into()))))
             .collect())
+    }
+
+    fn who(&self) -> Retrying<'_> {
+        Retrying {
+            pipeline: &self.pipeline,
+            metric: "sluice_redis_retries_total",
+            what: "Redis write",
+            healthy: Some(&self.healthy),
+        }
     }
 
     /// The rows whose event time is too far in the future to be written at all: such an event
@@ -849,11 +968,49 @@ type Replies<T> = Vec<Result<T, (&'static str, String)>>;
 /// What sending one pipeline came to.
 type Sent<T> = Result<Replies<T>, GaveUp<RedisError>>;
 
+/// What the aggregate calls of a batch came to, per view.
+struct Taken {
+    refused: Vec<Refusal>,
+    answered: Vec<Vec<aggregate::Answered>>,
+    counts: Vec<aggregate::Counts>,
+}
+
+impl Taken {
+    fn new(views: usize) -> Self {
+        Self {
+            refused: Vec::new(),
+            answered: (0..views).map(|_| Vec::new()).collect(),
+            counts: vec![Default::default(); views],
+        }
+    }
+}
+
 /// One run of the script: for `key`, from the batch's `row`.
 struct Invocation {
     key: String,
     args: Vec<String>,
     row: usize,
+}
+
+/// A pipeline of `script` calls, `(keys, args)` each; each command's reply stands on its own,
+/// so that one refused key fails only itself.
+fn pipeline<'a>(
+    script: &Script,
+    calls: impl IntoIterator<Item = (&'a [String], &'a [String])>,
+) -> Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for (keys, args) in calls {
+        let mut call = script.prepare_invoke();
+        for key in keys {
+            call.key(key.as_str());
+        }
+        for a in args {
+            call.arg(a.as_bytes());
+        }
+        pipe.invoke_script(&call);
+    }
+    pipe
 }
 
 /// Sends one pipeline until Redis has answered every command, retrying transient failures;
@@ -905,8 +1062,9 @@ impl Sink for RedisSink {
     }
 
     fn enriches(&self) -> bool {
-        self.aggregates.iter().any(aggregate::View::enriches)
-            || self.views.iter().any(|v| !v.enrich.is_empty())
+        let w = &self.writer;
+        w.aggregates.iter().any(aggregate::View::enriches)
+            || w.views.iter().any(|v| !v.enrich.is_empty())
     }
 
     fn enrichment(&mut self) -> Vec<(String, ArrayRef)> {
@@ -928,7 +1086,7 @@ impl Sink for RedisSink {
                 RedisSinkError::Cancelled => SinkError::Cancelled,
                 e => SinkError::failed(e),
             })?;
-        crate::telemetry::stage(&self.pipeline, "redis", started);
+        crate::telemetry::stage(&self.writer.pipeline, "redis", started);
         Ok(refused)
     }
 }
