@@ -1,4 +1,4 @@
-//! The pipeline task's event loop: batches in, sinks written side by side, dead
+//! The pipeline task's event loop: batches in, sinks written in their declared order, dead
 //! letters and predictions awaited, segments finished, offsets committed. The order of
 //! durability it keeps is in the module docs of [`crate::pipeline`].
 
@@ -309,33 +309,20 @@ impl Runner {
                 .collect();
             filter_partitions(&batch.rows, &owned)?
         };
-        // Every sink writes the batch side by side (Redis in a task of its own, while the
-        // Parquet sink's CPU work holds this task's thread); then the rows they refused become
-        // dead letters, and the rows go to the models with the enrichers' columns (the
-        // aggregates at each event's point in time). The holds keep the batch's offsets (and
-        // the segments that contain them) from becoming a resume position before its
-        // predictions are delivered.
-        let originals = batch.originals.as_deref();
-        let written = futures::future::join_all(
-            self.sinks
-                .iter_mut()
-                .map(|sink| sink.write(&rows, originals, shutdown)),
-        )
-        .await;
-        let mut interrupted = false;
-        for (i, result) in written.into_iter().enumerate() {
-            match result {
-                Ok(refused) => self.refused(i, &rows, originals, refused)?,
-                Err(SinkError::Cancelled) => interrupted = true,
-                Err(e) => return Err(PipelineError::sink(self.sinks[i].name())(e)),
-            }
-        }
-        if interrupted {
-            return Ok(false);
-        }
+        // The sinks that enrich the rows for the models (Redis aggregates) write first; then
+        // scoring runs beside the other writes, its holds keeping the batch's offsets (and the
+        // segments that contain them) from becoming a resume position before its predictions
+        // are delivered.
+        let enrichers = self.sinks.iter().take_while(|s| s.enriches()).count();
         let mut enrichment = Vec::new();
-        for sink in self.sinks.iter_mut().filter(|s| s.enriches()) {
-            enrichment.extend(sink.enrichment());
+        for i in 0..enrichers {
+            if !self
+                .write_to(i, &rows, batch.originals.as_deref(), shutdown)
+                .await?
+            {
+                return Ok(false);
+            }
+            enrichment.extend(self.sinks[i].enrichment());
         }
         if !self.scorers.is_empty() && rows.num_rows() > 0 {
             let scored_rows = with_columns(&rows, enrichment)?;
@@ -359,6 +346,14 @@ impl Runner {
                     .await;
                 self.pending
                     .push(Box::pin(async move { Done::Scored(scored.await) }));
+            }
+        }
+        for i in enrichers..self.sinks.len() {
+            if !self
+                .write_to(i, &rows, batch.originals.as_deref(), shutdown)
+                .await?
+            {
+                return Ok(false);
             }
         }
         for (tp, span) in &batch.spans {
@@ -399,15 +394,20 @@ impl Runner {
         Ok(true)
     }
 
-    /// The rows sink `i` refused for good: each becomes a dead letter of its stage (the other
-    /// sinks still have it).
-    fn refused(
+    /// Writes the rows to sink `i`; a row it refuses for good becomes a dead letter of its
+    /// stage, and the later sinks still have it. False if shutdown interrupted the write.
+    async fn write_to(
         &mut self,
         i: usize,
         rows: &RecordBatch,
         originals: Option<&crate::event::Originals>,
-        refused: Vec<crate::sink::Refusal>,
-    ) -> Result<(), PipelineError> {
+        shutdown: &CancellationToken,
+    ) -> Result<bool, PipelineError> {
+        let refused = match self.sinks[i].write(rows, originals, shutdown).await {
+            Ok(refused) => refused,
+            Err(SinkError::Cancelled) => return Ok(false),
+            Err(e) => return Err(PipelineError::sink(self.sinks[i].name())(e)),
+        };
         let (topics, partitions, offsets) = crate::schema::provenance(rows);
         for r in refused {
             let (t, p, o) = (
@@ -427,7 +427,7 @@ impl Runner {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Offsets before `span` that the consumer never saw: counted, and logged when more than

@@ -10,15 +10,21 @@
 //! | `_wm` | the entity's newest applied event time (ms) |
 //! | `_o:<topic>:<partition>` | the guard: the last offset of that partition applied (or judged too late) |
 //!
-//! **Write** ([`WRITE`]): one call per (entity, source partition) per batch, carrying that
-//! partition's events of the entity as `(offset, event ms, partial inputs)` in offset order.
-//! An event at or below the guard is a replay and changes nothing; an event more than the
-//! lateness behind `_wm` is too late (counted, not applied); any other lands in the bucket
-//! `ts - ts % bucket`. The guard, `_wm` and the buckets change in the same script, so a replay
-//! after a crash, a duplicate delivery or a group reset never counts an event twice. Buckets
-//! at or before `bucket(_wm - lateness) - longest window` are deleted in the same script, and
-//! the key's EXPIRE is refreshed (`ttl`): an entity quiet for that long disappears with its
-//! guards.
+//! **Write** ([`WRITE`]): one call carries up to [`KEYS_PER_CALL`] entries of one view, an
+//! entry being one entity's events of one source partition as `(offset, event ms, partial
+//! inputs)` in offset order. An event at or below the entry's guard is a replay and changes
+//! nothing; an event more than the lateness behind `_wm` is too late (counted, not applied);
+//! any other lands in the bucket `ts - ts % bucket`. The guard, `_wm` and the buckets change
+//! in the same script, so a replay after a crash, a duplicate delivery or a group reset never
+//! counts an event twice. Buckets at or before `bucket(_wm - lateness) - longest window` are
+//! deleted in the same script, and the key's EXPIRE is refreshed (`ttl`): an entity quiet for
+//! that long disappears with its guards. On a cluster each call has one entry (a script's keys
+//! must share a slot).
+//!
+//! For a view a model reads, the script also returns each event's outcome and the buckets as
+//! they were before the call (what its HGETALL read), and sluice sums each event's windows
+//! from them ([`windows`]), applying the entry's events in order as the script did: walking
+//! every bucket in Lua for every event had been most of the server's time.
 //!
 //! **Windows.** A window of length W ending at time t covers the buckets whose start is in
 //! `(bucket(t) - W, bucket(t)]`: the trailing edge moves one bucket at a time (the window
@@ -216,7 +222,7 @@ impl Call {
                 Call {
                     view: self.view,
                     keys: vec![self.keys[e].clone()],
-                    tails: vec![self.head..args.len()],
+                    tails: std::iter::once(self.head..args.len()).collect(),
                     args,
                     head: self.head,
                     rows: vec![self.rows[e].clone()],
@@ -580,4 +586,112 @@ pub fn key_matches(template: &[KeyPart], key: &str) -> bool {
         }
     }
     rest.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::AggregateFeature;
+
+    /// A view of count, sum and max of `amount`, 1-minute buckets, 2- and 5-minute windows,
+    /// 1 minute of lateness.
+    fn view() -> View {
+        let spec = AggregateSpec {
+            name: "v".into(),
+            key: vec![KeyPart::Text("k".into())],
+            bucket: Duration::from_secs(60),
+            lateness: Duration::from_secs(60),
+            windows: vec![
+                ("2m".into(), Duration::from_secs(120)),
+                ("5m".into(), Duration::from_secs(300)),
+            ],
+            ttl: Duration::from_secs(3600),
+            features: vec![
+                AggregateFeature {
+                    name: "n".into(),
+                    function: Function::Count,
+                },
+                AggregateFeature {
+                    name: "sum".into(),
+                    function: Function::Sum("amount".into()),
+                },
+                AggregateFeature {
+                    name: "max".into(),
+                    function: Function::Max("amount".into()),
+                },
+            ],
+        };
+        View::new(&spec, true)
+    }
+
+    #[test]
+    fn a_stored_bucket_reads_back_with_its_nulls() {
+        assert_eq!(
+            parse_bucket("[3,2469.12,null]"),
+            Some(vec![Some(3.0), Some(2469.12), None])
+        );
+        assert_eq!(parse_bucket("[1,x]"), None);
+        assert_eq!(parse_bucket("3,4"), None);
+    }
+
+    #[test]
+    fn each_event_gets_its_windows_as_of_its_own_time() {
+        let view = view();
+        // Parts: n, s:amount, hi:amount. Stored: minute 0 (2 events, 10, max 7), minute 3.
+        let answer = Answer {
+            outcomes: b"arl".to_vec(),
+            wm: Some(3 * 60_000),
+            buckets: [
+                (0, vec![Some(2.0), Some(10.0), Some(7.0)]),
+                (180_000, vec![Some(1.0), Some(1.0), Some(1.0)]),
+            ]
+            .into(),
+        };
+        let events = vec![
+            // Applied, minute 4: the 2m window holds minutes 3 and 4, the 5m one 0 to 4.
+            (4 * 60_000 + 5, vec![None, Some(5.0), Some(5.0)]),
+            // A replay at minute 3: what the hash holds (the first event is after it).
+            (3 * 60_000 + 10_000, vec![None, Some(1.0), Some(1.0)]),
+            // Too late once the watermark is at minute 4: no windows.
+            (60_000, vec![None, Some(2.0), Some(2.0)]),
+        ];
+        let got = windows(&view, answer.clone(), &events);
+        let s = |v: &[f64]| v.iter().map(|x| Some(*x)).collect::<Vec<_>>();
+        let mut want = s(&[2.0, 6.0, 5.0, 4.0, 16.0, 7.0]);
+        want.extend(s(&[1.0, 1.0, 1.0, 3.0, 11.0, 7.0]));
+        want.extend([None; 6]);
+        assert_eq!(got, want);
+        assert_eq!(
+            answer.counts(),
+            Counts {
+                applied: 1,
+                replayed: 1,
+                late: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_reply_has_an_outcome_per_entry_and_a_refused_key_its_reason() {
+        let bulk = |t: &str| Value::BulkString(t.as_bytes().to_vec());
+        let value = Value::Array(vec![
+            Value::Array(vec![
+                bulk("a"),
+                bulk("60000"),
+                bulk("_wm"),
+                bulk("60000"),
+                bulk("60000"),
+                bulk("[1,2,2]"),
+            ]),
+            Value::Array(vec![bulk("error"), bulk("WRONGTYPE no hash")]),
+        ]);
+        let outcomes = reply(value.clone(), 2).unwrap();
+        let first = outcomes[0].as_ref().unwrap();
+        assert_eq!(first.wm, Some(60_000));
+        assert_eq!(first.buckets.len(), 1, "only numeric fields are buckets");
+        assert_eq!(outcomes[1], Err("WRONGTYPE no hash".into()));
+        assert!(reply(value, 3).is_err(), "an entry missing is an error");
+    }
 }

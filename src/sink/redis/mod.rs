@@ -336,8 +336,8 @@ struct View {
     field_ttl: Vec<(String, u64)>,
 }
 
-/// Writes feature views to Redis. Each batch is written by a task of its own, so that it
-/// goes on while the pipeline task writes Parquet (which blocks its thread).
+/// Writes feature views to Redis. Each batch is written by a task of its own (the latest-value
+/// and aggregate views side by side), so that it goes on on another worker thread.
 pub struct RedisSink {
     writer: Arc<Writer>,
     /// The point-in-time features of the last batch written, for the models.
