@@ -121,7 +121,7 @@ pub(super) struct View {
     inputs: Vec<Input>,
     /// Whether a model takes its features: then each event's windows come back.
     enrich: bool,
-    /// The arguments every call of this view starts with, after the guard.
+    /// The arguments every call of this view starts with.
     head: Vec<String>,
 }
 
@@ -159,7 +159,14 @@ impl View {
                 }
             })
             .collect();
-        let mut head = vec![spec.description(), parts.len().to_string()];
+        let mut head = vec![
+            spec.bucket.as_millis().to_string(),
+            spec.lateness.as_millis().to_string(),
+            spec.longest().as_millis().to_string(),
+            spec.ttl.as_secs().max(1).to_string(),
+            spec.description(),
+            parts.len().to_string(),
+        ];
         head.extend(parts.iter().map(|p| p.kind().to_owned()));
         head.push(if enrich { "1" } else { "0" }.into());
         Self {
@@ -286,16 +293,7 @@ impl Plan {
     pub(super) fn call(self, views: &[View], batch: &RecordBatch, times: &[i64]) -> Call {
         let offsets = crate::schema::provenance(batch).2;
         let view = &views[self.view];
-        let spec = &view.spec;
-        let mut args: Vec<String> = [
-            spec.bucket.as_millis().to_string(),
-            spec.lateness.as_millis().to_string(),
-            spec.longest().as_millis().to_string(),
-            spec.ttl.as_secs().max(1).to_string(),
-        ]
-        .into_iter()
-        .chain(view.head.iter().cloned())
-        .collect();
+        let mut args = view.head.clone();
         let n = self.entries.len();
         let mut call = Call {
             view: self.view,
@@ -384,12 +382,6 @@ pub(super) fn reply(value: Value, entries: usize) -> Result<Vec<Outcome>, String
     if items.len() != entries {
         return Err(format!("expected {entries} entries, got {}", items.len()));
     }
-    let text = |v: &Value| match v {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        Value::Int(n) => n.to_string(),
-        v => format!("{v:?}"),
-    };
     items
         .into_iter()
         .map(|item| {
@@ -399,21 +391,22 @@ pub(super) fn reply(value: Value, entries: usize) -> Result<Vec<Outcome>, String
             if fields.len() < 2 {
                 return Err(format!("expected outcomes, got {fields:?}"));
             }
-            let first = text(&fields[0]);
+            let first = text(&fields[0]).unwrap_or_default();
             if first == "error" {
-                return Ok(Err(text(&fields[1])));
+                return Ok(Err(text(&fields[1]).unwrap_or_default().to_owned()));
             }
             let mut answer = Answer {
-                outcomes: first.into_bytes(),
-                wm: text(&fields[1]).parse().ok(),
+                outcomes: first.as_bytes().to_vec(),
+                wm: text(&fields[1]).and_then(|w| w.parse().ok()),
                 buckets: Default::default(),
             };
             for pair in fields[2..].chunks(2) {
                 let [field, value] = pair else {
                     return Err("a field without its value".into());
                 };
-                if let Ok(start) = text(field).parse::<i64>() {
-                    let partials = parse_bucket(&text(value))
+                if let Some(start) = text(field).and_then(|f| f.parse::<i64>().ok()) {
+                    let partials = text(value)
+                        .and_then(parse_bucket)
                         .ok_or_else(|| format!("bucket {start} is not an array of numbers"))?;
                     answer.buckets.insert(start, partials);
                 }
@@ -421,6 +414,15 @@ pub(super) fn reply(value: Value, entries: usize) -> Result<Vec<Outcome>, String
             Ok(Ok(answer))
         })
         .collect()
+}
+
+/// A reply's text, borrowed.
+fn text(v: &Value) -> Option<&str> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
 }
 
 /// A bucket's stored partials, `[3,2469.12,null]`.
@@ -435,15 +437,15 @@ fn parse_bucket(text: &str) -> Option<Vec<Option<f64>>> {
         .collect()
 }
 
-/// Adds `partial` into `acc` by part kind: counts and sums add, `lo`/`hi` keep the extreme;
-/// `None` in a sum is nothing to add.
-fn merge(kinds: &[&str], acc: &mut [Option<f64>], partial: &[Option<f64>]) {
-    for ((kind, a), x) in kinds.iter().zip(acc.iter_mut()).zip(partial) {
+/// Adds `partial` into `acc` by part: counts and sums add, a min or max keeps the extreme;
+/// `None` is nothing to add.
+fn merge(parts: &[Part], acc: &mut [Option<f64>], partial: &[Option<f64>]) {
+    for ((part, a), x) in parts.iter().zip(acc.iter_mut()).zip(partial) {
         let Some(x) = *x else { continue };
-        *a = Some(match (*kind, *a) {
+        *a = Some(match (part, *a) {
             (_, None) => x,
-            ("lo", Some(a)) => a.min(x),
-            ("hi", Some(a)) => a.max(x),
+            (Part::Min(_), Some(a)) => a.min(x),
+            (Part::Max(_), Some(a)) => a.max(x),
             (_, Some(a)) => a + x,
         });
     }
@@ -460,34 +462,34 @@ pub(super) fn windows(
     let spec = &view.spec;
     let bucket = spec.bucket.as_millis() as i64;
     let lateness = spec.lateness.as_millis() as i64;
-    let kinds: Vec<&str> = view.parts.iter().map(Part::kind).collect();
-    // A bucket with nothing yet: counts and sums 0, no lo/hi.
-    let empty: Vec<Option<f64>> = kinds
+    let parts = &view.parts;
+    // A bucket with nothing yet: counts and sums 0, no min or max.
+    let empty: Vec<Option<f64>> = parts
         .iter()
-        .map(|k| (!matches!(*k, "lo" | "hi")).then_some(0.0))
+        .map(|p| (!matches!(p, Part::Min(_) | Part::Max(_))).then_some(0.0))
         .collect();
     let Answer {
         outcomes,
         mut wm,
         mut buckets,
     } = answer;
-    let (nw, np) = (spec.windows.len(), kinds.len());
+    let (nw, np) = (spec.windows.len(), parts.len());
     let mut out = Vec::with_capacity(events.len() * nw * np);
     for (e, (ms, inputs)) in events.iter().enumerate() {
         let start = ms - ms.rem_euclid(bucket);
         if outcomes.get(e) == Some(&b'a') {
             // The event's own partial: it counts once, and its inputs by kind.
-            let partial: Vec<Option<f64>> = kinds
+            let partial: Vec<Option<f64>> = parts
                 .iter()
                 .zip(inputs)
-                .map(|(kind, x)| match *kind {
-                    "n" => Some(1.0),
-                    "c" | "k" => x.map(|_| 1.0),
-                    _ => *x,
+                .map(|(part, x)| match part {
+                    Part::Count => Some(1.0),
+                    Part::Matching(_) | Part::NonNull(_) => x.map(|_| 1.0),
+                    Part::Sum(_) | Part::Min(_) | Part::Max(_) => *x,
                 })
                 .collect();
             let b = buckets.entry(start).or_insert_with(|| empty.clone());
-            merge(&kinds, b, &partial);
+            merge(parts, b, &partial);
             wm = Some(wm.map_or(*ms, |w| w.max(*ms)));
         }
         if wm.is_some_and(|w| *ms < w - lateness) {
@@ -498,7 +500,7 @@ pub(super) fn windows(
             let len = len.as_millis() as i64;
             let mut acc = empty.clone();
             for (_, b) in buckets.range(start - len + 1..=start) {
-                merge(&kinds, &mut acc, b);
+                merge(parts, &mut acc, b);
             }
             out.extend(acc);
         }

@@ -336,16 +336,8 @@ struct View {
     field_ttl: Vec<(String, u64)>,
 }
 
-/// Writes feature views to Redis. Each batch is written by a task of its own (the latest-value
-/// and aggregate views side by side), so that it goes on on another worker thread.
+/// Writes feature views to Redis.
 pub struct RedisSink {
-    writer: Arc<Writer>,
-    /// The point-in-time features of the last batch written, for the models.
-    enrichment: Vec<(String, ArrayRef)>,
-}
-
-/// What writes a batch: the connection, the scripts and the views.
-struct Writer {
     pipeline: String,
     spec: RedisSpec,
     conn: Connection,
@@ -354,6 +346,8 @@ struct Writer {
     aggregate_script: Script,
     read_script: Script,
     aggregates: Vec<aggregate::View>,
+    /// The point-in-time features of the last batch written, for the models.
+    enrichment: Vec<(String, ArrayRef)>,
     /// False while writes are failing; `/readyz` reports it.
     healthy: Arc<AtomicBool>,
 }
@@ -439,7 +433,7 @@ impl RedisSink {
                 aggregate::View::new(a, used)
             })
             .collect();
-        let writer = Writer {
+        Ok(Self {
             pipeline: pipeline.to_owned(),
             spec: spec.clone(),
             conn,
@@ -448,11 +442,8 @@ impl RedisSink {
             aggregate_script,
             read_script,
             aggregates,
-            healthy,
-        };
-        Ok(Self {
-            writer: Arc::new(writer),
             enrichment: Vec::new(),
+            healthy,
         })
     }
 
@@ -465,22 +456,13 @@ impl RedisSink {
         cancel: &CancellationToken,
     ) -> Result<Vec<Refusal>, RedisSinkError> {
         self.enrichment.clear();
-        let (writer, rows, stop) = (self.writer.clone(), batch.clone(), cancel.clone());
-        let task = tokio::spawn(async move { writer.write(&rows, &stop).await });
-        let (refused, enrichment) = match task.await {
-            Ok(written) => written?,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => return Err(RedisSinkError::Cancelled),
-        };
+        let (refused, enrichment) = self.write_views_and_aggregates(batch, cancel).await?;
         self.enrichment = enrichment;
         Ok(refused)
     }
-}
 
-impl Writer {
-    /// [`RedisSink::write`]; the latest-value views and the aggregate views are written side
-    /// by side.
-    async fn write(
+    /// [`Self::write`]: the latest-value views and the aggregate views side by side.
+    async fn write_views_and_aggregates(
         &self,
         batch: &RecordBatch,
         cancel: &CancellationToken,
@@ -1062,9 +1044,8 @@ impl Sink for RedisSink {
     }
 
     fn enriches(&self) -> bool {
-        let w = &self.writer;
-        w.aggregates.iter().any(aggregate::View::enriches)
-            || w.views.iter().any(|v| !v.enrich.is_empty())
+        self.aggregates.iter().any(aggregate::View::enriches)
+            || self.views.iter().any(|v| !v.enrich.is_empty())
     }
 
     fn enrichment(&mut self) -> Vec<(String, ArrayRef)> {
@@ -1086,7 +1067,7 @@ impl Sink for RedisSink {
                 RedisSinkError::Cancelled => SinkError::Cancelled,
                 e => SinkError::failed(e),
             })?;
-        crate::telemetry::stage(&self.writer.pipeline, "redis", started);
+        crate::telemetry::stage(&self.pipeline, "redis", started);
         Ok(refused)
     }
 }
