@@ -228,6 +228,8 @@ impl Partial {
 struct Entity {
     wm: Option<i64>,
     buckets: BTreeMap<i64, Partial>,
+    /// The first bucket start any event was applied to.
+    first: Option<i64>,
     /// Last offset per partition (applied or judged late).
     guards: BTreeMap<i32, i64>,
     late: u64,
@@ -244,10 +246,9 @@ impl Entity {
             self.late += 1;
             return;
         }
-        self.buckets
-            .entry(e.ms - e.ms.rem_euclid(BUCKET_MS))
-            .or_default()
-            .add(e);
+        let start = e.ms - e.ms.rem_euclid(BUCKET_MS);
+        self.buckets.entry(start).or_default().add(e);
+        self.first = Some(self.first.map_or(start, |f| f.min(start)));
         self.wm = Some(self.wm.map_or(e.ms, |w| w.max(e.ms)));
     }
 
@@ -266,17 +267,29 @@ impl Entity {
             .collect()
     }
 
+    /// The horizon of the watermark: buckets at or before it are deleted.
+    fn horizon(&self) -> i64 {
+        let edge = self.wm.expect("an entity with events") - LATENESS_MS;
+        edge - edge.rem_euclid(BUCKET_MS) - WINDOWS[2].1
+    }
+
     /// The buckets a hash keeps: those after the horizon of its watermark.
     fn kept(&self) -> BTreeMap<i64, Partial> {
-        let Some(wm) = self.wm else {
+        if self.wm.is_none() {
             return BTreeMap::new();
-        };
-        let edge = wm - LATENESS_MS;
-        let horizon = edge - edge.rem_euclid(BUCKET_MS) - WINDOWS[2].1;
+        }
         self.buckets
-            .range(horizon + 1..)
+            .range(self.horizon() + 1..)
             .map(|(k, v)| (*k, *v))
             .collect()
+    }
+
+    /// `_lo`, as documented: the later of the first bucket ever applied and the bucket after
+    /// the horizon (no bucket starts before it).
+    fn lo(&self) -> i64 {
+        self.first
+            .expect("an entity with events")
+            .max(self.horizon() + BUCKET_MS)
     }
 }
 
@@ -288,6 +301,9 @@ fn oracle(records: &[Seen]) -> BTreeMap<String, Entity> {
     }
     entities
 }
+
+/// Stands for the `_v` field in an expected hash: the last write's own, which nobody predicts.
+const ANY_VERSION: &str = "<any>";
 
 /// The hashes Redis must hold, field by field, by the documented layout.
 fn expected_hashes(
@@ -303,6 +319,8 @@ fn expected_hashes(
                 "60000;n,c:usd,s:amount,k:amount,lo:amount,hi:amount".to_owned(),
             );
             h.insert("_wm".to_owned(), e.wm.unwrap().to_string());
+            h.insert("_lo".to_owned(), e.lo().to_string());
+            h.insert("_v".to_owned(), ANY_VERSION.to_owned());
             for (p, o) in &e.guards {
                 h.insert(format!("_o:{topic}:{p}"), o.to_string());
             }
@@ -341,6 +359,9 @@ fn assert_hashes(
                     entity.buckets[&start],
                     "{key}: bucket {field}"
                 ),
+                Err(_) if value == ANY_VERSION => {
+                    assert!(!have[field].is_empty(), "{key}: {field} is empty")
+                }
                 Err(_) => assert_eq!(&have[field], value, "{key}: {field}"),
             }
         }
@@ -378,6 +399,16 @@ fn aggregates_equal_the_oracle_across_late_out_of_order_and_replayed_events() {
         counted as u64, late,
         "too-late events counted in the metric:\n{metrics}"
     );
+    // After its first write, an entity was written by compare-and-set from sluice's snapshot
+    // (its first write of each of the twelve took the write script), and the write script never
+    // decided an event otherwise than sluice does.
+    let swaps: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("sluice_redis_aggregate_swaps_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(!p.log("run.log").contains("otherwise than sluice"));
+    assert!(swaps >= 10.0, "compare-and-set writes: {swaps}");
     assert_hashes(
         &redis.hashes("agg:"),
         &expected_hashes(&entities, &p.topic),
@@ -520,22 +551,14 @@ fn aggregates_in_a_redis_cluster() {
     assert!(holding >= 2, "the keys should spread over the nodes");
 }
 
-/// The model's inputs take aggregates and a latest value: each scored event's feedback record
-/// carries the windows ending at its own event time, the event included (nulls, as -1, for a
-/// too-late event), and the amount of its customer's newest earlier event, as the oracle
-/// computes them from the records before it. A replay by a new group then finds every event
-/// of the partition already applied: each event's windows hold every event of its entity in
-/// buckets up to its own, and no latest value is older than the event, as documented.
-#[test]
-fn scored_events_carry_the_aggregates_at_their_point_in_time() {
-    let broker = Broker::start();
-    let redis = RedisServer::start(&[]);
-    let feedback = unique("feedback");
-    let predictions = format!("{feedback}.predictions");
-    broker.create_topic(&feedback, 1);
-    broker.create_topic(&predictions, 1);
-    let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
-    with_aggregates(&p, &redis.url(), "");
+/// Adds a model to the pipeline that takes the amount and five of the view's aggregates (and,
+/// with `latest`, the customer's previous amount), with its predictions and feedback topics.
+fn with_model(p: &TestPipeline, predictions: &str, feedback: &str, latest: bool) {
+    let latest = if latest {
+        "{ latest = \"customer.amount\", null = -1.0 },"
+    } else {
+        ""
+    };
     let mut text = std::fs::read_to_string(&p.file).unwrap();
     text.push_str(&format!(
         r#"
@@ -557,7 +580,7 @@ inputs = [
   {{ aggregate = "velocity.amount_sum_1h", null = -1.0 }},
   {{ aggregate = "velocity.amount_avg_6h", null = -1.0 }},
   {{ aggregate = "velocity.amount_max_6h", null = -1.0 }},
-  {{ latest = "customer.amount", null = -1.0 }},
+  {latest}
 ]
 output = {{ kind = "score" }}
 "#
@@ -566,6 +589,53 @@ output = {{ kind = "score" }}
     let repo = p.dir.path().join("models/velocity");
     std::fs::create_dir_all(repo.join("1")).unwrap();
     python(&["any-width", repo.join("1/model.pt").to_str().unwrap()]);
+}
+
+/// Every feedback record in `topic` carries the features `want` has for its event, and every
+/// event of `want` has one.
+fn check_feedback(broker: &Broker, topic: &str, want: &HashMap<String, Vec<f64>>) {
+    let got = broker.read_all(topic);
+    let mut ids = std::collections::BTreeSet::new();
+    for r in &got {
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        let id = v["event_id"].as_str().unwrap().to_owned();
+        let features: Vec<f64> = v["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let expected = &want[&id];
+        assert_eq!(features.len(), expected.len(), "{id}: features");
+        for (i, (a, b)) in features.iter().zip(expected).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{id}: feature {i} fed {a}, the oracle has {b} ({features:?} vs {expected:?})"
+            );
+        }
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), want.len(), "every valid event scored");
+}
+
+/// The model's inputs take aggregates and a latest value: each scored event's feedback record
+/// carries the windows ending at its own event time, the event included (nulls, as -1, for a
+/// too-late event), and the amount of its customer's newest earlier event, as the oracle
+/// computes them from the records before it; the hashes equal the oracle's (with a `_v` of
+/// the writer's). A replay by a new group then finds every event of the partition already
+/// applied: each event's windows hold every event of its entity in buckets up to its own,
+/// and no latest value is older than the event, as documented.
+#[test]
+fn scored_events_carry_the_aggregates_at_their_point_in_time() {
+    let broker = Broker::start();
+    let redis = RedisServer::start(&[]);
+    let feedback = unique("feedback");
+    let predictions = format!("{feedback}.predictions");
+    broker.create_topic(&feedback, 1);
+    broker.create_topic(&predictions, 1);
+    let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
+    with_aggregates(&p, &redis.url(), "");
+    with_model(&p, &predictions, &feedback, true);
     produce_agg(&broker, &p.topic, 0..1_500);
     p.run_until_drained(&broker, DRAIN, "run.log");
 
@@ -591,30 +661,13 @@ output = {{ kind = "score" }}
         features.push(latest);
         first.insert(e.id.clone(), features);
     }
-    let check = |topic: &str, want: &HashMap<String, Vec<f64>>| {
-        let got = broker.read_all(topic);
-        let mut ids = std::collections::BTreeSet::new();
-        for r in &got {
-            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
-            let id = v["event_id"].as_str().unwrap().to_owned();
-            let features: Vec<f64> = v["features"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect();
-            let expected = &want[&id];
-            for (i, (a, b)) in features.iter().zip(expected).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-6 * b.abs().max(1.0),
-                    "{id}: feature {i} fed {a}, the oracle has {b} ({features:?} vs {expected:?})"
-                );
-            }
-            ids.insert(id);
-        }
-        assert_eq!(ids.len(), want.len(), "every valid event scored");
-    };
-    check(&feedback, &first);
+    check_feedback(&broker, &feedback, &first);
+    let after = oracle(&records);
+    assert_hashes(
+        &redis.hashes("agg:"),
+        &expected_hashes(&after, &p.topic),
+        &after,
+    );
 
     // A replay: every event is already in the buckets.
     let replayed = format!("{feedback}.replay");
@@ -631,7 +684,6 @@ output = {{ kind = "score" }}
     let mut replay = p.spawn("replay.log");
     broker.wait_committed(&p.topic, "replay", DRAIN).unwrap();
     p.stop(&mut replay, "replay.log");
-    let after = oracle(&records);
     let second: HashMap<String, Vec<f64>> = records
         .iter()
         .map(|e| {
@@ -642,7 +694,61 @@ output = {{ kind = "score" }}
             (e.id.clone(), features)
         })
         .collect();
-    check(&replayed, &second);
+    check_feedback(&broker, &replayed, &second);
+}
+
+/// sluice keeps its own snapshot of each hash a model reads, and a write whose snapshot is
+/// current reads no buckets; the snapshot serves only while the hash is as sluice left it. Here
+/// a running instance scores events of its topic; then another pipeline (another process on
+/// another topic, with no model) writes the same customers' hashes; then the first instance
+/// scores more events: their windows hold the other pipeline's events too, exactly as the
+/// oracle computes them from every event in the order they were applied.
+#[test]
+fn a_snapshot_is_not_used_once_another_writer_changed_the_hash() {
+    let broker = Broker::start();
+    let redis = RedisServer::start(&[]);
+    let feedback = unique("feedback");
+    let predictions = format!("{feedback}.predictions");
+    broker.create_topic(&feedback, 1);
+    broker.create_topic(&predictions, 1);
+    let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
+    with_aggregates(&p, &redis.url(), "");
+    with_model(&p, &predictions, &feedback, false);
+    let other = TestPipeline::new(&broker, 1, "idle_flush = \"300ms\"");
+    with_aggregates(&other, &redis.url(), "");
+
+    let mut sluice = p.spawn("run.log");
+    produce_agg(&broker, &p.topic, 0..600);
+    p.wait_drained(&broker, DRAIN);
+    produce_agg(&broker, &other.topic, 600..900);
+    other.run_until_drained(&broker, DRAIN, "other.log");
+    produce_agg(&broker, &p.topic, 900..1_500);
+    p.wait_drained(&broker, DRAIN);
+    p.stop(&mut sluice, "run.log");
+
+    // Each customer's events in the order applied: this topic's first 600, the other
+    // pipeline's, then this topic's others.
+    let number = |e: &Seen| e.id.trim_start_matches("e-").parse::<u64>().unwrap();
+    let mine = seen(&broker, &p.topic);
+    let (early, late): (Vec<Seen>, Vec<Seen>) = mine.into_iter().partition(|e| number(e) < 600);
+    let others = seen(&broker, &other.topic);
+    assert!(!others.is_empty() && !late.is_empty());
+    let mut entities: HashMap<String, Entity> = HashMap::new();
+    let mut want: HashMap<String, Vec<f64>> = HashMap::new();
+    for (e, scored) in early
+        .iter()
+        .map(|e| (e, true))
+        .chain(others.iter().map(|e| (e, false)))
+        .chain(late.iter().map(|e| (e, true)))
+    {
+        let entity = entities.entry(e.customer.clone()).or_default();
+        let too_late = entity.too_late(e.ms);
+        entity.apply(e);
+        if scored {
+            want.insert(e.id.clone(), fed(e, entity, too_late));
+        }
+    }
+    check_feedback(&broker, &feedback, &want);
 }
 
 /// The feature vector the test model is fed for `e` when its entity is `entity`: amount,

@@ -156,6 +156,11 @@ pub struct RawRedis {
     /// How far past now an event time may be (default "1h"): a later one would make every
     /// real event of its entity look older, so it is a dead letter (`future_event_time`).
     pub max_event_time_skew: Option<Setting<HumanDuration>>,
+    /// Memory for sluice's snapshots of the aggregate views' hashes, as its writes left them
+    /// (default "64MiB", shared by the views; "0" keeps none). A write of an entity whose
+    /// snapshot is current sets only what changes, by compare-and-set: a fraction of Redis's
+    /// work.
+    pub aggregate_cache: Option<Setting<HumanSize>>,
     /// Feature views: each writes one hash per entity.
     pub views: Option<Vec<RawView>>,
     /// Aggregate views: windowed count/sum/avg/min/max per entity, one hash per entity.

@@ -47,6 +47,8 @@ pub struct RedisSpec {
     pub pipeline_size: usize,
     /// Event times later than now plus this are refused (dead letters).
     pub max_event_time_skew: Duration,
+    /// Bytes for the writer's snapshots of the aggregate hashes (0: none).
+    pub aggregate_cache: u64,
     pub views: Vec<ViewSpec>,
     pub aggregates: Vec<AggregateSpec>,
 }
@@ -213,6 +215,13 @@ pub(super) fn build_redis(
             super::units::HumanDuration(Duration::from_secs(3_600)),
         )
         .map(|d| d.0);
+    let aggregate_cache = p
+        .get(
+            &format!("{AT}.aggregate_cache"),
+            &raw.aggregate_cache,
+            super::units::HumanSize(64 << 20),
+        )
+        .map(|s| s.0);
     let raw_views = raw.views.as_deref().unwrap_or_default();
     let raw_aggregates = raw.aggregates.as_deref().unwrap_or_default();
     if raw_views.is_empty() && raw_aggregates.is_empty() {
@@ -275,6 +284,7 @@ pub(super) fn build_redis(
         max_in_flight: max_in_flight?,
         pipeline_size: pipeline_size?,
         max_event_time_skew: skew?,
+        aggregate_cache: aggregate_cache?,
         views,
         aggregates,
     })
@@ -488,6 +498,7 @@ mod tests {
                 max_in_flight: 1,
                 pipeline_size: 1,
                 max_event_time_skew: Duration::from_secs(1),
+                aggregate_cache: 0,
                 views: vec![],
                 aggregates: vec![],
             }

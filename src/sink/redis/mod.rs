@@ -114,6 +114,18 @@ pub enum RedisSinkError {
     Cancelled,
 }
 
+/// The rows of an aggregate entry whose key Redis refused for good, with its error.
+fn refusals(rows: &[usize], error: &str) -> Vec<Refusal> {
+    let reason = if error.contains("WRONGTYPE") {
+        "wrong_type"
+    } else {
+        "refused"
+    };
+    rows.iter()
+        .map(|row| refused(*row, reason, error.to_owned()))
+        .collect()
+}
+
 /// A row whose features Redis refused for good (`reason`: `wrong_type`, `script_error`,
 /// `refused`, `future_event_time`); the pipeline dead-letters its event.
 fn refused(row: usize, reason: &'static str, error: String) -> Refusal {
@@ -344,6 +356,7 @@ pub struct RedisSink {
     script: Script,
     views: Vec<View>,
     aggregate_script: Script,
+    swap_script: Script,
     read_script: Script,
     aggregates: Vec<aggregate::View>,
     /// The point-in-time features of the last batch written, for the models.
@@ -391,8 +404,9 @@ impl RedisSink {
         }
         let script = Script::new(SCRIPT);
         let aggregate_script = Script::new(aggregate::WRITE);
+        let swap_script = Script::new(aggregate::SWAP);
         let read_script = Script::new(READ_FIELDS);
-        for s in [&script, &aggregate_script, &read_script] {
+        for s in [&script, &aggregate_script, &swap_script, &read_script] {
             conn.load(s)
                 .await
                 .map_err(|source| RedisSinkError::Connect {
@@ -423,14 +437,20 @@ impl RedisSink {
                     .collect(),
             })
             .collect();
+        let read = |a: &crate::config::AggregateSpec| {
+            enrich
+                .iter()
+                .any(|e| e.split('.').next() == Some(a.name.as_str()))
+        };
+        // The snapshots' memory, shared by the aggregate views.
+        let readers = spec.aggregates.len();
         let aggregates = spec
             .aggregates
             .iter()
             .map(|a| {
-                let used = enrich
-                    .iter()
-                    .any(|e| e.split('.').next() == Some(a.name.as_str()));
-                aggregate::View::new(a, used)
+                let used = read(a);
+                let memory = (spec.aggregate_cache as usize) / readers.max(1);
+                aggregate::View::new(a, used, memory)
             })
             .collect();
         Ok(Self {
@@ -440,6 +460,7 @@ impl RedisSink {
             script,
             views,
             aggregate_script,
+            swap_script,
             read_script,
             aggregates,
             enrichment: Vec::new(),
@@ -523,7 +544,7 @@ impl RedisSink {
             .iter()
             .map(|i| (std::slice::from_ref(&i.key), i.args.as_slice()))
             .collect();
-        let replies = self.execute::<u64>(&self.script, &calls, cancel).await?;
+        let replies = self.execute::<u64>(&self.script, &calls, 1, cancel).await?;
         let (mut accepted, mut refused) = (0, Vec::new());
         for (inv, reply) in invocations.iter().zip(replies) {
             match reply {
@@ -580,7 +601,7 @@ impl RedisSink {
                 .map(|k| (std::slice::from_ref(k), fields.as_slice()))
                 .collect();
             let replies = self
-                .execute::<Vec<Option<String>>>(&self.read_script, &calls, cancel)
+                .execute::<Vec<Option<String>>>(&self.read_script, &calls, 1, cancel)
                 .await?;
             let mut values = vec![vec![None; batch.num_rows()]; view.enrich.len()];
             for (key, reply) in keys.iter().zip(replies) {
@@ -637,10 +658,11 @@ impl RedisSink {
     }
 
     /// One entry per (view, entity, partition), so that a partition's events reach each
-    /// entity's guard in offset order, up to [`aggregate::KEYS_PER_CALL`] entries per call;
-    /// with models taking the features, they come back as the batch's enrichment columns.
-    /// The calls go out as pipelines of about `pipeline_size` entries, `max_in_flight` at a
-    /// time, each made while Redis runs the ones before and read as soon as it answers.
+    /// entity's guard in offset order. The entries whose snapshot is current are applied here
+    /// and set by compare-and-set; the others (and those whose hash changed since) go through
+    /// the write script; see [`aggregate`]. Up to [`aggregate::KEYS_PER_CALL`] entries per
+    /// call; with models taking the features, they come back as the batch's enrichment
+    /// columns.
     async fn write_aggregates(
         &self,
         batch: &RecordBatch,
@@ -648,62 +670,135 @@ impl RedisSink {
         skip: &[bool],
         cancel: &CancellationToken,
     ) -> Result<Written, RedisSinkError> {
-        let (per_call, per_pipe, concurrency) = if self.spec.connection.cluster {
-            (1, 1, self.spec.max_in_flight * self.spec.pipeline_size)
+        use aggregate::Prepared;
+        let per_call = if self.spec.connection.cluster {
+            1
         } else {
-            let per_pipe = self.spec.pipeline_size.div_ceil(aggregate::KEYS_PER_CALL);
-            (aggregate::KEYS_PER_CALL, per_pipe, self.spec.max_in_flight)
+            aggregate::KEYS_PER_CALL
         };
-        // Each view planned when the pipelines before it are out.
         let views = &self.aggregates;
-        let pipes = (0..views.len()).flat_map(move |v| {
-            let mut plans = aggregate::plan(v, &views[v], batch, skip, per_call).into_iter();
-            std::iter::from_fn(move || {
-                let pipe: Vec<_> = plans.by_ref().take(per_pipe).collect();
-                (!pipe.is_empty()).then_some(pipe)
-            })
-        });
-        let script = &self.aggregate_script;
-        let who = self.who();
-        let mut taken = Taken::new(self.aggregates.len());
-        let mut again = Vec::new();
-        let mut sent = futures::stream::iter(pipes)
-            .map(|plans| {
-                let (who, conn) = (&who, self.conn.clone());
-                async move {
-                    let calls: Vec<aggregate::Call> = plans
-                        .into_iter()
-                        .map(|p| p.call(&self.aggregates, batch, times))
-                        .collect();
-                    let pipe = pipeline(
-                        script,
-                        calls.iter().map(|c| (c.keys.as_slice(), c.args.as_slice())),
-                    );
-                    let replies = send::<redis::Value>(conn, script, &pipe, who, cancel).await;
-                    (calls, replies)
+        let mut finished = Vec::new();
+        let mut refused = Vec::new();
+        let mut swaps = Vec::new();
+        let mut written: Vec<Vec<aggregate::Entry>> = views.iter().map(|_| Vec::new()).collect();
+        for (v, view) in views.iter().enumerate() {
+            for entry in aggregate::plan(v, view, batch, skip, times) {
+                match view.prepare(entry) {
+                    Prepared::Done(done) => finished.push(done),
+                    Prepared::Swapped(swap) => swaps.push(swap),
+                    Prepared::Written(entry) => written[v].push(entry),
                 }
-            })
-            .buffer_unordered(concurrency);
-        while let Some((calls, replies)) = sent.next().await {
-            let replies = match replies {
-                Ok(replies) => replies,
-                Err(GaveUp::Cancelled) => return Err(RedisSinkError::Cancelled),
-                Err(GaveUp::Failed(_, source)) => return Err(RedisSinkError::Fatal { source }),
-            };
-            again.extend(self.take(calls, replies, &mut taken));
+            }
         }
-        drop(sent);
-        // A call Redis refused as a whole goes again as one call per entity.
-        if !again.is_empty() {
-            let keyed: Vec<(&[String], &[String])> = again
+        let swapped = swaps.len();
+
+        // 1. Compare-and-set of what changes, where the snapshot is current.
+        let calls = aggregate::swap_calls(views, &swaps, per_call);
+        let keyed: Vec<(&[String], &[String])> = calls
+            .iter()
+            .map(|(k, a)| (k.as_slice(), a.as_slice()))
+            .collect();
+        let replies = self
+            .execute::<redis::Value>(&self.swap_script, &keyed, per_call, cancel)
+            .await?;
+        let mut swaps = swaps.into_iter();
+        for ((keys, _), reply) in calls.iter().zip(replies) {
+            let chunk: Vec<Box<aggregate::Swap>> = swaps.by_ref().take(keys.len()).collect();
+            let answers = reply
+                .map_err(|(_, e)| e)
+                .and_then(|v| aggregate::swapped(v, keys.len()));
+            match answers {
+                Ok(answers) => {
+                    for (swap, answer) in chunk.into_iter().zip(answers) {
+                        let view = &views[swap.entry.view];
+                        match answer {
+                            Ok(true) => finished.push(view.swapped(swap)),
+                            // The hash changed since the snapshot: the write script applies
+                            // the events to it as it is.
+                            Ok(false) => written[swap.entry.view].push(swap.entry),
+                            Err(error) => refused.extend(refusals(&swap.entry.rows, &error)),
+                        }
+                    }
+                }
+                // Refused as a whole (nothing was set): the write script takes them.
+                Err(_) => {
+                    for swap in chunk {
+                        written[swap.entry.view].push(swap.entry);
+                    }
+                }
+            }
+        }
+
+        // 2. The write script, for the rest.
+        let mut hits = 0;
+        for (v, entries) in written.into_iter().enumerate() {
+            let view = &views[v];
+            let calls = aggregate::write_calls(view, &entries, per_call);
+            let keyed: Vec<(&[String], &[String])> = calls
                 .iter()
-                .map(|c| (c.keys.as_slice(), c.args.as_slice()))
+                .map(|(k, a, _)| (k.as_slice(), a.as_slice()))
                 .collect();
-            let replies = self.execute::<redis::Value>(script, &keyed, cancel).await?;
-            let left = self.take(again, replies, &mut taken);
-            debug_assert!(left.is_empty(), "a call of one entity is not split");
+            let replies = self
+                .execute::<redis::Value>(&self.aggregate_script, &keyed, per_call, cancel)
+                .await?;
+            let mut entries = entries.into_iter();
+            let mut again = Vec::new();
+            for ((keys, _, versions), reply) in calls.iter().zip(replies) {
+                let chunk: Vec<aggregate::Entry> = entries.by_ref().take(keys.len()).collect();
+                let answers = reply
+                    .map_err(|(_, e)| e)
+                    .and_then(|v| aggregate::reply(view, v, keys.len()));
+                match answers {
+                    Ok(answers) => {
+                        for ((entry, version), answer) in
+                            chunk.into_iter().zip(versions).zip(answers)
+                        {
+                            match answer {
+                                Ok(answer) => finished.push(view.written(entry, version, answer)),
+                                Err(error) => refused.extend(refusals(&entry.rows, &error)),
+                            }
+                        }
+                    }
+                    // A call Redis refused as a whole goes again as one call per entity, so
+                    // that only the one it cannot take is refused.
+                    Err(_) if chunk.len() > 1 => again.extend(chunk),
+                    Err(error) => {
+                        refused.extend(chunk.iter().flat_map(|e| refusals(&e.rows, &error)))
+                    }
+                }
+            }
+            if !again.is_empty() {
+                let calls = aggregate::write_calls(view, &again, 1);
+                let keyed: Vec<(&[String], &[String])> = calls
+                    .iter()
+                    .map(|(k, a, _)| (k.as_slice(), a.as_slice()))
+                    .collect();
+                let replies = self
+                    .execute::<redis::Value>(&self.aggregate_script, &keyed, 1, cancel)
+                    .await?;
+                for ((entry, (_, _, versions)), reply) in again.into_iter().zip(&calls).zip(replies)
+                {
+                    let answer = reply
+                        .map_err(|(_, e)| e)
+                        .and_then(|v| aggregate::reply(view, v, 1))
+                        .and_then(|mut a| a.pop().expect("one entry"));
+                    match answer {
+                        Ok(answer) => finished.push(view.written(entry, &versions[0], answer)),
+                        Err(error) => refused.extend(refusals(&entry.rows, &error)),
+                    }
+                }
+            }
+            hits += 0;
         }
-        for (view, c) in self.aggregates.iter().zip(&taken.counts) {
+        let _ = hits;
+
+        let labels = [("pipeline", self.pipeline.clone())];
+        metrics::counter!("sluice_redis_aggregate_swaps_total", &labels).increment(swapped as u64);
+        let mut counts = vec![aggregate::Counts::default(); views.len()];
+        for done in &finished {
+            counts[done.view] += done.counts();
+        }
+        for (view, c) in views.iter().zip(&counts) {
             for (result, n) in [
                 ("applied", c.applied),
                 ("replayed", c.replayed),
@@ -716,86 +811,32 @@ impl RedisSink {
             }
         }
         let mut enrichment = Vec::new();
-        for (view, results) in self.aggregates.iter().zip(&taken.answered) {
-            if view.enriches() {
-                enrichment.extend(aggregate::columns(view, batch.num_rows(), results));
-            }
+        for (v, view) in views.iter().enumerate().filter(|(_, v)| v.enriches()) {
+            let mine = finished.iter().filter(|f| f.view == v);
+            enrichment.extend(aggregate::columns(view, batch.num_rows(), mine));
         }
-        Ok((taken.refused, enrichment))
+        Ok((refused, enrichment))
     }
 
-    /// Takes the replies to aggregate calls into `taken`; returns the calls of several
-    /// entities that Redis refused as a whole, to go again one entity each.
-    fn take(
-        &self,
-        calls: Vec<aggregate::Call>,
-        replies: Replies<redis::Value>,
-        taken: &mut Taken,
-    ) -> Vec<aggregate::Call> {
-        let mut again = Vec::new();
-        for (mut call, reply) in calls.into_iter().zip(replies) {
-            let entries = call.keys.len();
-            let parsed = reply.and_then(|v| {
-                aggregate::reply(v, entries)
-                    .map_err(|e| ("script_error", format!("unexpected reply: {e}")))
-            });
-            match parsed {
-                Ok(outcomes) => {
-                    let view = &self.aggregates[call.view];
-                    let rows = std::mem::take(&mut call.rows);
-                    for (e, (rows, outcome)) in rows.into_iter().zip(outcomes).enumerate() {
-                        match outcome {
-                            Ok(answer) => {
-                                let c = answer.counts();
-                                let total = &mut taken.counts[call.view];
-                                total.applied += c.applied;
-                                total.replayed += c.replayed;
-                                total.late += c.late;
-                                if view.enriches() {
-                                    let partials = aggregate::windows(view, answer, call.event(e));
-                                    taken.answered[call.view].push((rows, partials));
-                                }
-                            }
-                            Err(error) => {
-                                let reason = if error.contains("WRONGTYPE") {
-                                    "wrong_type"
-                                } else {
-                                    "refused"
-                                };
-                                taken.refused.extend(
-                                    rows.iter()
-                                        .map(|row| self::refused(*row, reason, error.clone())),
-                                );
-                            }
-                        }
-                    }
-                }
-                Err(_) if entries > 1 => again.extend(call.split()),
-                Err((reason, error)) => taken.refused.extend(
-                    call.rows
-                        .iter()
-                        .flatten()
-                        .map(|row| self::refused(*row, reason, error.clone())),
-                ),
-            }
-        }
-        again
-    }
-
-    /// Runs `script` once per `(keys, args)` call, as pipelines (`pipeline_size` calls,
-    /// `max_in_flight` at a time; one call each on a cluster, where a pipeline must stay within
-    /// one slot), until Redis has answered every call; returns each call's reply, or why Redis
-    /// refused it for good.
+    /// Runs `script` once per `(keys, args)` call (of up to `keys_per_call` keys), as pipelines
+    /// (about `pipeline_size` keys, `max_in_flight` at a time; one call each on a cluster,
+    /// where a pipeline must stay within one slot), until Redis has answered every call;
+    /// returns each call's reply, or why Redis refused it for good.
     async fn execute<T: redis::FromRedisValue + Send>(
         &self,
         script: &Script,
         calls: &[(&[String], &[String])],
+        keys_per_call: usize,
         cancel: &CancellationToken,
     ) -> Result<Vec<Result<T, (&'static str, String)>>, RedisSinkError> {
+        // A pipeline holds about `pipeline_size` keys.
         let (chunk, concurrency) = if self.spec.connection.cluster {
             (1, self.spec.max_in_flight * self.spec.pipeline_size)
         } else {
-            (self.spec.pipeline_size, self.spec.max_in_flight)
+            (
+                self.spec.pipeline_size.div_ceil(keys_per_call.max(1)),
+                self.spec.max_in_flight,
+            )
         };
         let size = chunk;
         let pipes: Vec<(usize, Pipeline)> = calls
@@ -949,23 +990,6 @@ type Replies<T> = Vec<Result<T, (&'static str, String)>>;
 
 /// What sending one pipeline came to.
 type Sent<T> = Result<Replies<T>, GaveUp<RedisError>>;
-
-/// What the aggregate calls of a batch came to, per view.
-struct Taken {
-    refused: Vec<Refusal>,
-    answered: Vec<Vec<aggregate::Answered>>,
-    counts: Vec<aggregate::Counts>,
-}
-
-impl Taken {
-    fn new(views: usize) -> Self {
-        Self {
-            refused: Vec::new(),
-            answered: (0..views).map(|_| Vec::new()).collect(),
-            counts: vec![Default::default(); views],
-        }
-    }
-}
 
 /// One run of the script: for `key`, from the batch's `row`.
 struct Invocation {
