@@ -41,7 +41,7 @@ features = [
 }
 
 /// A pipeline with a latest-value view and the aggregate view, on `redis` (a URL or a
-/// `cluster_nodes = [...]` line).
+/// `cluster_nodes = [...]` line); `extra`: more keys of `[sink.redis]`.
 fn with_aggregates(p: &TestPipeline, redis: &str, extra: &str) {
     let connection = if redis.starts_with("cluster_nodes") {
         redis.to_owned()
@@ -55,12 +55,12 @@ fn with_aggregates(p: &TestPipeline, redis: &str, extra: &str) {
 {connection}
 time_field = "at"
 pipeline_size = 50
+{extra}
 [[sink.redis.views]]
 name = "customer"
 key = "cust:{{customer}}"
 columns = ["amount"]
 {}
-{extra}
 "#,
         aggregate_section()
     ));
@@ -528,13 +528,18 @@ fn kill_9_mid_run_counts_every_event_once() {
 }
 
 /// The aggregate view on a three-node Redis Cluster: each entity's hash equals the oracle's,
-/// wherever its slot lives.
+/// wherever its slot lives. Here sluice keeps no snapshots, so every write goes through the
+/// write script, reading only the fields its events touch.
 #[test]
 fn aggregates_in_a_redis_cluster() {
     let cluster = RedisCluster::start();
     let broker = Broker::start();
     let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
-    with_aggregates(&p, &format!("cluster_nodes = {:?}", cluster.urls()), "");
+    with_aggregates(
+        &p,
+        &format!("cluster_nodes = {:?}", cluster.urls()),
+        "aggregate_cache = \"0\"",
+    );
     produce_agg(&broker, &p.topic, 0..1_500);
     p.run_until_drained(&broker, Duration::from_secs(60), "run.log");
     let entities = oracle(&seen(&broker, &p.topic));

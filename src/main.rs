@@ -466,6 +466,12 @@ fn validate(files: &[PathBuf]) -> ExitCode {
                     v.ttl
                 );
             }
+            if !r.aggregates.is_empty() {
+                println!(
+                    "    snapshots of the aggregate hashes: up to {} bytes",
+                    r.aggregate_cache
+                );
+            }
             for a in &r.aggregates {
                 println!(
                     "    aggregate view {:?}: key {:?}, buckets of {:?}, lateness {:?}, ttl {:?}, \

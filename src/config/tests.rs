@@ -276,6 +276,7 @@ ttl = "1d"
     assert_eq!(redis.views[0].key[0], KeyPart::Text("customer:".into()));
     assert_eq!(redis.views[0].ttl, Some(Duration::from_secs(86_400)));
     assert_eq!(redis.max_event_time_skew, Duration::from_secs(3_600));
+    assert_eq!(redis.aggregate_cache, 64 << 20, "the default");
 }
 
 /// Review finding A8.4: with `field_ttl` and no `ttl`, the guard fields (`_ts`, …) would never
@@ -300,6 +301,7 @@ policy = "skip"
 url = "redis://localhost:6379"
 time_field = "at"
 max_event_time_skew = "5m"
+aggregate_cache = "0"
 [[sink.redis.views]]
 name = "customer"
 key = "cust:{id}"
@@ -310,6 +312,7 @@ field_ttl = { amount = "10m", country = "2h" }
     let redis = load(&file).unwrap().redis.unwrap();
     assert_eq!(redis.views[0].ttl, Some(Duration::from_secs(7_200)));
     assert_eq!(redis.max_event_time_skew, Duration::from_secs(300));
+    assert_eq!(redis.aggregate_cache, 0);
 }
 
 #[test]
