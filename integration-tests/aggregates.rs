@@ -596,6 +596,21 @@ output = {{ kind = "score" }}
     python(&["any-width", repo.join("1/model.pt").to_str().unwrap()]);
 }
 
+/// A broker, a Redis server and a pipeline with the aggregate view and the model of
+/// [`with_model`]; returns them and the model's feedback topic.
+fn scored_pipeline(latest: bool) -> (Broker, RedisServer, TestPipeline, String) {
+    let broker = Broker::start();
+    let redis = RedisServer::start(&[]);
+    let feedback = unique("feedback");
+    let predictions = format!("{feedback}.predictions");
+    broker.create_topic(&feedback, 1);
+    broker.create_topic(&predictions, 1);
+    let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
+    with_aggregates(&p, &redis.url(), "");
+    with_model(&p, &predictions, &feedback, latest);
+    (broker, redis, p, feedback)
+}
+
 /// Every feedback record in `topic` carries the features `want` has for its event, and every
 /// event of `want` has one.
 fn check_feedback(broker: &Broker, topic: &str, want: &HashMap<String, Vec<f64>>) {
@@ -632,15 +647,7 @@ fn check_feedback(broker: &Broker, topic: &str, want: &HashMap<String, Vec<f64>>
 /// and no latest value is older than the event, as documented.
 #[test]
 fn scored_events_carry_the_aggregates_at_their_point_in_time() {
-    let broker = Broker::start();
-    let redis = RedisServer::start(&[]);
-    let feedback = unique("feedback");
-    let predictions = format!("{feedback}.predictions");
-    broker.create_topic(&feedback, 1);
-    broker.create_topic(&predictions, 1);
-    let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
-    with_aggregates(&p, &redis.url(), "");
-    with_model(&p, &predictions, &feedback, true);
+    let (broker, redis, p, feedback) = scored_pipeline(true);
     produce_agg(&broker, &p.topic, 0..1_500);
     p.run_until_drained(&broker, DRAIN, "run.log");
 
@@ -702,23 +709,15 @@ fn scored_events_carry_the_aggregates_at_their_point_in_time() {
     check_feedback(&broker, &replayed, &second);
 }
 
-/// sluice keeps its own snapshot of each hash a model reads, and a write whose snapshot is
-/// current reads no buckets; the snapshot serves only while the hash is as sluice left it. Here
+/// sluice keeps its own snapshot of each aggregate hash, and a write whose snapshot is current
+/// only sets what changes; the snapshot serves only while the hash is as sluice left it. Here
 /// a running instance scores events of its topic; then another pipeline (another process on
 /// another topic, with no model) writes the same customers' hashes; then the first instance
 /// scores more events: their windows hold the other pipeline's events too, exactly as the
 /// oracle computes them from every event in the order they were applied.
 #[test]
 fn a_snapshot_is_not_used_once_another_writer_changed_the_hash() {
-    let broker = Broker::start();
-    let redis = RedisServer::start(&[]);
-    let feedback = unique("feedback");
-    let predictions = format!("{feedback}.predictions");
-    broker.create_topic(&feedback, 1);
-    broker.create_topic(&predictions, 1);
-    let p = TestPipeline::new(&broker, 2, "idle_flush = \"300ms\"");
-    with_aggregates(&p, &redis.url(), "");
-    with_model(&p, &predictions, &feedback, false);
+    let (broker, redis, p, feedback) = scored_pipeline(false);
     let other = TestPipeline::new(&broker, 1, "idle_flush = \"300ms\"");
     with_aggregates(&other, &redis.url(), "");
 

@@ -431,6 +431,12 @@ pub(super) mod tests {
         }
     }
 
+    fn spec_and_parts() -> (AggregateSpec, Vec<Part>) {
+        let spec = spec();
+        let parts = spec.parts();
+        (spec, parts)
+    }
+
     fn event(offset: i64, ms: i64, amount: f64) -> Event {
         Event {
             offset,
@@ -441,8 +447,7 @@ pub(super) mod tests {
 
     #[test]
     fn events_apply_as_the_script_applies_them_and_see_their_own_windows() {
-        let spec = spec();
-        let parts = spec.parts();
+        let (spec, parts) = spec_and_parts();
         let rules = Rules {
             spec: &spec,
             parts: &parts,
@@ -486,8 +491,7 @@ pub(super) mod tests {
 
     #[test]
     fn the_horizon_deletes_old_buckets_and_moves_lo() {
-        let spec = spec();
-        let parts = spec.parts();
+        let (spec, parts) = spec_and_parts();
         let rules = Rules {
             spec: &spec,
             parts: &parts,
@@ -509,8 +513,7 @@ pub(super) mod tests {
 
     #[test]
     fn outcomes_given_by_the_script_are_followed_and_a_difference_is_noticed() {
-        let spec = spec();
-        let parts = spec.parts();
+        let (spec, parts) = spec_and_parts();
         let rules = Rules {
             spec: &spec,
             parts: &parts,
