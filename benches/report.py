@@ -166,6 +166,6 @@ if os.path.exists(path("live.rate")):
     if buckets:
         rate = int(open(path("live.rate")).read())
         print()
-        print(f"Prediction latency at {rate:,} events/s (half of (a)), from a batch's first event's consumption")
-        print(f"to the broker's acknowledgement of its predictions: p50 {quantile(0.5) * 1000:.0f} ms, "
-              f"p99 {quantile(0.99) * 1000:.0f} ms ({buckets[-1][1]:.0f} batches; batch.max_delay is 500 ms)")
+        print(f"Prediction latency at {rate:,} events/s (half of (a)), per prediction, from its batch's first")
+        print(f"event's consumption to the broker's acknowledgement: p50 {quantile(0.5) * 1000:.1f} ms, "
+              f"p99 {quantile(0.99) * 1000:.1f} ms ({buckets[-1][1]:.0f} predictions)")

@@ -108,6 +108,32 @@ fn sigterm_finishes_files_and_commits_everything() {
     check_oracle(&broker, &p);
 }
 
+/// A micro-batch closes as soon as the consumer has nothing more ready while the pipeline waits
+/// for input (`batch.eager`, the default): a few events are written and committed at once, not
+/// after `max_delay` (an hour here). With `eager = false` they wait for it.
+#[test]
+fn a_few_events_do_not_wait_for_the_batch_delay() {
+    let broker = Broker::start();
+    let p = TestPipeline::new(&broker, 1, "idle_flush = \"200ms\"");
+    p.edit("max_delay = \"100ms\"", "max_delay = \"1h\"");
+    produce(&broker, &p.topic, 0..20);
+    let mut sluice = p.spawn("run.log");
+    p.wait_drained(&broker, Duration::from_secs(30));
+    p.stop(&mut sluice, "run.log");
+
+    p.edit("max_delay = \"1h\"", "max_delay = \"1h\"\neager = false");
+    produce(&broker, &p.topic, 20..40);
+    let mut lazy = p.spawn("lazy.log");
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        broker
+            .wait_committed(&p.topic, &p.group, Duration::ZERO)
+            .is_err(),
+        "without eager batches, the events wait for max_delay"
+    );
+    p.stop(&mut lazy, "lazy.log");
+}
+
 /// (b) kill -9 at random moments, restart, several times: the oracle still holds.
 #[test]
 fn kill_9_and_restart_keeps_exactly_once() {

@@ -23,10 +23,13 @@
 #   BENCH_MEMORY_FACTOR  size of the memory run's backlog, in BENCH_EVENTS (default 5; 0 skips it)
 #   BENCH_EXTRA=1        also: the scoring stage alone against PyTorch in Python, then beside a
 #                        trainer fine-tuning the model (TRAIN_THREADS libtorch threads, default
-#                        1), and prediction latency with events produced live at half the
-#                        rate of (a)
-#   BENCH_ONLY           run only these of bare, parquet, full, noagg, python (space-separated;
-#                        default all); the report shows the runs made
+#                        1)
+# The latency run (in the default set): sluice started and ready first, then events produced
+# live at half the rate of (a); prints p50/p99 from consumption to acknowledged prediction.
+#   BENCH_ONLY           run only these of bare, parquet, full, noagg, python, latency
+#                        (space-separated; default all); the report shows the runs made
+#   BENCH_RATE           the latency run's event rate (default: half the rate of full)
+#   BENCH_LIVE_SECONDS   how long the latency run produces events (default 20)
 #   KAFKA_BOOTSTRAP / REDIS_URL  use this broker / Redis instead of starting one
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -149,15 +152,42 @@ if [ "${BENCH_EXTRA:-0}" = 1 ]; then
   "$BIN/sluice-bench" score pipelines/orders.toml --rows 200000 >"$WORK/score-sluice-training.json"
   touch "$WORK/scored"
   wait "$TRAIN_PID"
-  say "Prediction latency at half the rate of (a), events produced live"
-  RATE=$(python3 -c "print(round($EVENTS / float(open('$WORK/full.seconds').read()) / 2))")
+fi
+
+# Prediction latency on the stream: sluice runs (and is ready) first, then events are produced
+# live at half the rate of (a) (or BENCH_RATE) for BENCH_LIVE_SECONDS (default 20).
+if runs latency || [ "${BENCH_EXTRA:-0}" = 1 ]; then
+  if [ -n "${BENCH_RATE:-}" ]; then
+    RATE="$BENCH_RATE"
+  elif [ -f "$WORK/full.seconds" ]; then
+    RATE=$(python3 -c "print(round($EVENTS / float(open('$WORK/full.seconds').read()) / 2))")
+  else
+    echo "the latency run needs the full run's rate, or BENCH_RATE" >&2
+    exit 2
+  fi
+  SECONDS_LIVE="${BENCH_LIVE_SECONDS:-20}"
+  say "Prediction latency at $RATE events/s (half the rate of (a)), events produced live for ${SECONDS_LIVE}s"
   LIVE_TOPIC="bench-$RUN_ID-live"
   "$BIN/sluice-bench" create-topic "$LIVE_TOPIC" --partitions 4
-  "$BIN/sluice-bench" generate "$LIVE_TOPIC" --count $((RATE * 20)) --rate "$RATE" \
-    >"$WORK/live.json" &
-  GEN_PID=$!
-  sluice live "$LIVE_TOPIC" $((RATE * 20)) pipelines/orders.toml
-  wait "$GEN_PID"
+  METRICS_PORT=$(free_port)
+  redis-cli -u "$REDIS_URL" FLUSHALL >/dev/null
+  ORDERS_TOPIC="$LIVE_TOPIC" ORDERS_GROUP="bench-$RUN_ID-live" ORDERS_OUTPUT="$WORK/out-live" \
+    "$BIN/sluice" run pipelines/orders.toml --listen "127.0.0.1:$METRICS_PORT" \
+    >"$WORK/live.out" 2>"$WORK/live.log" &
+  SLUICE_PID=$!
+  for _ in $(seq 600); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "127.0.0.1:$METRICS_PORT/readyz")" = 200 ] && break
+    sleep 0.1
+  done
+  "$BIN/sluice-bench" generate "$LIVE_TOPIC" --count $((RATE * SECONDS_LIVE)) --rate "$RATE" \
+    >"$WORK/live.json"
+  "$BIN/sluice-bench" wait-committed "$LIVE_TOPIC" --group "bench-$RUN_ID-live" \
+    --total $((RATE * SECONDS_LIVE)) --timeout-secs 600 --while-running "$SLUICE_PID"
+  curl -s "127.0.0.1:$METRICS_PORT/metrics" >"$WORK/live.metrics"
+  kill -TERM "$SLUICE_PID" 2>/dev/null || true
+  wait "$SLUICE_PID" || true
+  SLUICE_PID=""
+  METRICS_PORT=""
   echo "$RATE" >"$WORK/live.rate"
 fi
 

@@ -78,6 +78,9 @@ pub struct BatchSpec {
     pub max_bytes: usize,
     pub max_delay: Duration,
     pub max_in_flight: usize,
+    /// Close a micro-batch as soon as the consumer has nothing more ready while the pipeline
+    /// waits for input (at full load batches still fill up).
+    pub eager: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -415,6 +418,7 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
     let max_delay = p.positive("batch.max_delay", max_delay);
     let max_in_flight = p.get("batch.max_in_flight", &b.max_in_flight, 4);
     let max_in_flight = p.positive("batch.max_in_flight", max_in_flight);
+    let eager = p.get("batch.eager", &b.eager, true);
 
     let default_errors = Default::default();
     let e = raw.errors.as_ref().unwrap_or(&default_errors);
@@ -594,6 +598,7 @@ fn build(raw: &RawPipeline, file: &Path, base: &Path, p: &mut Problems) -> Optio
             max_rows: max_rows?,
             max_bytes: max_bytes? as usize,
             max_delay: max_delay?,
+            eager: eager?,
             max_in_flight: max_in_flight?,
         },
         errors: ErrorSpec {

@@ -115,6 +115,11 @@ pub struct RawBatch {
     /// Micro-batches queued between the source and the sinks before consumption pauses
     /// (default 4).
     pub max_in_flight: Option<Setting<usize>>,
+    /// Close a micro-batch as soon as the consumer has nothing more ready, while the pipeline
+    /// waits for input (default true): milliseconds from consumption to the sinks at moderate
+    /// load; at full load (the pipeline busy) batches still fill to their limits. false: only
+    /// the limits close a batch.
+    pub eager: Option<Setting<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -268,8 +268,10 @@ impl Scorer {
                 });
             }
             drop(permit);
+            // Once per prediction: from its batch's first event's consumption (an upper bound
+            // for the others) to the broker's acknowledgement.
             metrics::histogram!("sluice_prediction_latency_seconds", "model" => ctx.name.to_string())
-                .record(consumed_at.elapsed().as_secs_f64());
+                .record_many(consumed_at.elapsed().as_secs_f64(), built.predictions);
             metrics::counter!("sluice_predictions_total", "model" => ctx.name.to_string())
                 .increment(built.predictions as u64);
             let (topic, partition, offset) = crate::schema::provenance(&rows);

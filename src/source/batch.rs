@@ -81,6 +81,11 @@ impl Batcher {
         self.started.get_or_insert_with(Instant::now);
     }
 
+    /// Whether a batch closes as soon as nothing more is ready (`batch.eager`).
+    pub fn eager(&self) -> bool {
+        self.spec.eager
+    }
+
     /// The batch is full by rows or bytes.
     pub fn is_full(&self) -> bool {
         self.open.len() >= self.spec.max_rows || self.open.payload_bytes >= self.spec.max_bytes

@@ -116,6 +116,8 @@ pub struct SourceContext {
     start_from: StartFrom,
     /// Between joining (at start, or after a revocation) and the next assignment.
     joining: AtomicBool,
+    /// `batch.eager`: a batch closes when nothing more is ready and the pipeline has room.
+    eager: bool,
 }
 
 impl ClientContext for SourceContext {
@@ -232,6 +234,7 @@ impl Source {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(300_000);
         let context = SourceContext {
+            eager: batcher.eager(),
             pipeline: pipeline.to_owned(),
             tx,
             shared: Mutex::new(Shared {
@@ -371,8 +374,26 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool, leave: &Leave) {
                 .batcher
                 .until_due()
                 .unwrap_or(Duration::from_millis(100));
-            (blocked, wait.max(Duration::from_millis(1)))
+            // At most 100 ms, so that a shutdown or a full channel is noticed in time however
+            // long `max_delay` is.
+            (
+                blocked,
+                wait.clamp(Duration::from_millis(1), Duration::from_millis(100)),
+            )
         };
+        // The pipeline waits for input: an open batch goes as soon as the consumer has nothing
+        // more ready, so that at moderate load an event is processed at once; while the
+        // pipeline is busy (no room downstream), batches grow to their rows, bytes or delay.
+        let eager = ctx.eager
+            && !blocked
+            && ctx.tx.capacity() > 0
+            && ctx
+                .shared
+                .lock()
+                .expect("source state lock")
+                .batcher
+                .until_due()
+                .is_some();
         let rebalanced = ctx.rebalanced.swap(false, Ordering::AcqRel);
         if blocked && (!paused || rebalanced) {
             set_paused(consumer, ctx, true);
@@ -386,10 +407,13 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool, leave: &Leave) {
         ctx.recovered(consumer, paused);
         let polled = consumer.poll(if blocked {
             Duration::from_millis(50)
+        } else if eager {
+            Duration::ZERO
         } else {
             wait
         });
         let mut shared = ctx.shared.lock().expect("source state lock");
+        let drained = eager && polled.is_none();
         match polled {
             Some(Ok(_)) if leaving.is_some() => {}
             Some(Ok(msg)) => shared.batcher.push(&msg),
@@ -397,7 +421,7 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool, leave: &Leave) {
             None => {}
         }
         let due = shared.batcher.until_due().is_some_and(|d| d.is_zero());
-        if shared.batcher.is_full() || due {
+        if shared.batcher.is_full() || due || drained {
             if let Some(batch) = shared.batcher.take() {
                 shared.outbox.push_back(SourceEvent::Batch(batch));
             }

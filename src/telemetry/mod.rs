@@ -45,9 +45,12 @@ pub enum MetricsError {
 
 /// Installs the global metrics recorder.
 pub fn init_metrics() -> Result<PrometheusHandle, MetricsError> {
+    // Fine in the milliseconds, where the latency of scoring on the stream and of the
+    // inference API lies.
     let seconds = [
-        0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.5,
-        2.0, 3.0, 5.0, 10.0, 30.0,
+        0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03,
+        0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
+        30.0,
     ];
     let rows = [1.0, 10.0, 100.0, 1000.0, 5000.0, 10000.0, 50000.0, 100000.0];
     let handle = PrometheusBuilder::new()
