@@ -20,6 +20,8 @@
 //!                          └─ offsets committed only when every sink has made them durable
 //!
 //!  examples ──▶ train (sluice train: rounds, gates) ──▶ the model repository ──▶ score
+//!
+//!  requests (REST, gRPC) ──▶ serve ──▶ decode, sink::redis (read only) ──▶ score ──▶ replies
 //! ```
 //!
 //! Every stage speaks the types of [`event`] (a leaf: it imports no other module), so no
@@ -32,6 +34,8 @@
 //! - [`decode`]: JSON payloads → Arrow columns, per-record rejection with a reason.
 //! - [`score`]: TorchScript models on their own threads: batching, versions (stable, canary,
 //!   shadow: the repository's rollout), the breaker.
+//! - [`serve`]: the inference API (Open Inference Protocol over REST and gRPC): requests
+//!   scored by the same models, encoding and Redis features as the stream.
 //! - [`sink`]: where batches go: [`sink::redis`], [`sink::parquet`], [`sink::dead_letter`],
 //!   [`sink::predictions`] and [`sink::join`] (the label join of the learning loop).
 //! - [`pipeline`]: owns the tasks, the per-partition offset tracking and the commit protocol;
@@ -50,6 +54,7 @@ pub mod failure;
 pub mod pipeline;
 pub mod schema;
 pub mod score;
+pub mod serve;
 pub mod sink;
 pub mod source;
 pub mod telemetry;

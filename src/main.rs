@@ -63,6 +63,14 @@ enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SLUICE_LOG_FORMAT")]
         log_format: LogFormat,
+        /// Address of the inference API over REST (the Open Inference Protocol; Triton's
+        /// port is 8000), e.g. 0.0.0.0:8000; "off" (the default) serves none.
+        #[arg(long, default_value = "off", env = "SLUICE_INFERENCE_HTTP")]
+        inference_http: String,
+        /// Address of the inference API over gRPC (`inference.GRPCInferenceService`;
+        /// Triton's port is 8001); "off" (the default) serves none.
+        #[arg(long, default_value = "off", env = "SLUICE_INFERENCE_GRPC")]
+        inference_grpc: String,
     },
     /// Train a model on the examples of its label join, in rounds; publish each round's
     /// candidate as the next version only if it passes the gates (a trainer file: [train]).
@@ -190,6 +198,8 @@ fn main() -> ExitCode {
             grace_period,
             stall_timeout,
             log_format,
+            inference_http,
+            inference_grpc,
         } => {
             telemetry::init_logs(matches!(log_format, LogFormat::Json));
             let pipelines = match load_all(&files) {
@@ -209,7 +219,12 @@ fn main() -> ExitCode {
                 .thread_name("sluice-worker")
                 .build()
                 .expect("building the tokio runtime");
-            match runtime.block_on(run(pipelines, &listen, grace_period, stall_timeout)) {
+            let listeners = Listeners {
+                metrics: listen,
+                inference_http,
+                inference_grpc,
+            };
+            match runtime.block_on(run(pipelines, &listeners, grace_period, stall_timeout)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(Failed { code, error }) => {
                     error!("{error:#}");
@@ -576,9 +591,16 @@ impl From<std::io::Error> for Failed {
     }
 }
 
+/// The addresses `sluice run` listens on ("off": none).
+struct Listeners {
+    metrics: String,
+    inference_http: String,
+    inference_grpc: String,
+}
+
 async fn run(
     pipelines: Vec<config::Pipeline>,
-    listen: &str,
+    listeners: &Listeners,
     grace: Duration,
     stall_timeout: Duration,
 ) -> Result<(), Failed> {
@@ -587,7 +609,7 @@ async fn run(
         .iter()
         .map(|_| Arc::new(telemetry::health::Status::new()))
         .collect();
-    serve_http(listen, statuses.clone(), &shutdown).await?;
+    serve_http(&listeners.metrics, statuses.clone(), &shutdown).await?;
     tokio::spawn(signals(shutdown.clone()));
     // The grace period is a hard deadline: once shutdown starts (a signal, or a pipeline that
     // failed), an OS thread, which no blocked task can hold up, ends the process after it.
@@ -606,8 +628,13 @@ async fn run(
             });
         });
     }
-    // One inference service for the process: pipelines naming the same model share it.
-    let inference = Arc::new(sluice::score::service::Service::new(&pipelines));
+    // One inference service for the process: pipelines naming the same model share it, and
+    // so does the inference API.
+    let api = listeners.inference_http != "off" || listeners.inference_grpc != "off";
+    let inference = Arc::new(sluice::score::service::Service::new(&pipelines, api));
+    if api {
+        serve_inference(listeners, &pipelines, &statuses, &inference, &shutdown).await?;
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for (spec, status) in pipelines.into_iter().zip(statuses) {
         let name = spec.name.clone();
@@ -660,6 +687,53 @@ async fn serve_http(
             listener,
             metrics,
             statuses,
+            shutdown.clone(),
+        ));
+    }
+    Ok(())
+}
+
+/// Loads the models of `pipelines` into the inference service and serves the inference API
+/// on the listeners that are not "off", until `shutdown`.
+async fn serve_inference(
+    listeners: &Listeners,
+    pipelines: &[config::Pipeline],
+    statuses: &[Arc<telemetry::health::Status>],
+    inference: &sluice::score::service::Service,
+    shutdown: &CancellationToken,
+) -> Result<(), Failed> {
+    let api = sluice::serve::Api::open(pipelines, statuses, inference)
+        .await
+        .map_err(|error| {
+            let code = match error.downcast_ref::<sluice::score::service::ServiceError>() {
+                Some(e) if e.is_config() => 2,
+                _ => 1,
+            };
+            Failed { code, error }
+        })?;
+    let api = Arc::new(api);
+    let bind = |addr: &str| {
+        let addr = addr.to_owned();
+        async move {
+            let at = telemetry::parse_listen(&addr).map_err(anyhow::Error::msg)?;
+            tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("binding the inference API on {at}"))
+        }
+    };
+    if listeners.inference_http != "off" {
+        let listener = bind(&listeners.inference_http).await?;
+        tokio::spawn(sluice::serve::http::serve(
+            listener,
+            api.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if listeners.inference_grpc != "off" {
+        let listener = bind(&listeners.inference_grpc).await?;
+        tokio::spawn(sluice::serve::grpc::serve(
+            listener,
+            api.clone(),
             shutdown.clone(),
         ));
     }

@@ -29,7 +29,7 @@ pub use self::{
     join::{JoinSpec, Unlabelled},
     model::{
         default_cache, repository_location, BreakerSpec, DeviceChoice, Encoding, InputSpec,
-        ModelSource, ModelSpec, OutputSpec, RepositoryLocation, TimePart,
+        ModelSource, ModelSpec, OutputSpec, RepositoryLocation, ServingSpec, TimePart,
     },
     redis::{redact, KeyPart, RedisConnection, RedisSpec, ViewSpec},
     train::{GateSpec, OptimizerSpec, RolloutSpec, TrainSpec},

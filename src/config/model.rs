@@ -40,6 +40,21 @@ pub struct ModelSpec {
     pub id_column: Option<String>,
     pub pass_through: Vec<String>,
     pub producer_properties: BTreeMap<String, String>,
+    /// How the inference API (`sluice run --inference-http/--inference-grpc`) shares it.
+    pub serving: ServingSpec,
+}
+
+/// How requests of the inference API share a model with the stream (`[model.serving]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServingSpec {
+    /// Rows of requests admitted at once; a request beyond it is refused (429 /
+    /// `RESOURCE_EXHAUSTED`) rather than queued.
+    pub queue_rows: usize,
+    /// Share of each forward pass (of `max_batch` rows) reserved for requests while the
+    /// stream's rows also wait; the stream keeps the rest.
+    pub share: f64,
+    /// A request's deadline, unless it asks for a shorter one.
+    pub timeout: Duration,
 }
 
 /// When a model's circuit breaker trips (see `score::versions`).
@@ -202,6 +217,38 @@ impl OutputSpec {
             Self::Probabilities { classes } | Self::Label { classes } => classes.len(),
         }
     }
+}
+
+/// `[model.serving]`, with its defaults.
+fn build_serving(
+    raw: Option<&super::raw::RawServing>,
+    at: &str,
+    p: &mut Problems,
+) -> Option<ServingSpec> {
+    let default = Default::default();
+    let raw = raw.unwrap_or(&default);
+    let queue_rows = p.get(&format!("{at}.queue_rows"), &raw.queue_rows, 1024);
+    let queue_rows = p.positive(&format!("{at}.queue_rows"), queue_rows);
+    let share = p.get(&format!("{at}.share"), &raw.share, 0.25);
+    if let Some(s) = share.filter(|s| !(*s > 0.0 && *s < 1.0)) {
+        p.push(
+            &format!("{at}.share"),
+            format!("must be above 0 and below 1, got {s}"),
+        );
+    }
+    let timeout = p
+        .get(
+            &format!("{at}.timeout"),
+            &raw.timeout,
+            super::units::HumanDuration(Duration::from_secs(1)),
+        )
+        .map(|d| d.0);
+    let timeout = p.positive(&format!("{at}.timeout"), timeout);
+    Some(ServingSpec {
+        queue_rows: queue_rows?,
+        share: share?,
+        timeout: timeout?,
+    })
 }
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
@@ -444,6 +491,7 @@ fn build_model(
         &key_path("producer_properties"),
         &raw.producer_properties,
     );
+    let serving = build_serving(raw.serving.as_ref(), &key_path("serving"), p);
 
     Some(ModelSpec {
         name: name?,
@@ -468,6 +516,7 @@ fn build_model(
         id_column,
         pass_through: pass_through?,
         producer_properties,
+        serving: serving?,
     })
 }
 

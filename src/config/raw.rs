@@ -314,6 +314,22 @@ pub struct RawModel {
     pub pass_through: Option<Setting<Vec<String>>>,
     /// Raw librdkafka properties for the predictions producer.
     pub producer_properties: Option<Setting<Properties>>,
+    /// How the inference API shares the model with the stream.
+    pub serving: Option<RawServing>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawServing {
+    /// Rows of requests admitted at once (default 1024); beyond it a request is refused with
+    /// 429 / `RESOURCE_EXHAUSTED` and a retry hint, never queued without bound.
+    pub queue_rows: Option<Setting<usize>>,
+    /// Share of each forward pass reserved for requests while the stream's rows also wait
+    /// (0 < share < 1, default 0.25): a backlog on the stream delays a request by one forward
+    /// pass at most, and requests never take more than their share from the stream.
+    pub share: Option<Setting<f64>>,
+    /// A request's deadline unless it asks for a shorter one (default "1s"): past it, the
+    /// request is answered 504 / `DEADLINE_EXCEEDED`.
+    pub timeout: Option<Setting<HumanDuration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

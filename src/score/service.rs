@@ -64,11 +64,14 @@ impl ServiceError {
 #[derive(Default)]
 pub struct Service {
     models: Mutex<HashMap<String, Arc<Model>>>,
+    /// The process serves the inference API: models keep a share of each pass for requests.
+    api: bool,
 }
 
 impl Service {
     /// A service for the models of `pipelines`; sets libtorch's process-wide thread pool.
-    pub fn new(pipelines: &[Pipeline]) -> Self {
+    /// `api`: the process also serves the inference API ([`crate::serve`]).
+    pub fn new(pipelines: &[Pipeline], api: bool) -> Self {
         if let Some(n) = pipelines
             .iter()
             .flat_map(|p| &p.models)
@@ -77,7 +80,10 @@ impl Service {
         {
             tch::set_num_threads(n as i32);
         }
-        Self::default()
+        Self {
+            api,
+            ..Self::default()
+        }
     }
 
     /// The model `spec` names: loaded and warmed up on first use (blocking a worker thread for
@@ -110,7 +116,7 @@ impl Service {
         }
         info!(model = %spec.name, version = %loaded.version, device = ?loaded.device,
               path = %loaded.candidate.path.display(), "Model loaded.");
-        let runtime = Runtime::start(RuntimeSpec::from(&*spec), loaded);
+        let runtime = Runtime::start(RuntimeSpec::from(&*spec).serving(&spec, self.api), loaded);
         if let ModelSource::Repository(location) = &spec.source {
             runtime
                 .versions
@@ -160,8 +166,8 @@ fn conflict(a: &ModelSpec, b: &ModelSpec) -> Option<&'static str> {
         Some("path")
     } else if a.device != b.device {
         Some("device")
-    } else if RuntimeSpec::from(a) != RuntimeSpec::from(b) {
-        Some("threads, batching, queue or breaker")
+    } else if RuntimeSpec::from(a) != RuntimeSpec::from(b) || a.serving != b.serving {
+        Some("threads, batching, queue, breaker or serving")
     } else if a.reload_interval != b.reload_interval {
         Some("reload_interval")
     } else if a.inputs != b.inputs {

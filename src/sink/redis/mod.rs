@@ -47,6 +47,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub mod aggregate;
+mod lookup;
+
+pub use self::lookup::Lookup;
 
 use crate::{
     config::{KeyPart, RedisConnection, RedisSpec},
@@ -112,6 +115,15 @@ pub enum RedisSinkError {
     /// Shutdown came while the batch was being written: nothing is known to be durable.
     #[error("shutdown interrupted a Redis write")]
     Cancelled,
+}
+
+/// A stored field as a model input: numbers as they are, booleans 1 / 0.
+fn number(text: Option<&str>) -> Option<f64> {
+    match text? {
+        "true" => Some(1.0),
+        "false" => Some(0.0),
+        t => t.parse().ok(),
+    }
 }
 
 /// The rows of an aggregate entry whose key Redis refused for good, with its error.
@@ -573,12 +585,7 @@ impl RedisSink {
         // borrowed from the batch.
         type Order<'a> = (i64, &'a str, i32, i64);
         let (topics, partitions, offsets) = crate::schema::provenance(batch);
-        let number = |text: Option<&str>| match text {
-            Some("true") => Some(1.0),
-            Some("false") => Some(0.0),
-            Some(t) => t.parse::<f64>().ok(),
-            None => None,
-        };
+
         let mut out = Vec::new();
         for view in self.views.iter().filter(|v| !v.enrich.is_empty()) {
             let mut keys: Vec<String> = Vec::new();

@@ -263,6 +263,19 @@ impl View {
         }
     }
 
+    /// The event of `row` (`offset`, event time `micros`), with each part's input.
+    fn event(&self, batch: &RecordBatch, row: usize, offset: i64, micros: i64) -> Event {
+        Event {
+            offset,
+            ms: micros.div_euclid(1_000),
+            inputs: self
+                .inputs
+                .iter()
+                .map(|i| View::input(i, batch, row))
+                .collect(),
+        }
+    }
+
     /// Takes an entry's own way: applied here against its current snapshot (done if it
     /// changes nothing, else a compare-and-set), or through the write script.
     pub(super) fn prepare(&self, mut entry: Entry) -> Prepared {
@@ -395,15 +408,7 @@ pub(super) fn plan(
                 .filter(|_| entries_of[&key] == 1);
             let events = rows
                 .iter()
-                .map(|&row| Event {
-                    offset: offsets.value(row),
-                    ms: times[row].div_euclid(1_000),
-                    inputs: view
-                        .inputs
-                        .iter()
-                        .map(|i| View::input(i, batch, row))
-                        .collect(),
-                })
+                .map(|&row| view.event(batch, row, offsets.value(row), times[row]))
                 .collect();
             Entry {
                 view: v,
@@ -580,6 +585,93 @@ pub(super) struct Before {
     same_parts: bool,
 }
 
+impl Before {
+    /// A hash from its fields and values (its `_wm` given apart, as the write script
+    /// returns it before the fields).
+    fn read<'a>(
+        view: &View,
+        wm: Option<i64>,
+        fields: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, String> {
+        let mut before = Before {
+            state: State::empty(view.parts.len()),
+            version: None,
+            same_parts: true,
+        };
+        before.state.wm = wm;
+        for (field, value) in fields {
+            if let Ok(start) = field.parse::<i64>() {
+                let partials = parse_bucket(value)
+                    .filter(|p| p.len() == view.parts.len())
+                    .ok_or_else(|| format!("bucket {start} is not {:?}", view.parts))?;
+                before.state.buckets.insert(start, &partials);
+            } else if field == "_lo" {
+                before.state.lo = value.parse().ok();
+            } else if field == "_v" {
+                before.version = Some(value.to_owned());
+            } else if field == "_parts" {
+                before.same_parts = value == view.head[4];
+            } else if field.starts_with("_o:") {
+                let offset = value
+                    .parse()
+                    .map_err(|_| format!("guard {field}: {value}"))?;
+                before.state.guards.push((field.to_owned(), offset));
+            }
+        }
+        // A hash from before `_lo` existed: the script takes its first bucket.
+        if before.state.lo.is_none() && before.state.wm.is_some() {
+            before.state.lo = before.state.buckets.first();
+        }
+        Ok(before)
+    }
+}
+
+/// Each request row's windows in `view`, as if the row were its entity's next event: the
+/// hash as it is (`hashes`, by key; `keys` per row), with the row's own values added, nothing
+/// written. A hash that cannot be read (another view's, another definition) counts as empty.
+pub(super) fn as_next_events(
+    view: &View,
+    batch: &RecordBatch,
+    times: &[i64],
+    keys: &[String],
+    hashes: &HashMap<String, Vec<(String, String)>>,
+) -> Vec<(String, ArrayRef)> {
+    let mut states: HashMap<&str, State> = HashMap::new();
+    let rules = view.rules();
+    let finished: Vec<Finished> = (0..batch.num_rows())
+        .map(|row| {
+            let state = states.entry(keys[row].as_str()).or_insert_with(|| {
+                let fields = hashes
+                    .get(&keys[row])
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                let wm = fields
+                    .iter()
+                    .find(|(f, _)| f == "_wm")
+                    .and_then(|(_, v)| v.parse().ok());
+                Before::read(
+                    view,
+                    wm,
+                    fields.iter().map(|(f, v)| (f.as_str(), v.as_str())),
+                )
+                .ok()
+                .filter(|b| b.same_parts)
+                .map_or_else(|| State::empty(view.parts.len()), |b| b.state)
+            });
+            let event = view.event(batch, row, 0, times[row]);
+            // No guard: the request is no replay of anything.
+            let applied = rules.apply(&mut state.clone(), "", &[event], None, true);
+            Finished {
+                view: 0,
+                rows: vec![row],
+                outcomes: applied.outcomes,
+                partials: applied.partials,
+            }
+        })
+        .collect();
+    columns(view, batch.num_rows(), finished.iter())
+}
+
 /// What the write script did with one entry.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Answer {
@@ -621,12 +713,7 @@ pub(super) fn reply(view: &View, value: Value, entries: usize) -> Result<Vec<Out
                     before: None,
                 }));
             }
-            let mut before = Before {
-                state: State::empty(view.parts.len()),
-                version: None,
-                same_parts: true,
-            };
-            before.state.wm = text(&fields[1]).and_then(|w| w.parse().ok());
+            let mut pairs = Vec::with_capacity(fields.len() / 2);
             for pair in fields[2..].chunks(2) {
                 let [field, value] = pair else {
                     return Err("a field without its value".into());
@@ -634,31 +721,12 @@ pub(super) fn reply(view: &View, value: Value, entries: usize) -> Result<Vec<Out
                 let (Some(field), Some(value)) = (text(field), text(value)) else {
                     return Err("a field or value that is not text".into());
                 };
-                if let Ok(start) = field.parse::<i64>() {
-                    let partials = parse_bucket(value)
-                        .filter(|p| p.len() == view.parts.len())
-                        .ok_or_else(|| format!("bucket {start} is not {:?}", view.parts))?;
-                    before.state.buckets.insert(start, &partials);
-                } else if field == "_lo" {
-                    before.state.lo = value.parse().ok();
-                } else if field == "_v" {
-                    before.version = Some(value.to_owned());
-                } else if field == "_parts" {
-                    before.same_parts = value == view.head[4];
-                } else if field.starts_with("_o:") {
-                    let offset = value
-                        .parse()
-                        .map_err(|_| format!("guard {field}: {value}"))?;
-                    before.state.guards.push((field.to_owned(), offset));
-                }
+                pairs.push((field, value));
             }
-            // A hash from before `_lo` existed: the script takes its first bucket.
-            if before.state.lo.is_none() && before.state.wm.is_some() {
-                before.state.lo = before.state.buckets.first();
-            }
+            let wm = text(&fields[1]).and_then(|w| w.parse().ok());
             Ok(Ok(Answer {
                 outcomes,
-                before: Some(before),
+                before: Some(Before::read(view, wm, pairs)?),
             }))
         })
         .collect()
