@@ -90,6 +90,15 @@ class AnyWidth(torch.nn.Module):
         return torch.sigmoid(0.0 * x.sum(dim=1, keepdim=True))
 
 
+class Weighted(torch.nn.Module):
+    """sigmoid of a weighted sum of every feature, whatever the width: a score that changes
+    with each input (the inference API's tests compare a request's score with the stream's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.arange(1, x.shape[1] + 1, dtype=torch.float32) / 1000.0
+        return torch.sigmoid((x * w).sum(dim=1, keepdim=True) - 1.0)
+
+
 def save(module, path):
     scripted = torch.jit.script(module)
     scripted.save(path + ".tmp")
@@ -153,6 +162,8 @@ def main(argv):
         save(Slow().eval(), argv[1])
     elif command == "any-width":
         save(AnyWidth().eval(), argv[1])
+    elif command == "weighted":
+        save(Weighted().eval(), argv[1])
     elif command == "reference":
         model = torch.jit.load(argv[1])
         model.eval()
