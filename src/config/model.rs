@@ -392,7 +392,7 @@ fn build_model(
         .get(
             &key_path("max_delay"),
             &raw.max_delay,
-            super::units::HumanDuration(Duration::from_millis(2)),
+            super::units::HumanDuration(Duration::ZERO),
         )
         .map(|d| d.0);
     let queue_rows = p.get(&key_path("queue_rows"), &raw.queue_rows, 20_000);

@@ -281,7 +281,9 @@ pub struct RawModel {
     pub intra_op_threads: Option<Setting<usize>>,
     /// Rows per forward pass at most (default 256).
     pub max_batch: Option<Setting<usize>>,
-    /// How long a model thread waits for more rows to fill a batch (default "2ms").
+    /// How long a model thread waits for more rows to fill a batch (default "0ms": a pass
+    /// takes what is queued; under load rows queue while a pass runs, so passes fill by
+    /// themselves).
     pub max_delay: Option<Setting<HumanDuration>>,
     /// Rows admitted and not yet scored at most; when full, intake waits (default 20000).
     pub queue_rows: Option<Setting<usize>>,

@@ -149,6 +149,27 @@ enum Command {
         #[arg(long, default_value = "score")]
         field: String,
     },
+    /// Load an inference endpoint (Open Inference Protocol, REST) with closed-loop clients
+    /// and print its latency and throughput as JSON.
+    Load {
+        /// The server, e.g. http://127.0.0.1:8000.
+        url: String,
+        #[arg(long, default_value = "fraud")]
+        model: String,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Seconds of load before the measurement starts.
+        #[arg(long, default_value_t = 2.0)]
+        warmup: f64,
+        /// Rows per request.
+        #[arg(long, default_value_t = 1)]
+        rows: usize,
+        /// Features per row (the model's width).
+        #[arg(long, default_value_t = 25)]
+        features: usize,
+    },
     /// Wait until a consumer group has committed every partition's end offset.
     WaitCommitted {
         topic: String,
@@ -166,6 +187,8 @@ enum Command {
         while_running: Option<u32>,
     },
 }
+
+mod load;
 
 /// The same allocator as the `sluice` binary, so that stage measurements match it.
 #[global_allocator]
@@ -188,6 +211,19 @@ fn main() -> anyhow::Result<()> {
             confirm_share,
         } => labels(&cli.bootstrap, &topic, events, confirm_share),
         Command::Score { pipeline, rows } => score(&pipeline, rows),
+        Command::Load {
+            url,
+            model,
+            concurrency,
+            seconds,
+            warmup,
+            rows,
+            features,
+        } => {
+            let figures = load::run(&url, &model, concurrency, seconds, warmup, rows, features)?;
+            println!("{}", serde_json::to_string(&figures)?);
+            Ok(())
+        }
         Command::TrainLoad {
             trainer,
             pipeline,
@@ -546,23 +582,41 @@ fn generate(bootstrap: &str, topic: &str, events: Events, rate: Option<f64>) -> 
             failed: AtomicU64::new(0),
         })?;
     let mut produced: BTreeMap<&str, u64> = BTreeMap::new();
-    let started = Instant::now();
     let count = events.count;
-    for (n, g) in events.iter().enumerate() {
-        let i = n as u64;
-        *produced.entry(g.kind).or_default() += 1;
-        send(
-            &producer,
-            BaseRecord::to(topic).key(&g.key).payload(&g.payload),
-        )?;
-        if i.is_multiple_of(1000) {
-            producer.poll(Duration::ZERO);
+    // At a rate, the events are made first, so that making them takes no CPU from what is
+    // measured meanwhile; then each millisecond sends those due by then.
+    let made: Vec<Generated> = match rate {
+        Some(_) => events.iter().collect(),
+        None => Vec::new(),
+    };
+    let started = Instant::now();
+    let mut all: Box<dyn Iterator<Item = Generated>> = match rate {
+        Some(_) => Box::new(made.into_iter()),
+        None => Box::new(events.iter()),
+    };
+    let mut sent = 0u64;
+    loop {
+        let due = match rate {
+            Some(rate) => ((started.elapsed().as_secs_f64() * rate) as u64 + 1).min(count),
+            None => sent + 1000,
+        };
+        let mut more = false;
+        while sent < due {
+            let Some(g) = all.next() else { break };
+            more = true;
+            *produced.entry(g.kind).or_default() += 1;
+            send(
+                &producer,
+                BaseRecord::to(topic).key(&g.key).payload(&g.payload),
+            )?;
+            sent += 1;
         }
-        if let Some(rate) = rate {
-            let due = started + Duration::from_secs_f64(i as f64 / rate);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                producer.poll(wait);
-            }
+        if !more && sent >= count {
+            break;
+        }
+        producer.poll(Duration::ZERO);
+        if rate.is_some() {
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
     producer.flush(Duration::from_secs(120))?;
