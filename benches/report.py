@@ -41,13 +41,14 @@ def metric_sum(m, metric, **labels):
 
 
 # The runs made (BENCH_ONLY may leave some out).
-runs = {name: run(name) for name in ("bare", "parquet", "full", "noagg", "python")
+runs = {name: run(name) for name in ("bare", "parquet", "full", "noagg", "busy", "python")
         if os.path.exists(path(f"{name}.seconds"))}
 labels = {
     "bare": "(c) bare rdkafka consumer: join, count, commit",
     "parquet": "(b) sluice: Parquet + dead letters",
     "full": "(a) sluice: Parquet+DLQ+Redis+aggregates+scoring",
     "noagg": "(a0) sluice: (a) without the aggregate views",
+    "busy": "(a) with the inference API serving 8 clients",
     "python": "(d) Python: same job as (a0)",
 }
 print()
@@ -149,23 +150,68 @@ if os.path.exists(path("score-sluice.json")):
         print(f"  the trainer meanwhile:                        {load['examples_per_second']:>12,.0f} examples/s"
               f"  ({load['rounds']} rounds)")
 
-if os.path.exists(path("live.rate")):
-    m = metrics("live")
-    buckets = sorted((float("inf") if ls.split('le="')[1].rstrip('"') == "+Inf" else float(ls.split('le="')[1].rstrip('"')), v)
-                     for (name, ls), v in m.items() if name == "sluice_prediction_latency_seconds_bucket")
+def latency_buckets(name):
+    m = metrics(name)
+    return {(float("inf") if ls.split('le="')[1].rstrip('"') == "+Inf" else float(ls.split('le="')[1].rstrip('"'))): v
+            for (metric, ls), v in m.items() if metric == "sluice_prediction_latency_seconds_bucket"}
 
-    def quantile(q):
-        total, prev_le, prev_n = buckets[-1][1], 0.0, 0.0
-        for le, n in buckets:
-            if n >= q * total:
+
+def quantiles(buckets):
+    """p50 and p99 (seconds) of a cumulative histogram {le: count}, interpolated in buckets."""
+    points = sorted(buckets.items())
+    total = points[-1][1] if points else 0
+
+    def q(p):
+        prev_le, prev_n = 0.0, 0.0
+        for le, n in points:
+            if n >= p * total:
                 if le == float("inf"):
                     return prev_le
-                return prev_le + (le - prev_le) * (q * total - prev_n) / max(n - prev_n, 1e-9)
+                return prev_le + (le - prev_le) * (p * total - prev_n) / max(n - prev_n, 1e-9)
             prev_le, prev_n = le, n
+        return float("nan")
 
-    if buckets:
-        rate = int(open(path("live.rate")).read())
+    return q(0.5), q(0.99), total
+
+
+if os.path.exists(path("live.rate")):
+    rate = int(open(path("live.rate")).read())
+    whole = latency_buckets("live")
+    if whole:
         print()
-        print(f"Prediction latency at {rate:,} events/s (half of (a)), per prediction, from its batch's first")
-        print(f"event's consumption to the broker's acknowledgement: p50 {quantile(0.5) * 1000:.1f} ms, "
-              f"p99 {quantile(0.99) * 1000:.1f} ms ({buckets[-1][1]:.0f} predictions)")
+        print(f"Prediction latency at {rate:,} events/s (half of (a)), per prediction, from its batch's "
+              "first event's consumption to the broker's acknowledgement:")
+        p50, p99, n = quantiles(whole)
+        print(f"  the whole run:          p50 {p50 * 1000:6.1f} ms, p99 {p99 * 1000:6.1f} ms ({n:,.0f} predictions)")
+        warm = latency_buckets("live-warm")
+        if warm:
+            p50, p99, n = quantiles({le: v - warm.get(le, 0.0) for le, v in whole.items()})
+            print(f"  after the first {os.environ.get('BENCH_LIVE_WARMUP', '5')} s:      "
+                  f"p50 {p50 * 1000:6.1f} ms, p99 {p99 * 1000:6.1f} ms ({n:,.0f} predictions)")
+
+if os.path.exists(path("busy-load.json")) and "busy" in runs:
+    b = json.load(open(path("busy-load.json")))
+    print()
+    print("The stream beside the inference API (8 closed-loop clients, one row each):")
+    if "full" in runs:
+        print(f"  stream rate {runs['busy']['rate']:,.0f} events/s, {ratio('busy', 'full'):.2f} of (a) alone")
+    print(f"  requests meanwhile: {b['requests_per_second']:,.0f}/s, p50 {b['p50_ms']:.2f} ms, "
+          f"p99 {b['p99_ms']:.2f} ms, {b['errors']} errors")
+
+serve = {(s, c): json.load(open(path(f"serve-{s}-{c}.json")))
+         for s in ("sluice", "fastapi") for c in (1, 8, 64)
+         if os.path.exists(path(f"serve-{s}-{c}.json"))}
+if serve:
+    print()
+    print("The inference API (REST, the model's tensor, one row per request), same load generator:")
+    print(f"  {'server':<46} {'clients':>7} {'requests/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    names = {"sluice": "sluice (its pipeline idle)",
+             "fastapi": f"FastAPI + uvicorn + TorchScript, {os.cpu_count()} workers"}
+    for (s, c), f in sorted(serve.items(), key=lambda kv: (kv[0][0] != "sluice", kv[0][1])):
+        print(f"  {names[s]:<46} {c:>7} {f['requests_per_second']:>11,.0f} {f['p50_ms']:>8.2f} "
+              f"{f['p99_ms']:>8.2f} {f['errors']:>7}")
+    for c in (1, 8, 64):
+        if ("sluice", c) in serve and ("fastapi", c) in serve:
+            a, b = serve[("sluice", c)], serve[("fastapi", c)]
+            print(f"  at {c} clients: sluice {a['requests_per_second'] / b['requests_per_second']:.1f}x "
+                  f"the requests/s, p99 {a['p99_ms']:.2f} vs {b['p99_ms']:.2f} ms")

@@ -26,10 +26,14 @@
 #                        1)
 # The latency run (in the default set): sluice started and ready first, then events produced
 # live at half the rate of (a); prints p50/p99 from consumption to acknowledged prediction.
-#   BENCH_ONLY           run only these of bare, parquet, full, noagg, python, latency
-#                        (space-separated; default all); the report shows the runs made
+# The busy run: (a) with the inference API answering 8 clients meanwhile. The serve run: the
+# inference API against FastAPI + uvicorn + TorchScript at 1, 8 and 64 clients.
+#   BENCH_ONLY           run only these of bare, parquet, full, noagg, busy, python, latency,
+#                        serve (space-separated; default all); the report shows the runs made
+#   BENCH_SERVE_SECONDS  seconds per concurrency level of the serve run (default 10)
 #   BENCH_RATE           the latency run's event rate (default: half the rate of full)
 #   BENCH_LIVE_SECONDS   how long the latency run produces events (default 20)
+#   BENCH_LIVE_WARMUP    seconds of it the report also leaves out (default 5)
 #   KAFKA_BOOTSTRAP / REDIS_URL  use this broker / Redis instead of starting one
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -99,11 +103,14 @@ measure() {
   echo "  $(python3 -c "print(f'{$total / float(open(\"$WORK/$name.seconds\").read()):,.0f}')") events/s" >&2
 }
 
-# sluice NAME TOPIC TOTAL PIPELINE
+# sluice NAME TOPIC TOTAL PIPELINE [ARGS...]
 sluice() {
+  local name="$1" topic="$2" total="$3" pipeline="$4"
+  shift 4
   METRICS_PORT=$(free_port)
-  ORDERS_TOPIC="$2" ORDERS_GROUP="bench-$RUN_ID-$1" ORDERS_OUTPUT="$WORK/out-$1" \
-    measure "$1" "$2" "$3" "$BIN/sluice" run "$4" --listen "127.0.0.1:$METRICS_PORT"
+  ORDERS_TOPIC="$topic" ORDERS_GROUP="bench-$RUN_ID-$name" ORDERS_OUTPUT="$WORK/out-$name" \
+    measure "$name" "$topic" "$total" "$BIN/sluice" run "$pipeline" \
+    --listen "127.0.0.1:$METRICS_PORT" "$@"
   METRICS_PORT=""
 }
 
@@ -125,6 +132,24 @@ sluice full "$TOPIC" "$EVENTS" pipelines/orders.toml
 
 runs noagg && say "(a0) sluice: the same without the aggregate views" &&
 sluice noagg "$TOPIC" "$EVENTS" "$WORK/no-aggregates.toml"
+
+# (a) with the inference API serving 8 closed-loop clients while it drains the same backlog:
+# the stream's rate beside requests, and the requests' latency beside the stream.
+if runs busy; then
+  say "(a) again, with the inference API serving 8 clients meanwhile"
+  HTTP_PORT=$(free_port)
+  (
+    for _ in $(seq 600); do
+      [ "$(curl -s -o /dev/null -w '%{http_code}' "127.0.0.1:$HTTP_PORT/v2/health/ready")" = 200 ] && break
+      sleep 0.1
+    done
+    "$BIN/sluice-bench" load "http://127.0.0.1:$HTTP_PORT" --concurrency 8 --seconds 6 --warmup 1 \
+      >"$WORK/busy-load.json"
+  ) &
+  LOAD_PID=$!
+  sluice busy "$TOPIC" "$EVENTS" pipelines/orders.toml --inference-http "127.0.0.1:$HTTP_PORT"
+  wait "$LOAD_PID" || true
+fi
 
 runs python && say "(d) Python: confluent-kafka + orjson + pyarrow + redis-py + torch" &&
 measure python "$TOPIC" "$EVENTS" python3 benches/python_pipeline.py --topic "$TOPIC" \
@@ -180,7 +205,13 @@ if runs latency || [ "${BENCH_EXTRA:-0}" = 1 ]; then
     sleep 0.1
   done
   "$BIN/sluice-bench" generate "$LIVE_TOPIC" --count $((RATE * SECONDS_LIVE)) --rate "$RATE" \
-    >"$WORK/live.json"
+    >"$WORK/live.json" &
+  GEN_PID=$!
+  # The histogram after a warm-up (the events are made first, about a second, then sent),
+  # so that the report also shows the steady state apart from the first seconds.
+  sleep $((${BENCH_LIVE_WARMUP:-5} + 2))
+  curl -s "127.0.0.1:$METRICS_PORT/metrics" >"$WORK/live-warm.metrics"
+  wait "$GEN_PID"
   "$BIN/sluice-bench" wait-committed "$LIVE_TOPIC" --group "bench-$RUN_ID-live" \
     --total $((RATE * SECONDS_LIVE)) --timeout-secs 600 --while-running "$SLUICE_PID"
   curl -s "127.0.0.1:$METRICS_PORT/metrics" >"$WORK/live.metrics"
@@ -189,6 +220,42 @@ if runs latency || [ "${BENCH_EXTRA:-0}" = 1 ]; then
   SLUICE_PID=""
   METRICS_PORT=""
   echo "$RATE" >"$WORK/live.rate"
+fi
+
+# The inference API alone against the Python server a team would write instead (FastAPI +
+# uvicorn + TorchScript, one worker per core), same model file and load generator: 1, 8 and
+# 64 closed-loop clients, one row per request.
+if runs serve; then
+  SERVE_SECONDS="${BENCH_SERVE_SECONDS:-10}"
+  say "The inference API: sluice against FastAPI + uvicorn + TorchScript (${SERVE_SECONDS}s per level)"
+  "$BIN/sluice-bench" create-topic "bench-$RUN_ID-idle" --partitions 1
+  HTTP_PORT=$(free_port)
+  ORDERS_TOPIC="bench-$RUN_ID-idle" ORDERS_GROUP="bench-$RUN_ID-serve" ORDERS_OUTPUT="$WORK/out-serve" \
+    "$BIN/sluice" run pipelines/orders.toml --listen off --inference-http "127.0.0.1:$HTTP_PORT" \
+    >"$WORK/serve.log" 2>&1 &
+  SLUICE_PID=$!
+  SERVERS="sluice:$HTTP_PORT"
+  for server in sluice fastapi; do
+    if [ "$server" = fastapi ]; then
+      kill -TERM "$SLUICE_PID" 2>/dev/null || true
+      wait "$SLUICE_PID" || true
+      HTTP_PORT=$(free_port)
+      MODEL_PATH=models/fraud/1/model.pt python3 -m uvicorn benches.fastapi_server:app \
+        --workers "$(nproc)" --port "$HTTP_PORT" --log-level warning >"$WORK/fastapi.log" 2>&1 &
+      SLUICE_PID=$!
+    fi
+    for _ in $(seq 600); do
+      [ "$(curl -s -o /dev/null -w '%{http_code}' "127.0.0.1:$HTTP_PORT/v2/health/ready")" = 200 ] && break
+      sleep 0.1
+    done
+    for c in 1 8 64; do
+      "$BIN/sluice-bench" load "http://127.0.0.1:$HTTP_PORT" --concurrency "$c" \
+        --seconds "$SERVE_SECONDS" >"$WORK/serve-$server-$c.json"
+    done
+  done
+  kill -TERM "$SLUICE_PID" 2>/dev/null || true
+  wait "$SLUICE_PID" || true
+  SLUICE_PID=""
 fi
 
 python3 benches/report.py "$WORK" "$EVENTS" "$FACTOR"

@@ -2,7 +2,8 @@
 # The demo: starts a local Kafka-protocol broker (tansu) and redis-server on free ports,
 # produces realistic commerce events (a few percent broken in different ways), runs the example
 # pipeline (pipelines/orders.toml: Parquet, dead letters, features in Redis, fraud scores from
-# the TorchScript model in models/fraud) until the topic is drained, prints a summary and stops
+# the TorchScript model in models/fraud) until the topic is drained, with the inference API
+# beside it (one synchronous prediction is asked for and printed), prints a summary and stops
 # everything.
 #
 #   DEMO_EVENTS   how many events to produce (default 200000)
@@ -34,12 +35,36 @@ fi
 say "Producing $EVENTS events to $ORDERS_TOPIC on $KAFKA_BOOTSTRAP"
 "$BIN/sluice-bench" generate "$ORDERS_TOPIC" --count "$EVENTS"
 
-say "Running pipelines/orders.toml until the topic is drained"
+say "Running pipelines/orders.toml until the topic is drained (the inference API beside it)"
+API_PORT=$(free_port)
 START=$(date +%s.%N)
-"$BIN/sluice" run pipelines/orders.toml --listen off --log-format text 2>"$WORK/sluice.log" &
+"$BIN/sluice" run pipelines/orders.toml --listen off --log-format text \
+  --inference-http "127.0.0.1:$API_PORT" 2>"$WORK/sluice.log" &
 SLUICE_PID=$!
 "$BIN/sluice-bench" wait-committed "$ORDERS_TOPIC" --group "$ORDERS_GROUP" --total "$EVENTS" --timeout-secs 900
 END=$(date +%s.%N)
+
+# A synchronous prediction: a new order of customer c-000000, a minute after its newest event,
+# scored now by its fields with the same encoding and Redis features as the stream's.
+NEWEST=$(redis-cli -u "$REDIS_URL" HGET vel:c-000000 _wm)
+AT=$(python3 -c 'import datetime, sys; print(datetime.datetime.fromtimestamp(int(sys.argv[1]) / 1000 + 60, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))' "$NEWEST")
+REQUEST='{"inputs": [
+  {"name": "event_id", "datatype": "BYTES", "shape": [1], "data": ["e-sync-1"]},
+  {"name": "event_type", "datatype": "BYTES", "shape": [1], "data": ["order_placed"]},
+  {"name": "customer_id", "datatype": "BYTES", "shape": [1], "data": ["c-000000"]},
+  {"name": "amount", "datatype": "FP64", "shape": [1], "data": [1899.0]},
+  {"name": "currency", "datatype": "BYTES", "shape": [1], "data": ["EUR"]},
+  {"name": "country", "datatype": "BYTES", "shape": [1], "data": ["FR"]},
+  {"name": "channel", "datatype": "BYTES", "shape": [1], "data": ["web"]},
+  {"name": "new_customer", "datatype": "BOOL", "shape": [1], "data": [false]},
+  {"name": "created_at", "datatype": "BYTES", "shape": [1], "data": ["'"$AT"'"]}
+]}'
+say "A synchronous prediction: POST http://127.0.0.1:$API_PORT/v2/models/fraud/infer"
+echo "$REQUEST" | python3 -c 'import json, sys; d = json.load(sys.stdin); print("  the order:", {i["name"]: i["data"][0] for i in d["inputs"]})'
+SYNC_STARTED=$(date +%s.%N)
+ANSWER=$(curl -s --fail-with-body -X POST -H 'content-type: application/json' -d "$REQUEST" \
+  "http://127.0.0.1:$API_PORT/v2/models/fraud/infer")
+echo "  the answer ($(python3 -c "print(f'{($(date +%s.%N) - $SYNC_STARTED) * 1000:.1f} ms with curl')")): $ANSWER"
 kill -TERM "$SLUICE_PID"
 wait "$SLUICE_PID"
 SLUICE_PID=""
