@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 step build-tests "cargo test --release --no-run (12 minutes on 2 cores the first time, 1 after the demo's build, seconds after)" \
   cargo test --release --locked --lib --bins --tests --no-run
-say "Running the tests (about 8 minutes on 2 cores)"
+say "Running the tests (about 11 minutes on 2 cores)"
 exec cargo test --release --locked --lib --bins --tests -- --test-threads "${SLUICE_TEST_THREADS:-3}"

@@ -325,7 +325,7 @@ impl Runner {
             enrichment.extend(self.sinks[i].enrichment());
         }
         if !self.scorers.is_empty() && rows.num_rows() > 0 {
-            let scored_rows = with_columns(&rows, enrichment)?;
+            let scored_rows = crate::util::columns::with_columns(&rows, enrichment)?;
             let holds: Vec<(TopicPartition, i64)> = batch
                 .spans
                 .iter()
@@ -630,27 +630,4 @@ fn filter_partitions(
         })
         .collect();
     Ok(arrow::compute::filter_record_batch(batch, &keep)?)
-}
-
-/// The batch with `columns` added (the features sinks computed for the models).
-fn with_columns(
-    batch: &RecordBatch,
-    columns: Vec<(String, arrow::array::ArrayRef)>,
-) -> Result<RecordBatch, PipelineError> {
-    if columns.is_empty() {
-        return Ok(batch.clone());
-    }
-    let mut fields: Vec<arrow::datatypes::FieldRef> =
-        batch.schema().fields().iter().cloned().collect();
-    let mut arrays = batch.columns().to_vec();
-    for (name, array) in columns {
-        fields.push(std::sync::Arc::new(arrow::datatypes::Field::new(
-            name,
-            array.data_type().clone(),
-            true,
-        )));
-        arrays.push(array);
-    }
-    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(fields));
-    Ok(RecordBatch::try_new(schema, arrays)?)
 }

@@ -35,9 +35,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use arrow::{array::ArrayRef, datatypes::DataType, record_batch::RecordBatch};
+use arrow::record_batch::RecordBatch;
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::info;
 
 use self::tensor::{Data, Tensor};
 use crate::{
@@ -53,7 +53,7 @@ use crate::{
     },
     sink::redis::Lookup,
     telemetry::health::Status,
-    util::text::render_key,
+    util::{columns::with_columns, text::render_key},
 };
 
 /// The name of the model's input tensor (`[n, width]`, `FP32`).
@@ -451,7 +451,8 @@ impl Served {
                         model: self.spec.name.clone(),
                         reason: format!("reading its features in Redis: {e}"),
                     })?;
-                with_columns(&batch, columns)?
+                with_columns(&batch, columns)
+                    .map_err(|e| ApiError::BadRequest(format!("adding its Redis inputs: {e}")))?
             }
             None => batch,
         };
@@ -660,27 +661,4 @@ fn datatype_of(kind: &Kind) -> &'static str {
         Kind::Boolean => "BOOL",
         _ => "BYTES",
     }
-}
-
-/// The batch with the Redis inputs added as columns.
-fn with_columns(
-    batch: &RecordBatch,
-    columns: Vec<(String, ArrayRef)>,
-) -> Result<RecordBatch, ApiError> {
-    let mut fields: Vec<arrow::datatypes::FieldRef> =
-        batch.schema().fields().iter().cloned().collect();
-    let mut arrays = batch.columns().to_vec();
-    for (name, array) in columns {
-        fields.push(Arc::new(arrow::datatypes::Field::new(
-            name,
-            DataType::Float64,
-            true,
-        )));
-        arrays.push(array);
-    }
-    let schema = Arc::new(arrow::datatypes::Schema::new(fields));
-    RecordBatch::try_new(schema, arrays).map_err(|e| {
-        warn!(error = %e, "Adding the Redis inputs to a request failed.");
-        ApiError::BadRequest(format!("adding its Redis inputs: {e}"))
-    })
 }
