@@ -179,7 +179,8 @@ if os.path.exists(path("live.rate")):
     whole = latency_buckets("live")
     if whole:
         print()
-        print(f"Prediction latency at {rate:,} events/s (half of (a)), per prediction, from its batch's "
+        why = open(path("live.why")).read().strip() if os.path.exists(path("live.why")) else "half of (a)"
+        print(f"Prediction latency at {rate:,} events/s ({why}), per prediction, from its batch's "
               "first event's consumption to the broker's acknowledgement:")
         p50, p99, n = quantiles(whole)
         print(f"  the whole run:          p50 {p50 * 1000:6.1f} ms, p99 {p99 * 1000:6.1f} ms ({n:,.0f} predictions)")

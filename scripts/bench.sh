@@ -182,8 +182,10 @@ fi
 # Prediction latency on the stream: sluice runs (and is ready) first, then events are produced
 # live at half the rate of (a) (or BENCH_RATE) for BENCH_LIVE_SECONDS (default 20).
 if runs latency || [ "${BENCH_EXTRA:-0}" = 1 ]; then
+  RATE_WHY="half the rate of (a)"
   if [ -n "${BENCH_RATE:-}" ]; then
     RATE="$BENCH_RATE"
+    RATE_WHY="BENCH_RATE"
   elif [ -f "$WORK/full.seconds" ]; then
     RATE=$(python3 -c "print(round($EVENTS / float(open('$WORK/full.seconds').read()) / 2))")
   else
@@ -191,7 +193,7 @@ if runs latency || [ "${BENCH_EXTRA:-0}" = 1 ]; then
     exit 2
   fi
   SECONDS_LIVE="${BENCH_LIVE_SECONDS:-20}"
-  say "Prediction latency at $RATE events/s (half the rate of (a)), events produced live for ${SECONDS_LIVE}s"
+  say "Prediction latency at $RATE events/s ($RATE_WHY), events produced live for ${SECONDS_LIVE}s"
   LIVE_TOPIC="bench-$RUN_ID-live"
   "$BIN/sluice-bench" create-topic "$LIVE_TOPIC" --partitions 4
   METRICS_PORT=$(free_port)
@@ -220,6 +222,7 @@ if runs latency || [ "${BENCH_EXTRA:-0}" = 1 ]; then
   SLUICE_PID=""
   METRICS_PORT=""
   echo "$RATE" >"$WORK/live.rate"
+  echo "$RATE_WHY" >"$WORK/live.why"
 fi
 
 # The inference API alone against the Python server a team would write instead (FastAPI +
