@@ -78,8 +78,9 @@ pub struct BatchSpec {
     pub max_bytes: usize,
     pub max_delay: Duration,
     pub max_in_flight: usize,
-    /// Close a micro-batch as soon as the consumer has nothing more ready while the pipeline
-    /// waits for input (at full load batches still fill up).
+    /// Close a micro-batch as soon as the consumer has nothing more ready and no earlier batch
+    /// waits for the pipeline task (while it is busy, the next batch gathers what arrives; at
+    /// full load batches still fill up).
     pub eager: bool,
 }
 

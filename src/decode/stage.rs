@@ -96,5 +96,6 @@ pub fn decode(raw: RawBatch, decoder: &mut Decoder, keep_originals: bool) -> Sou
         payload_bytes: raw.payload_bytes,
         originals,
         consumed_at: raw.consumed_at.unwrap_or_else(Instant::now),
+        ticket: raw.ticket,
     }
 }

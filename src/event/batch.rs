@@ -2,7 +2,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{mpsc as std_mpsc, Arc, OnceLock},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc as std_mpsc, Arc, OnceLock,
+    },
     time::Instant,
 };
 
@@ -37,6 +40,43 @@ pub struct RawBatch {
     pub(crate) payload_bytes: usize,
     /// When its first message was polled.
     pub(crate) consumed_at: Option<Instant>,
+    /// Counts the batch in its source's [`Backlog`] until the pipeline task takes it.
+    pub(crate) ticket: Option<Ticket>,
+}
+
+/// The batches a source has closed that the pipeline task has not yet taken (queued, being
+/// decoded, or waiting for the pipeline): with `batch.eager`, a batch closes early only when
+/// there are none, so that at most one waits for the pipeline while it is busy and batches
+/// grow with the load (group commit).
+#[derive(Debug, Default, Clone)]
+pub struct Backlog(Arc<AtomicUsize>);
+
+impl Backlog {
+    /// A ticket for one more batch, counted until it is dropped.
+    pub fn ticket(&self) -> Ticket {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        Ticket(self.0.clone())
+    }
+
+    /// Batches closed and not yet taken.
+    pub fn len(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One batch in a [`Backlog`]; the pipeline task drops it when it takes the batch (and any
+/// other owner when it drops the batch), so the count never leaks.
+#[derive(Debug)]
+pub struct Ticket(Arc<AtomicUsize>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl RawBatch {
@@ -130,6 +170,8 @@ pub struct SourceBatch {
     pub originals: Option<Arc<Originals>>,
     /// When the batch's first event was consumed.
     pub consumed_at: Instant,
+    /// Counts the batch in its source's [`Backlog`]: dropped when the pipeline task takes it.
+    pub ticket: Option<Ticket>,
 }
 
 impl SourceBatch {

@@ -18,7 +18,7 @@ mod rejection;
 use std::sync::Arc;
 
 pub use self::{
-    batch::{Originals, RawBatch, RawHeader, RawMessage, SourceBatch, SourceEvent},
+    batch::{Backlog, Originals, RawBatch, RawHeader, RawMessage, SourceBatch, SourceEvent},
     example::Example,
     rejection::{DecodeError, Failure, InferenceError, Rejected},
 };

@@ -281,9 +281,11 @@ impl Runner {
     /// unprocessed, so nothing of it is committed).
     async fn batch(
         &mut self,
-        batch: SourceBatch,
+        mut batch: SourceBatch,
         shutdown: &CancellationToken,
     ) -> Result<bool, PipelineError> {
+        // Taken: the source may close its next batch early (`batch.eager`).
+        drop(batch.ticket.take());
         let started = Instant::now();
         self.status.progressed();
         let labels = [("pipeline", self.labels.clone())];

@@ -278,6 +278,7 @@ fn batch(parts: &[(TopicPartition, Range<i64>)]) -> SourceEvent<SourceBatch> {
         payload_bytes: 0,
         originals: None,
         consumed_at: Instant::now(),
+        ticket: None,
     })
 }
 

@@ -13,7 +13,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 
 use crate::{
     config::BatchSpec,
-    event::{RawBatch, RawHeader, RawMessage, Span, TopicPartition},
+    event::{Backlog, RawBatch, RawHeader, RawMessage, Span, TopicPartition},
 };
 
 /// Assembles micro-batches of raw messages.
@@ -24,6 +24,8 @@ pub struct Batcher {
     spans: HashMap<TopicPartition, Span>,
     /// When the first event of the open batch arrived.
     started: Option<Instant>,
+    /// The closed batches the pipeline task has not taken yet.
+    backlog: Backlog,
 }
 
 impl Batcher {
@@ -34,6 +36,7 @@ impl Batcher {
             open: RawBatch::default(),
             spans: HashMap::new(),
             started: None,
+            backlog: Backlog::default(),
         }
     }
 
@@ -81,9 +84,12 @@ impl Batcher {
         self.started.get_or_insert_with(Instant::now);
     }
 
-    /// Whether a batch closes as soon as nothing more is ready (`batch.eager`).
-    pub fn eager(&self) -> bool {
-        self.spec.eager
+    /// Whether the open batch may close now that nothing more is ready (`batch.eager`): it
+    /// has an event, and no batch closed before it is still waiting for the pipeline task. So
+    /// an idle pipeline gets each event at once, and a busy one the next batch as soon as it
+    /// takes the last, holding what arrived meanwhile: batches grow with the load.
+    pub fn closes_early(&self) -> bool {
+        self.spec.eager && self.started.is_some() && self.backlog.is_empty()
     }
 
     /// The batch is full by rows or bytes.
@@ -104,6 +110,7 @@ impl Batcher {
         let mut batch = std::mem::take(&mut self.open);
         batch.spans = self.spans.drain().collect();
         batch.consumed_at = started;
+        batch.ticket = Some(self.backlog.ticket());
         // The next batch will be about as big.
         self.open.messages.reserve(batch.messages.len());
         self.open.bytes.reserve(batch.bytes.len());
@@ -153,4 +160,80 @@ fn headers_of(msg: &BorrowedMessage<'_>) -> (Vec<RawHeader>, Option<String>) {
         }
     }
     (out, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batcher(eager: bool) -> Batcher {
+        Batcher::new(BatchSpec {
+            max_rows: 1000,
+            max_bytes: 1 << 20,
+            max_delay: Duration::from_millis(500),
+            max_in_flight: 2,
+            eager,
+        })
+    }
+
+    /// What `push` does for a message at `offset` of `orders`/0, without a broker.
+    fn arrive(batcher: &mut Batcher, offset: i64) {
+        let topic = batcher.topic("orders");
+        batcher.open.messages.push(RawMessage {
+            topic: topic.clone(),
+            partition: 0,
+            offset,
+            timestamp: None,
+            key: None,
+            payload: None,
+            headers: Vec::new(),
+            bad_header: None,
+        });
+        let span = batcher.spans.entry((topic, 0)).or_insert(Span {
+            first: offset,
+            next: offset,
+        });
+        span.next = offset + 1;
+        batcher.started.get_or_insert_with(Instant::now);
+    }
+
+    #[test]
+    fn an_eager_batch_closes_early_only_while_no_earlier_batch_waits_for_the_pipeline() {
+        let mut batcher = batcher(true);
+        assert!(!batcher.closes_early(), "an empty batch never closes");
+        arrive(&mut batcher, 0);
+        assert!(
+            batcher.closes_early(),
+            "an idle pipeline gets the event at once"
+        );
+        let first = batcher.take().expect("a batch");
+
+        // The first batch has not been taken by the pipeline task: the next one grows.
+        arrive(&mut batcher, 1);
+        arrive(&mut batcher, 2);
+        assert!(!batcher.closes_early());
+        assert_eq!(batcher.backlog.len(), 1);
+
+        // The pipeline task takes it (drops its ticket): the next closes at once, with both.
+        drop(first.ticket);
+        assert!(batcher.closes_early());
+        let second = batcher.take().expect("a batch");
+        assert_eq!(second.messages.len(), 2);
+        assert_eq!(second.spans.len(), 1);
+        assert_eq!(second.spans[0].1.first, 1);
+        assert_eq!(second.spans[0].1.next, 3);
+
+        // A batch dropped anywhere else (a revoked partition, a shutdown) releases its ticket too.
+        drop(second);
+        assert!(batcher.backlog.is_empty());
+    }
+
+    #[test]
+    fn a_batch_without_eager_waits_for_its_rows_bytes_or_delay() {
+        let mut batcher = batcher(false);
+        arrive(&mut batcher, 0);
+        assert!(!batcher.closes_early());
+        assert!(!batcher.is_full());
+        assert!(batcher.until_due().is_some());
+    }
 }

@@ -116,8 +116,6 @@ pub struct SourceContext {
     start_from: StartFrom,
     /// Between joining (at start, or after a revocation) and the next assignment.
     joining: AtomicBool,
-    /// `batch.eager`: a batch closes when nothing more is ready and the pipeline has room.
-    eager: bool,
 }
 
 impl ClientContext for SourceContext {
@@ -234,7 +232,6 @@ impl Source {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(300_000);
         let context = SourceContext {
-            eager: batcher.eager(),
             pipeline: pipeline.to_owned(),
             tx,
             shared: Mutex::new(Shared {
@@ -381,19 +378,17 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool, leave: &Leave) {
                 wait.clamp(Duration::from_millis(1), Duration::from_millis(100)),
             )
         };
-        // The pipeline waits for input: an open batch goes as soon as the consumer has nothing
-        // more ready, so that at moderate load an event is processed at once; while the
-        // pipeline is busy (no room downstream), batches grow to their rows, bytes or delay.
-        let eager = ctx.eager
-            && !blocked
-            && ctx.tx.capacity() > 0
+        // With `batch.eager`, an open batch goes as soon as the consumer has nothing more ready
+        // and no earlier batch waits for the pipeline task: at moderate load an event is
+        // processed at once; while the pipeline is busy, the next batch grows until it takes
+        // the last (group commit), and at full load to its rows, bytes or delay.
+        let eager = !blocked
             && ctx
                 .shared
                 .lock()
                 .expect("source state lock")
                 .batcher
-                .until_due()
-                .is_some();
+                .closes_early();
         let rebalanced = ctx.rebalanced.swap(false, Ordering::AcqRel);
         if blocked && (!paused || rebalanced) {
             set_paused(consumer, ctx, true);
