@@ -59,38 +59,54 @@ use crate::{
     util::text::{encode, render_key},
 };
 
+/// The latest-value views' write script. KEYS: the entities' hashes (up to
+/// [`aggregate::KEYS_PER_CALL`]; one on a cluster, where a script's keys must share a slot).
+/// ARGV, for each key in turn: the event's time (µs), partition, offset and topic, the key's
+/// TTL in seconds (0: none), S, S x (field, value) to set, D, D x field to delete, T, T x
+/// (field, TTL seconds). Reply: one entry per key: 1 when written, 0 when the hash holds a
+/// newer event (by event time, then topic, partition and offset: a replay or an out-of-order
+/// event), or `{'error', message}` when Redis refuses the key (a key of another type).
 const SCRIPT: &str = r#"
-local key = KEYS[1]
-local ts, part, off, topic = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local cur = redis.call('HMGET', key, '_ts', '_topic', '_partition', '_offset')
-if cur[1] then
-  local cts, ct = tonumber(cur[1]), cur[2] or ''
-  local cp, co = tonumber(cur[3]) or -1, tonumber(cur[4]) or -1
-  if cts > ts or (cts == ts and (ct > topic or (ct == topic and
-      (cp > part or (cp == part and co >= off))))) then
-    return 0
+local reply = {}
+local i = 1
+for k = 1, #KEYS do
+  local key = KEYS[k]
+  local ts, part, off, topic = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local ttl, ns = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+  local set = i + 6
+  local nd = tonumber(ARGV[set + 2 * ns])
+  local del = set + 2 * ns + 1
+  local nt = tonumber(ARGV[del + nd])
+  local fttl = del + nd + 1
+  i = fttl + 2 * nt
+  local cur = redis.pcall('HMGET', key, '_ts', '_topic', '_partition', '_offset')
+  if cur.err then
+    reply[k] = {'error', cur.err}
+  else
+    local newer = true
+    if cur[1] then
+      local t, cts, ct = tonumber(ts), tonumber(cur[1]), cur[2] or ''
+      local p, o = tonumber(part), tonumber(off)
+      local cp, co = tonumber(cur[3]) or -1, tonumber(cur[4]) or -1
+      newer = not (cts > t or (cts == t and (ct > topic or (ct == topic and
+          (cp > p or (cp == p and co >= o))))))
+    end
+    if newer then
+      local hset = {'_ts', ts, '_topic', topic, '_partition', part, '_offset', off}
+      for a = set, set + 2 * ns - 1 do hset[#hset + 1] = ARGV[a] end
+      redis.call('HSET', key, unpack(hset))
+      if nd > 0 then redis.call('HDEL', key, unpack(ARGV, del, del + nd - 1)) end
+      if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+      for a = fttl, fttl + 2 * nt - 1, 2 do
+        redis.call('HEXPIRE', key, ARGV[a + 1], 'FIELDS', 1, ARGV[a])
+      end
+      reply[k] = 1
+    else
+      reply[k] = 0
+    end
   end
 end
-local i = 5
-local ttl = tonumber(ARGV[i]); i = i + 1
-local nset = tonumber(ARGV[i]); i = i + 1
-local hset = {'_ts', ARGV[1], '_topic', ARGV[4], '_partition', ARGV[2], '_offset', ARGV[3]}
-for _ = 1, nset do
-  hset[#hset + 1] = ARGV[i]; hset[#hset + 1] = ARGV[i + 1]; i = i + 2
-end
-redis.call('HSET', key, unpack(hset))
-local ndel = tonumber(ARGV[i]); i = i + 1
-if ndel > 0 then
-  local del = {}
-  for j = 1, ndel do del[j] = ARGV[i]; i = i + 1 end
-  redis.call('HDEL', key, unpack(del))
-end
-if ttl > 0 then redis.call('EXPIRE', key, ttl) end
-local nttl = tonumber(ARGV[i]); i = i + 1
-for _ = 1, nttl do
-  redis.call('HEXPIRE', key, ARGV[i + 1], 'FIELDS', 1, ARGV[i]); i = i + 2
-end
-return 1
+return reply
 "#;
 
 /// Why the Redis sink failed.
@@ -552,22 +568,81 @@ impl RedisSink {
         metrics::counter!("sluice_redis_rows_coalesced_total", &labels).increment(
             (skip.iter().filter(|s| !**s).count() * self.views.len()).saturating_sub(sent) as u64,
         );
-        let calls: Vec<(&[String], &[String])> = invocations
-            .iter()
-            .map(|i| (std::slice::from_ref(&i.key), i.args.as_slice()))
-            .collect();
-        let replies = self.execute::<u64>(&self.script, &calls, 1, cancel).await?;
+        let per_call = if self.spec.connection.cluster {
+            1
+        } else {
+            aggregate::KEYS_PER_CALL
+        };
         let (mut accepted, mut refused) = (0, Vec::new());
-        for (inv, reply) in invocations.iter().zip(replies) {
-            match reply {
-                Ok(n) => accepted += n,
-                Err((reason, error)) => refused.push(self::refused(inv.row, reason, error)),
+        let mut pending = invocations;
+        // A call Redis refuses as a whole goes again as one call per entity (a second write
+        // of an event is a no-op), so that only the entity it cannot take is refused.
+        for per_call in [per_call, 1] {
+            let mut again = Vec::new();
+            for (chunk, reply) in self.call_views(&pending, per_call, cancel).await? {
+                let answers = reply.and_then(|v| {
+                    aggregate::swapped(v, chunk.len()).map_err(|e| ("script_error", e))
+                });
+                match answers {
+                    Ok(answers) => {
+                        for (inv, answer) in chunk.iter().zip(answers) {
+                            match answer {
+                                Ok(written) => accepted += u64::from(written),
+                                Err(error) => refused.extend(refusals(&[inv.row], &error)),
+                            }
+                        }
+                    }
+                    Err(_) if chunk.len() > 1 => again.extend(chunk.iter().cloned()),
+                    Err((reason, error)) => refused.extend(
+                        chunk
+                            .iter()
+                            .map(|i| self::refused(i.row, reason, error.clone())),
+                    ),
+                }
+            }
+            pending = again;
+            if pending.is_empty() {
+                break;
             }
         }
         metrics::counter!("sluice_redis_rows_total", &labels).increment(accepted);
         metrics::counter!("sluice_redis_rows_stale_total", &labels)
             .increment((sent - refused.len()) as u64 - accepted);
         Ok((refused, previous))
+    }
+
+    /// The latest-value views' script calls for `invocations`, `per_call` entities each, and
+    /// each call's reply.
+    #[allow(clippy::type_complexity)]
+    async fn call_views<'i>(
+        &self,
+        invocations: &'i [Invocation],
+        per_call: usize,
+        cancel: &CancellationToken,
+    ) -> Result<
+        Vec<(
+            &'i [Invocation],
+            Result<redis::Value, (&'static str, String)>,
+        )>,
+        RedisSinkError,
+    > {
+        let chunks: Vec<&[Invocation]> = invocations.chunks(per_call.max(1)).collect();
+        let calls: Vec<(Vec<String>, Vec<String>)> = chunks
+            .iter()
+            .map(|chunk| {
+                let keys = chunk.iter().map(|i| i.key.clone()).collect();
+                let args = chunk.iter().flat_map(|i| i.args.iter().cloned()).collect();
+                (keys, args)
+            })
+            .collect();
+        let keyed: Vec<(&[String], &[String])> = calls
+            .iter()
+            .map(|(k, a)| (k.as_slice(), a.as_slice()))
+            .collect();
+        let replies = self
+            .execute::<redis::Value>(&self.script, &keyed, per_call, cancel)
+            .await?;
+        Ok(chunks.into_iter().zip(replies).collect())
     }
 
     /// The latest-value inputs of the batch's rows: for each row, the field as of its
@@ -999,6 +1074,7 @@ type Replies<T> = Vec<Result<T, (&'static str, String)>>;
 type Sent<T> = Result<Replies<T>, GaveUp<RedisError>>;
 
 /// One run of the script: for `key`, from the batch's `row`.
+#[derive(Clone)]
 struct Invocation {
     key: String,
     args: Vec<String>,
