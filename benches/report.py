@@ -189,6 +189,10 @@ if os.path.exists(path("live.rate")):
             p50, p99, n = quantiles({le: v - warm.get(le, 0.0) for le, v in whole.items()})
             print(f"  after the first {os.environ.get('BENCH_LIVE_WARMUP', '5')} s:      "
                   f"p50 {p50 * 1000:6.1f} ms, p99 {p99 * 1000:6.1f} ms ({n:,.0f} predictions)")
+        if os.path.exists(path("live.cpu")) and os.path.exists(path("live.events")):
+            cpu = float(open(path("live.cpu")).read())
+            events = int(open(path("live.events")).read())
+            print(f"  sluice's CPU:           {cpu:.1f} s, {cpu / events * 1e6:.1f} s per million events")
 
 if os.path.exists(path("busy-load.json")) and "busy" in runs:
     b = json.load(open(path("busy-load.json")))

@@ -34,6 +34,8 @@
 #   BENCH_RATE           the latency run's event rate (default: half the rate of full)
 #   BENCH_LIVE_SECONDS   how long the latency run produces events (default 20)
 #   BENCH_LIVE_WARMUP    seconds of it the report also leaves out (default 5)
+#   BENCH_BIN            run the binaries in this folder instead of this checkout's build
+#   BENCH_KEEP=1         keep the work folder (logs, metrics scraped from each run) and say where
 #   KAFKA_BOOTSTRAP / REDIS_URL  use this broker / Redis instead of starting one
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,8 +46,11 @@ step bench-python-packages "the Python baseline's packages, benches/requirements
 EVENTS="${BENCH_EVENTS:-1000000}"
 FACTOR="${BENCH_MEMORY_FACTOR:-5}"
 start_demo sluice-bench
-# The benchmark's folder holds only its measurements' raw files: removed at exit too.
-trap 'stop_demo; rm -rf "$WORK"' EXIT
+# Another build's binaries (sluice and sluice-bench), to compare two builds on one machine.
+BIN="${BENCH_BIN:-$BIN}"
+# The benchmark's folder holds only its measurements' raw files: removed at exit too, unless
+# BENCH_KEEP=1.
+trap 'stop_demo; if [ "${BENCH_KEEP:-0}" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi' EXIT
 RUN_ID="$(date +%s)"
 export ORDERS_DLQ="bench-$RUN_ID.dlq" ORDERS_IDLE_FLUSH="250ms"
 export FRAUD_TOPIC="bench-$RUN_ID.fraud" FRAUD_FEEDBACK_TOPIC="bench-$RUN_ID.fraud.feedback"
@@ -217,11 +222,14 @@ if runs latency || [ "${BENCH_EXTRA:-0}" = 1 ]; then
   "$BIN/sluice-bench" wait-committed "$LIVE_TOPIC" --group "bench-$RUN_ID-live" \
     --total $((RATE * SECONDS_LIVE)) --timeout-secs 600 --while-running "$SLUICE_PID"
   curl -s "127.0.0.1:$METRICS_PORT/metrics" >"$WORK/live.metrics"
+  # sluice's CPU time so far (user + system), for its CPU per event at this rate.
+  awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$SLUICE_PID/stat" >"$WORK/live.cpu"
   kill -TERM "$SLUICE_PID" 2>/dev/null || true
   wait "$SLUICE_PID" || true
   SLUICE_PID=""
   METRICS_PORT=""
   echo "$RATE" >"$WORK/live.rate"
+  echo $((RATE * SECONDS_LIVE)) >"$WORK/live.events"
   echo "$RATE_WHY" >"$WORK/live.why"
 fi
 
