@@ -71,11 +71,11 @@ for a, b, text, f, unit, goal in [
     if a in runs and b in runs:
         print(f"{text}{f(a, b):>6.2f}{unit}{goal}")
 
-def redis_cpu(name):
+def redis_cpu(name, total=events):
     """Redis CPU seconds per million events of a run."""
     before = float(open(path(f"{name}.redis-cpu-before")).read())
     after = float(open(path(f"{name}.redis-cpu-after")).read())
-    return (after - before) / events * 1e6
+    return (after - before) / total * 1e6
 
 
 print()
@@ -123,8 +123,8 @@ for name in ("full", "noagg", "parquet"):
     for stage, secs, calls in rows:
         if calls:
             print(f"  {stage:<24} {secs:>8.2f} {secs / events * 1e6:>9.2f} {calls:>8.0f}")
-    print("  (decode, features, redis, parquet_* and commit run on the pipeline task in turn; the")
-    print("   model on its own thread; records when predictions are built, beside the pipeline task)")
+    print("  (decode on its own thread; features, redis, parquet_* and commit on the pipeline task in")
+    print("   turn; the model on its own thread; records when predictions are built, beside it)")
     if os.path.exists(path(f"{name}.threads")):
         threads = json.load(open(path(f"{name}.threads")))
         total = sum(threads.values())
@@ -193,6 +193,24 @@ if os.path.exists(path("live.rate")):
             cpu = float(open(path("live.cpu")).read())
             events = int(open(path("live.events")).read())
             print(f"  sluice's CPU:           {cpu:.1f} s, {cpu / events * 1e6:.1f} s per million events")
+            if os.path.exists(path("live.redis-cpu-after")):
+                print(f"  Redis CPU:              {redis_cpu('live', events):.1f} s per million events")
+        # Where the time goes after the warm-up: the pipeline task's stages (all but decode, which
+        # has its own thread) run in turn, so their share of the wall time says how busy it is.
+        live, warm_m = metrics("live"), metrics("live-warm")
+        if warm_m:
+            diff = lambda metric, **kv: metric_sum(live, metric, **kv) - metric_sum(warm_m, metric, **kv)
+            batches = diff("sluice_stage_seconds_count", stage="decode")
+            scored = n if warm else 0
+            wall = float(open(path("live.time")).read()) - float(open(path("live-warm.time")).read())
+            if batches and wall > 0:
+                print(f"  after the first {os.environ.get('BENCH_LIVE_WARMUP', '5')} s ({wall:.1f} s): {batches:,.0f} batches, "
+                      f"{scored / batches:,.0f} predictions each on average; per batch, and share of the wall time:")
+                for stage in ["decode", "features", "redis", "parquet_write", "parquet_finish", "commit"]:
+                    secs = diff("sluice_stage_seconds_sum", stage=stage)
+                    if secs > 0:
+                        where = "decode thread" if stage == "decode" else "pipeline task"
+                        print(f"    {stage:<16} {secs / batches * 1000:>7.2f} ms  {secs / wall:>6.1%}  ({where})")
 
 if os.path.exists(path("busy-load.json")) and "busy" in runs:
     b = json.load(open(path("busy-load.json")))

@@ -211,6 +211,7 @@ if runs latency || [ "${BENCH_EXTRA:-0}" = 1 ]; then
     [ "$(curl -s -o /dev/null -w '%{http_code}' "127.0.0.1:$METRICS_PORT/readyz")" = 200 ] && break
     sleep 0.1
   done
+  python3 benches/redis_usage.py "$REDIS_URL" cpu >"$WORK/live.redis-cpu-before"
   "$BIN/sluice-bench" generate "$LIVE_TOPIC" --count $((RATE * SECONDS_LIVE)) --rate "$RATE" \
     >"$WORK/live.json" &
   GEN_PID=$!
@@ -218,10 +219,13 @@ if runs latency || [ "${BENCH_EXTRA:-0}" = 1 ]; then
   # so that the report also shows the steady state apart from the first seconds.
   sleep $((${BENCH_LIVE_WARMUP:-5} + 2))
   curl -s "127.0.0.1:$METRICS_PORT/metrics" >"$WORK/live-warm.metrics"
+  date +%s.%N >"$WORK/live-warm.time"
   wait "$GEN_PID"
   "$BIN/sluice-bench" wait-committed "$LIVE_TOPIC" --group "bench-$RUN_ID-live" \
     --total $((RATE * SECONDS_LIVE)) --timeout-secs 600 --while-running "$SLUICE_PID"
   curl -s "127.0.0.1:$METRICS_PORT/metrics" >"$WORK/live.metrics"
+  date +%s.%N >"$WORK/live.time"
+  python3 benches/redis_usage.py "$REDIS_URL" cpu >"$WORK/live.redis-cpu-after"
   # sluice's CPU time so far (user + system), for its CPU per event at this rate.
   awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$SLUICE_PID/stat" >"$WORK/live.cpu"
   kill -TERM "$SLUICE_PID" 2>/dev/null || true
