@@ -16,6 +16,10 @@ use crate::{
     event::{Backlog, RawBatch, RawHeader, RawMessage, Span, TopicPartition},
 };
 
+/// How long one poll lasts at most while the open batch waits only for the pipeline task to
+/// take the batch before it ([`Batcher::waits_for_pipeline`]).
+pub const TAKEN_POLL: Duration = Duration::from_millis(1);
+
 /// Assembles micro-batches of raw messages.
 pub struct Batcher {
     spec: BatchSpec,
@@ -90,6 +94,14 @@ impl Batcher {
     /// takes the last, holding what arrived meanwhile: batches grow with the load.
     pub fn closes_early(&self) -> bool {
         self.spec.eager && self.started.is_some() && self.backlog.is_empty()
+    }
+
+    /// Whether the open batch would close now but for a batch before it that the pipeline
+    /// task has not taken yet. The source then polls in short slices
+    /// ([`TAKEN_POLL`]), so that the batch goes within a millisecond of that one being taken
+    /// rather than when the next fetch brings a message (or its delay runs out).
+    pub fn waits_for_pipeline(&self) -> bool {
+        self.spec.eager && self.started.is_some() && !self.backlog.is_empty()
     }
 
     /// The batch is full by rows or bytes.
@@ -209,13 +221,22 @@ mod tests {
         let first = batcher.take().expect("a batch");
 
         // The first batch has not been taken by the pipeline task: the next one grows.
+        assert!(
+            !batcher.waits_for_pipeline(),
+            "an empty batch waits for nothing"
+        );
         arrive(&mut batcher, 1);
         arrive(&mut batcher, 2);
         assert!(!batcher.closes_early());
+        assert!(
+            batcher.waits_for_pipeline(),
+            "the source polls in short slices"
+        );
         assert_eq!(batcher.backlog.len(), 1);
 
         // The pipeline task takes it (drops its ticket): the next closes at once, with both.
         drop(first.ticket);
+        assert!(!batcher.waits_for_pipeline());
         assert!(batcher.closes_early());
         let second = batcher.take().expect("a batch");
         assert_eq!(second.messages.len(), 2);
@@ -232,8 +253,12 @@ mod tests {
     fn a_batch_without_eager_waits_for_its_rows_bytes_or_delay() {
         let mut batcher = batcher(false);
         arrive(&mut batcher, 0);
+        let first = batcher.take().expect("a batch");
+        arrive(&mut batcher, 1);
         assert!(!batcher.closes_early());
+        assert!(!batcher.waits_for_pipeline(), "it waits for its delay");
         assert!(!batcher.is_full());
+        drop(first);
         assert!(batcher.until_due().is_some());
     }
 }

@@ -367,10 +367,14 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool, leave: &Leave) {
             }
             let blocked = !shared.outbox.is_empty();
             ctx.waiting.store(blocked, Ordering::Release);
-            let wait = shared
-                .batcher
-                .until_due()
-                .unwrap_or(Duration::from_millis(100));
+            let wait = if shared.batcher.waits_for_pipeline() {
+                batch::TAKEN_POLL
+            } else {
+                shared
+                    .batcher
+                    .until_due()
+                    .unwrap_or(Duration::from_millis(100))
+            };
             // At most 100 ms, so that a shutdown or a full channel is noticed in time however
             // long `max_delay` is.
             (
@@ -381,7 +385,8 @@ fn poll_loop(consumer: &KafkaConsumer, stop: &AtomicBool, leave: &Leave) {
         // With `batch.eager`, an open batch goes as soon as the consumer has nothing more ready
         // and no earlier batch waits for the pipeline task: at moderate load an event is
         // processed at once; while the pipeline is busy, the next batch grows until it takes
-        // the last (group commit), and at full load to its rows, bytes or delay.
+        // the last (group commit; meanwhile polls last at most `TAKEN_POLL`, so that it goes
+        // then, not at the next fetch), and at full load to its rows, bytes or delay.
         let eager = !blocked
             && ctx
                 .shared
