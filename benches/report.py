@@ -201,7 +201,7 @@ if os.path.exists(path("live.rate")):
         if warm_m:
             diff = lambda metric, **kv: metric_sum(live, metric, **kv) - metric_sum(warm_m, metric, **kv)
             batches = diff("sluice_stage_seconds_count", stage="decode")
-            scored = n if warm else 0
+            scored = n if warm else 0  # predictions after the warm-up (from the quantiles above)
             wall = float(open(path("live.time")).read()) - float(open(path("live-warm.time")).read())
             if batches and wall > 0:
                 print(f"  after the first {os.environ.get('BENCH_LIVE_WARMUP', '5')} s ({wall:.1f} s): {batches:,.0f} batches, "

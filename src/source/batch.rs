@@ -93,7 +93,7 @@ impl Batcher {
     /// an idle pipeline gets each event at once, and a busy one the next batch as soon as it
     /// takes the last, holding what arrived meanwhile: batches grow with the load.
     pub fn closes_early(&self) -> bool {
-        self.spec.eager && self.started.is_some() && self.backlog.is_empty()
+        self.eager_and_open() && self.backlog.is_empty()
     }
 
     /// Whether the open batch would close now but for a batch before it that the pipeline
@@ -101,7 +101,12 @@ impl Batcher {
     /// ([`TAKEN_POLL`]), so that the batch goes within a millisecond of that one being taken
     /// rather than when the next fetch brings a message (or its delay runs out).
     pub fn waits_for_pipeline(&self) -> bool {
-        self.spec.eager && self.started.is_some() && !self.backlog.is_empty()
+        self.eager_and_open() && !self.backlog.is_empty()
+    }
+
+    /// `batch.eager`, and the open batch has an event.
+    fn eager_and_open(&self) -> bool {
+        self.spec.eager && self.started.is_some()
     }
 
     /// The batch is full by rows or bytes.
