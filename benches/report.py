@@ -206,11 +206,22 @@ if os.path.exists(path("live.rate")):
             if batches and wall > 0:
                 print(f"  after the first {os.environ.get('BENCH_LIVE_WARMUP', '5')} s ({wall:.1f} s): {batches:,.0f} batches, "
                       f"{scored / batches:,.0f} predictions each on average; per batch, and share of the wall time:")
-                for stage in ["decode", "features", "redis", "parquet_write", "parquet_finish", "commit"]:
+                for stage in ["decode", "features", "redis", "redis_tail", "parquet_write", "parquet_finish", "commit"]:
                     secs = diff("sluice_stage_seconds_sum", stage=stage)
                     if secs > 0:
                         where = "decode thread" if stage == "decode" else "pipeline task"
                         print(f"    {stage:<16} {secs / batches * 1000:>7.2f} ms  {secs / wall:>6.1%}  ({where})")
+                # A prediction's latency, in the order its batch goes through: these overlap
+                # other batches' work, so only their mean per batch is shown.
+                print("  a batch's path, mean ms after the warm-up (redis as above):")
+                for stage, what in [("waiting", "first event consumed until the pipeline task takes the batch"),
+                                    ("scoring", "queued at the model until its last result"),
+                                    ("records", "prediction and feedback records built"),
+                                    ("deliver", "records sent until the broker acknowledged them")]:
+                    secs = diff("sluice_stage_seconds_sum", stage=stage)
+                    calls = diff("sluice_stage_seconds_count", stage=stage)
+                    if calls > 0:
+                        print(f"    {stage:<16} {secs / calls * 1000:>7.2f} ms  ({what})")
 
 if os.path.exists(path("busy-load.json")) and "busy" in runs:
     b = json.load(open(path("busy-load.json")))

@@ -34,6 +34,8 @@
 #   BENCH_RATE           the latency run's event rate (default: half the rate of full)
 #   BENCH_LIVE_SECONDS   how long the latency run produces events (default 20)
 #   BENCH_LIVE_WARMUP    seconds of it the report also leaves out (default 5)
+#   BENCH_LIVE_PIPELINE  the latency run's pipeline: full (default, pipelines/orders.toml) or
+#                        noagg (the same without the aggregate views, as (a0))
 #   BENCH_BIN            run the binaries in this folder instead of this checkout's build
 #   BENCH_KEEP=1         keep the work folder (logs, metrics scraped from each run) and say where
 #   KAFKA_BOOTSTRAP / REDIS_URL  use this broker / Redis instead of starting one
@@ -203,8 +205,13 @@ if runs latency || [ "${BENCH_EXTRA:-0}" = 1 ]; then
   "$BIN/sluice-bench" create-topic "$LIVE_TOPIC" --partitions 4
   METRICS_PORT=$(free_port)
   redis-cli -u "$REDIS_URL" FLUSHALL >/dev/null
+  case "${BENCH_LIVE_PIPELINE:-full}" in
+    full) LIVE_PIPELINE=pipelines/orders.toml ;;
+    noagg) LIVE_PIPELINE="$WORK/no-aggregates.toml"; RATE_WHY="$RATE_WHY, without the aggregate views" ;;
+    *) echo "BENCH_LIVE_PIPELINE is full or noagg" >&2; exit 2 ;;
+  esac
   ORDERS_TOPIC="$LIVE_TOPIC" ORDERS_GROUP="bench-$RUN_ID-live" ORDERS_OUTPUT="$WORK/out-live" \
-    "$BIN/sluice" run pipelines/orders.toml --listen "127.0.0.1:$METRICS_PORT" \
+    "$BIN/sluice" run "$LIVE_PIPELINE" --listen "127.0.0.1:$METRICS_PORT" \
     >"$WORK/live.out" 2>"$WORK/live.log" &
   SLUICE_PID=$!
   for _ in $(seq 600); do

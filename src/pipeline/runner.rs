@@ -287,6 +287,9 @@ impl Runner {
         // Taken: the source may close its next batch early (`batch.eager`).
         drop(batch.ticket.take());
         let started = Instant::now();
+        // From the batch's first event's consumption until this task takes it: gathering the
+        // batch, decoding it, and waiting for the batch before it.
+        telemetry::stage(&self.labels, "waiting", batch.consumed_at);
         self.status.progressed();
         let labels = [("pipeline", self.labels.clone())];
         metrics::counter!("sluice_events_consumed_total", &labels).increment(batch.events() as u64);

@@ -228,6 +228,7 @@ impl Scorer {
             self.shadow(&rows, &encoded.rows, &values);
         }
         let out = self.out.clone();
+        let queued = Instant::now();
         let completion = tokio::spawn(async move {
             let failed = |failure| Scored {
                 holds: Vec::new(),
@@ -256,17 +257,22 @@ impl Scorer {
                     }
                 }
             }
+            // The latency's parts: queued at the model until its last result, building the
+            // records, then the broker's acknowledgement.
+            crate::telemetry::stage(&ctx.pipeline, "scoring", queued);
             let started = Instant::now();
             let built = tokio::task::block_in_place(|| {
                 ctx.records(&rows, &encoded.rows, &values, &results)
             });
             crate::telemetry::stage(&ctx.pipeline, "records", started);
+            let started = Instant::now();
             if let Err(source) = out.deliver(&built.records).await {
                 return failed(ScoreError::Delivery {
                     model: ctx.name.clone(),
                     source,
                 });
             }
+            crate::telemetry::stage(&ctx.pipeline, "deliver", started);
             drop(permit);
             // Once per prediction: from its batch's first event's consumption (an upper bound
             // for the others) to the broker's acknowledgement.
