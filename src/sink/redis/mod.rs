@@ -61,21 +61,33 @@ use crate::{
 
 /// The latest-value views' write script. KEYS: the entities' hashes (up to
 /// [`aggregate::KEYS_PER_CALL`]; one on a cluster, where a script's keys must share a slot).
-/// ARGV, for each key in turn: the event's time (µs), partition, offset and topic, the key's
-/// TTL in seconds (0: none), S, S x (field, value) to set, D, D x field to delete, T, T x
-/// (field, TTL seconds). Reply: one entry per key: 1 when written, 0 when the hash holds a
-/// newer event (by event time, then topic, partition and offset: a replay or an out-of-order
-/// event), or `{'error', message}` when Redis refuses the key (a key of another type).
+/// ARGV, for each key in turn: the key's TTL in seconds (`0`: none), S, S x (field, value) to
+/// set, the first four being `_ts`, `_topic`, `_partition` and `_offset` (the event's time in
+/// µs, topic, partition and offset), D, D x field to delete, T, T x (field, TTL seconds).
+/// Reply: one entry per key: 1 when written, 0 when the hash holds a newer event (by event
+/// time, then topic, partition and offset: a replay or an out-of-order event), or
+/// `{'error', message}` when Redis refuses the key (a key of another type).
+///
+/// Most of its cost is Lua's own, so it keeps to strings: the integers are compared as
+/// written (sluice writes them without leading zeros), and the fields are set straight from
+/// ARGV.
 const SCRIPT: &str = r#"
+local CHUNK = 4000
+-- a < b for integers written in decimal without leading zeros.
+local function less(a, b)
+  if a:byte(1) == 45 or b:byte(1) == 45 then return tonumber(a) < tonumber(b) end
+  return #a < #b or (#a == #b and a < b)
+end
 local reply = {}
 local i = 1
 for k = 1, #KEYS do
   local key = KEYS[k]
-  local ts, part, off, topic = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local ttl, ns = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-  local set = i + 6
-  local nd = tonumber(ARGV[set + 2 * ns])
-  local del = set + 2 * ns + 1
+  local ttl, ns = ARGV[i], tonumber(ARGV[i + 1])
+  local set = i + 2
+  local last = set + 2 * ns - 1
+  local ts, topic, part, off = ARGV[set + 1], ARGV[set + 3], ARGV[set + 5], ARGV[set + 7]
+  local nd = tonumber(ARGV[last + 1])
+  local del = last + 2
   local nt = tonumber(ARGV[del + nd])
   local fttl = del + nd + 1
   i = fttl + 2 * nt
@@ -83,20 +95,26 @@ for k = 1, #KEYS do
   if cur.err then
     reply[k] = {'error', cur.err}
   else
+    -- Newer than the stored event: by event time, then topic, partition and offset.
     local newer = true
     if cur[1] then
-      local t, cts, ct = tonumber(ts), tonumber(cur[1]), cur[2] or ''
-      local p, o = tonumber(part), tonumber(off)
-      local cp, co = tonumber(cur[3]) or -1, tonumber(cur[4]) or -1
-      newer = not (cts > t or (cts == t and (ct > topic or (ct == topic and
-          (cp > p or (cp == p and co >= o))))))
+      local ct, cp = cur[2] or '', cur[3] or '-1'
+      if cur[1] ~= ts then
+        newer = less(cur[1], ts)
+      elseif ct ~= topic then
+        newer = ct < topic
+      elseif cp ~= part then
+        newer = less(cp, part)
+      else
+        newer = less(cur[4] or '-1', off)
+      end
     end
     if newer then
-      local hset = {'_ts', ts, '_topic', topic, '_partition', part, '_offset', off}
-      for a = set, set + 2 * ns - 1 do hset[#hset + 1] = ARGV[a] end
-      redis.call('HSET', key, unpack(hset))
+      for a = set, last, CHUNK do
+        redis.call('HSET', key, unpack(ARGV, a, math.min(a + CHUNK - 1, last)))
+      end
       if nd > 0 then redis.call('HDEL', key, unpack(ARGV, del, del + nd - 1)) end
-      if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+      if ttl ~= '0' then redis.call('EXPIRE', key, ttl) end
       for a = fttl, fttl + 2 * nt - 1, 2 do
         redis.call('HEXPIRE', key, ARGV[a + 1], 'FIELDS', 1, ARGV[a])
       end
@@ -1051,7 +1069,17 @@ impl RedisSink {
                     .or_insert(row);
             }
             for (key, row) in newest {
-                let mut set = Vec::new();
+                // The guard first: the script reads the event's order from these four.
+                let mut set = vec![
+                    "_ts".to_owned(),
+                    times[row].to_string(),
+                    "_topic".to_owned(),
+                    topics.value(row).to_owned(),
+                    "_partition".to_owned(),
+                    partitions.value(row).to_string(),
+                    "_offset".to_owned(),
+                    offsets.value(row).to_string(),
+                ];
                 let mut del = Vec::new();
                 for (column, field) in &view.fields {
                     match encode(batch.column_by_name(column).expect("validated column"), row) {
@@ -1062,14 +1090,7 @@ impl RedisSink {
                         None => del.push(field.clone()),
                     }
                 }
-                let mut args = vec![
-                    times[row].to_string(),
-                    partitions.value(row).to_string(),
-                    offsets.value(row).to_string(),
-                    topics.value(row).to_owned(),
-                    view.ttl_secs.to_string(),
-                    (set.len() / 2).to_string(),
-                ];
+                let mut args = vec![view.ttl_secs.to_string(), (set.len() / 2).to_string()];
                 args.extend(set);
                 args.push(del.len().to_string());
                 args.extend(del);
