@@ -206,7 +206,7 @@ if os.path.exists(path("live.rate")):
             if batches and wall > 0:
                 print(f"  after the first {os.environ.get('BENCH_LIVE_WARMUP', '5')} s ({wall:.1f} s): {batches:,.0f} batches, "
                       f"{scored / batches:,.0f} predictions each on average; per batch, and share of the wall time:")
-                for stage in ["decode", "features", "redis", "redis_tail", "parquet_write", "parquet_finish", "commit"]:
+                for stage in ["decode", "features", "redis", "parquet_write", "parquet_finish", "commit"]:
                     secs = diff("sluice_stage_seconds_sum", stage=stage)
                     if secs > 0:
                         where = "decode thread" if stage == "decode" else "pipeline task"

@@ -7,10 +7,10 @@
 //!   them into Arrow and passes them on through a channel of one batch, so it decodes the next
 //!   batch while the pipeline task writes this one;
 //! - the **pipeline task** ([`runner`], one tokio task) sends rejected events to the
-//!   dead-letter topic, writes the Redis features that models read, submits the rows to each
-//!   model ([`crate::score`]; the model threads and the prediction producer work while the
-//!   task goes on), writes the other Redis features and the rows into the Parquet segments
-//!   (CPU work runs under `block_in_place`), finishes segments, and commits offsets;
+//!   dead-letter topic, submits the rows to each model ([`crate::score`]; the model threads
+//!   and the prediction producer work while the task goes on), writes features to Redis and
+//!   rows into the Parquet segments (CPU work runs under `block_in_place`), finishes segments,
+//!   and commits offsets;
 //! - the **model threads** of each model, behind a queue with admission in rows; each scored
 //!   batch's prediction and feedback records are built and delivered in a task of its own.
 //!
@@ -99,20 +99,15 @@ async fn run_inner(
     // Parquet segment is a resume position, so its rows must already be in Redis.
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(r) = &spec.redis {
-        let mut redis = RedisSink::open(
-            &spec.name,
-            r,
-            status.redis_healthy.clone(),
-            &enriched(&spec),
-        )
-        .await?;
-        // The views no model reads are written after the batch goes to scoring (still before
-        // Parquet), so that predictions wait only for the features they read.
-        let tail = redis.split();
-        sinks.push(Box::new(redis));
-        if let Some(tail) = tail {
-            sinks.push(Box::new(tail));
-        }
+        sinks.push(Box::new(
+            RedisSink::open(
+                &spec.name,
+                r,
+                status.redis_healthy.clone(),
+                &enriched(&spec),
+            )
+            .await?,
+        ));
     }
     if let Some(pq) = &spec.parquet {
         sinks.push(Box::new(

@@ -397,9 +397,6 @@ struct View {
 /// Writes feature views to Redis.
 pub struct RedisSink {
     pipeline: String,
-    /// Its stage in `sluice_stage_seconds`: `redis`, or `redis_tail` for the part
-    /// [`Self::split`] takes out.
-    stage: &'static str,
     spec: RedisSpec,
     conn: Connection,
     script: Script,
@@ -504,7 +501,6 @@ impl RedisSink {
             .collect();
         Ok(Self {
             pipeline: pipeline.to_owned(),
-            stage: "redis",
             spec: spec.clone(),
             conn,
             script,
@@ -516,38 +512,6 @@ impl RedisSink {
             enrichment: Vec::new(),
             healthy,
         })
-    }
-
-    /// Takes out the views no model reads, as a sink of their own (on the same connection)
-    /// that the pipeline writes after submitting the batch for scoring, so that a prediction
-    /// waits only for the writes it reads. None when every view is read, or none is.
-    pub fn split(&mut self) -> Option<RedisSink> {
-        if !Sink::enriches(self) {
-            return None;
-        }
-        let (views, kept) = std::mem::take(&mut self.views)
-            .into_iter()
-            .partition(|v| v.enrich.is_empty());
-        self.views = kept;
-        let (aggregates, kept) = std::mem::take(&mut self.aggregates)
-            .into_iter()
-            .partition(|a| !a.enriches());
-        self.aggregates = kept;
-        let tail = RedisSink {
-            pipeline: self.pipeline.clone(),
-            stage: "redis_tail",
-            spec: self.spec.clone(),
-            conn: self.conn.clone(),
-            script: self.script.clone(),
-            views,
-            aggregate_script: self.aggregate_script.clone(),
-            swap_script: self.swap_script.clone(),
-            read_script: self.read_script.clone(),
-            aggregates,
-            enrichment: Vec::new(),
-            healthy: self.healthy.clone(),
-        };
-        (!tail.views.is_empty() || !tail.aggregates.is_empty()).then_some(tail)
     }
 
     /// Writes a batch's features and aggregates and returns once Redis has acknowledged every
@@ -1231,7 +1195,7 @@ impl Sink for RedisSink {
                 RedisSinkError::Cancelled => SinkError::Cancelled,
                 e => SinkError::failed(e),
             })?;
-        crate::telemetry::stage(&self.pipeline, self.stage, started);
+        crate::telemetry::stage(&self.pipeline, "redis", started);
         Ok(refused)
     }
 }
