@@ -1032,9 +1032,19 @@ impl RedisSink {
                     })
                     .or_insert(row);
             }
+            // Looked up once per batch, not per entity.
+            let columns: Vec<(&ArrayRef, &String)> = view
+                .fields
+                .iter()
+                .map(|(c, f)| (batch.column_by_name(c).expect("validated column"), f))
+                .collect();
+            let ttl = view.ttl_secs.to_string();
             for (key, row) in newest {
-                // The guard first: the script reads the event's order from these four.
-                let mut set = vec![
+                // The script's arguments: the TTL, S (filled in below), then the fields to set,
+                // the guard first (the script reads the event's order from these four).
+                let mut args = vec![
+                    ttl.clone(),
+                    String::new(),
                     "_ts".to_owned(),
                     times[row].to_string(),
                     "_topic".to_owned(),
@@ -1045,17 +1055,16 @@ impl RedisSink {
                     offsets.value(row).to_string(),
                 ];
                 let mut del = Vec::new();
-                for (column, field) in &view.fields {
-                    match encode(batch.column_by_name(column).expect("validated column"), row) {
+                for &(column, field) in &columns {
+                    match encode(column, row) {
                         Some(v) => {
-                            set.push(field.clone());
-                            set.push(v);
+                            args.push(field.clone());
+                            args.push(v);
                         }
                         None => del.push(field.clone()),
                     }
                 }
-                let mut args = vec![view.ttl_secs.to_string(), (set.len() / 2).to_string()];
-                args.extend(set);
+                args[1] = ((args.len() - 2) / 2).to_string();
                 args.push(del.len().to_string());
                 args.extend(del);
                 args.push(view.field_ttl.len().to_string());
