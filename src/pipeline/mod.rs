@@ -7,15 +7,18 @@
 //!   them into Arrow and passes them on through a channel of one batch, so it decodes the next
 //!   batch while the pipeline task writes this one;
 //! - the **pipeline task** ([`runner`], one tokio task) sends rejected events to the
-//!   dead-letter topic, submits the rows to each model ([`crate::score`]; the model threads
-//!   and the prediction producer work while the task goes on), writes features to Redis and
-//!   rows into the Parquet segments (CPU work runs under `block_in_place`), finishes segments,
-//!   and commits offsets;
+//!   dead-letter topic, writes features to Redis while it encodes the rows into the Parquet
+//!   segments (CPU work runs under `block_in_place`), submits the rows to each model
+//!   ([`crate::score`]; the model threads and the prediction producer work while the task goes
+//!   on), finishes segments, and commits offsets;
 //! - the **model threads** of each model, behind a queue with admission in rows; each scored
 //!   batch's prediction and feedback records are built and delivered in a task of its own.
 //!
 //! The order in which things become durable, per partition:
-//! 0. a batch's features are acknowledged by Redis before its rows enter a Parquet segment;
+//! 0. a batch's features are acknowledged by Redis before a Parquet segment holding its rows
+//!    is finished: every sink takes the batch at once, segments are finished only between
+//!    batches, and a write that shutdown cut short is settled first
+//!    ([`runner::Runner`]'s `interrupted`: it runs once more, or the partitions are fenced);
 //! 1. dead letters and predictions are acknowledged by the broker (all pending ones, before
 //!    any segment is finished, because a finished segment's manifest is also a resume
 //!    position);
@@ -95,8 +98,9 @@ async fn run_inner(
     status: &Arc<Status>,
     inference: &Service,
 ) -> Result<(), PipelineError> {
-    // The sinks of rows, in the order they write: Redis before Parquet, because a finished
-    // Parquet segment is a resume position, so its rows must already be in Redis.
+    // The sinks of rows: Redis first (the enrichers, which a batch is written to before it is
+    // scored, lead), then Parquet. A finished Parquet segment is a resume position, so its
+    // rows must already be in Redis: the runner finishes segments only between batches.
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(r) = &spec.redis {
         sinks.push(Box::new(

@@ -34,6 +34,9 @@ const MAX_PENDING: usize = 10_000;
 /// At most this many bytes of dead letters (their payloads, which may each be as large as the
 /// broker takes) may await acknowledgement before intake waits for them.
 const MAX_PENDING_BYTES: usize = 64 << 20;
+/// How long a sink write that shutdown cut short may take when it runs once more, so that the
+/// other sinks' copy of the batch can still be made durable (see [`Runner::interrupted`]).
+const REDO_LIMIT: Duration = Duration::from_millis(if cfg!(test) { 300 } else { 5_000 });
 
 /// Something the broker acknowledged, or could not take.
 enum Done {
@@ -298,13 +301,13 @@ impl Runner {
         metrics::counter!("sluice_bytes_consumed_total", &labels)
             .increment(batch.payload_bytes as u64);
         metrics::histogram!("sluice_batch_rows", &labels).record(batch.events() as f64);
-        for r in batch.rejected {
+        for r in std::mem::take(&mut batch.rejected) {
             self.reject(r)?;
         }
         // Rows of partitions revoked since the batch was made are dropped: their new owner
         // consumes them again from the committed position.
         let rows = if batch.spans.iter().all(|(tp, _)| self.owns(tp)) {
-            batch.rows
+            batch.rows.clone()
         } else {
             let owned: Vec<TopicPartition> = self
                 .offsets
@@ -314,52 +317,45 @@ impl Runner {
                 .collect();
             filter_partitions(&batch.rows, &owned)?
         };
-        // The sinks that enrich the rows for the models (Redis aggregates) write first; then
-        // scoring runs beside the other writes, its holds keeping the batch's offsets (and the
-        // segments that contain them) from becoming a resume position before its predictions
-        // are delivered.
+        // Every sink takes the batch at once: Parquet encodes it while Redis writes it. The
+        // sinks that enrich the rows for the models (Redis aggregates) must be done before the
+        // batch is scored; without them, it is scored first. Segments are finished only between
+        // batches, so no Parquet file becomes durable with rows Redis has not acknowledged
+        // (rule 0 of the module docs); a write cut short by shutdown is settled by
+        // [`Self::interrupted`]. The scorers' holds keep the batch's offsets (and the segments
+        // that contain them) from becoming a resume position before its predictions are
+        // delivered.
         let enrichers = self.sinks.iter().take_while(|s| s.enriches()).count();
-        let mut enrichment = Vec::new();
-        for i in 0..enrichers {
-            if !self
-                .write_to(i, &rows, batch.originals.as_deref(), shutdown)
-                .await?
-            {
-                return Ok(false);
-            }
-            enrichment.extend(self.sinks[i].enrichment());
+        if enrichers == 0 {
+            self.score(&rows, Vec::new(), &batch).await?;
         }
-        if !self.scorers.is_empty() && rows.num_rows() > 0 {
-            let scored_rows = crate::util::columns::with_columns(&rows, enrichment)?;
-            let holds: Vec<(TopicPartition, i64)> = batch
-                .spans
-                .iter()
-                .filter(|(tp, _)| self.owns(tp))
-                .map(|(tp, span)| (tp.clone(), span.first))
+        let originals = batch.originals.as_deref();
+        // The first sink (Redis) beside the others even when no model reads it.
+        let lead = enrichers.max(1).min(self.sinks.len());
+        let (head, tail) = self.sinks.split_at_mut(lead);
+        let (first, rest) = futures::future::join(
+            write_each(head, &rows, originals, shutdown),
+            write_each(tail, &rows, originals, shutdown),
+        )
+        .await;
+        let mut written = first?;
+        written.extend(rest?);
+        if written.iter().any(Option::is_none)
+            && !self
+                .interrupted(&mut written, &rows, originals, &batch.spans)
+                .await?
+        {
+            return Ok(false);
+        }
+        for (i, refused) in written.into_iter().enumerate() {
+            self.refused(i, &rows, originals, refused.unwrap_or_default())?;
+        }
+        if enrichers > 0 {
+            let enrichment = self.sinks[..enrichers]
+                .iter_mut()
+                .flat_map(|s| s.enrichment())
                 .collect();
-            for scorer in &self.scorers {
-                for (tp, offset) in &holds {
-                    self.offsets.hold(tp, *offset);
-                }
-                let scored = scorer
-                    .submit(
-                        scored_rows.clone(),
-                        batch.originals.clone(),
-                        holds.clone(),
-                        batch.consumed_at,
-                    )
-                    .await;
-                self.pending
-                    .push(Box::pin(async move { Done::Scored(scored.await) }));
-            }
-        }
-        for i in enrichers..self.sinks.len() {
-            if !self
-                .write_to(i, &rows, batch.originals.as_deref(), shutdown)
-                .await?
-            {
-                return Ok(false);
-            }
+            self.score(&rows, enrichment, &batch).await?;
         }
         for (tp, span) in &batch.spans {
             if self.owns(tp) {
@@ -399,20 +395,87 @@ impl Runner {
         Ok(true)
     }
 
-    /// Writes the rows to sink `i`; a row it refuses for good becomes a dead letter of its
-    /// stage, and the later sinks still have it. False if shutdown interrupted the write.
-    async fn write_to(
+    /// Submits the rows, with the enrichment columns, to every model; each scorer holds the
+    /// batch's first offset per partition until its predictions are delivered.
+    async fn score(
+        &mut self,
+        rows: &RecordBatch,
+        enrichment: Vec<(String, arrow::array::ArrayRef)>,
+        batch: &SourceBatch,
+    ) -> Result<(), PipelineError> {
+        if self.scorers.is_empty() || rows.num_rows() == 0 {
+            return Ok(());
+        }
+        let scored_rows = crate::util::columns::with_columns(rows, enrichment)?;
+        let holds: Vec<(TopicPartition, i64)> = batch
+            .spans
+            .iter()
+            .filter(|(tp, _)| self.owns(tp))
+            .map(|(tp, span)| (tp.clone(), span.first))
+            .collect();
+        for scorer in &self.scorers {
+            for (tp, offset) in &holds {
+                self.offsets.hold(tp, *offset);
+            }
+            let scored = scorer
+                .submit(
+                    scored_rows.clone(),
+                    batch.originals.clone(),
+                    holds.clone(),
+                    batch.consumed_at,
+                )
+                .await;
+            self.pending
+                .push(Box::pin(async move { Done::Scored(scored.await) }));
+        }
+        Ok(())
+    }
+
+    /// Settles a batch some of whose sink writes shutdown cut short (`None` in `written`),
+    /// while the other sinks may have it already: each such write runs once more, to the end
+    /// or for [`REDO_LIMIT`] (the sinks' writes are replay-safe). True if they all succeeded;
+    /// otherwise the batch's partitions are fenced, so that no segment holding rows some sink
+    /// lacks is published and nothing of them is committed here: their next owner consumes
+    /// them again from the committed offset.
+    async fn interrupted(
+        &mut self,
+        written: &mut [Option<Vec<crate::sink::Refusal>>],
+        rows: &RecordBatch,
+        originals: Option<&crate::event::Originals>,
+        spans: &[(TopicPartition, crate::event::Span)],
+    ) -> Result<bool, PipelineError> {
+        let unbounded = CancellationToken::new();
+        for (i, slot) in written.iter_mut().enumerate() {
+            if slot.is_some() {
+                continue;
+            }
+            let sink = &mut self.sinks[i];
+            match tokio::time::timeout(REDO_LIMIT, sink.write(rows, originals, &unbounded)).await {
+                Ok(Ok(refused)) => *slot = Some(refused),
+                Ok(Err(SinkError::Cancelled)) | Err(_) => {
+                    let partitions: Vec<TopicPartition> =
+                        spans.iter().map(|(tp, _)| tp.clone()).collect();
+                    warn!(sink = sink.name(), partitions = ?partitions,
+                          "Shutdown interrupted a write that could not be finished; these \
+                           partitions are left uncommitted for their next owner.");
+                    self.fence.fence(&partitions);
+                    return Ok(false);
+                }
+                Ok(Err(e)) => return Err(PipelineError::sink(sink.name())(e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The rows sink `i` refused for good: each becomes a dead letter of its stage (the other
+    /// sinks still have it).
+    fn refused(
         &mut self,
         i: usize,
         rows: &RecordBatch,
         originals: Option<&crate::event::Originals>,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, PipelineError> {
-        let refused = match self.sinks[i].write(rows, originals, shutdown).await {
-            Ok(refused) => refused,
-            Err(SinkError::Cancelled) => return Ok(false),
-            Err(e) => return Err(PipelineError::sink(self.sinks[i].name())(e)),
-        };
+        refused: Vec<crate::sink::Refusal>,
+    ) -> Result<(), PipelineError> {
         let (topics, partitions, offsets) = crate::schema::provenance(rows);
         for r in refused {
             let (t, p, o) = (
@@ -432,7 +495,7 @@ impl Runner {
                 }
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Offsets before `span` that the consumer never saw: counted, and logged when more than
@@ -612,6 +675,25 @@ impl Runner {
             }
         }
     }
+}
+
+/// Writes the rows to each of `sinks` in turn: per sink, the rows it refused for good, or
+/// `None` when shutdown cut its write short.
+async fn write_each(
+    sinks: &mut [Box<dyn Sink>],
+    rows: &RecordBatch,
+    originals: Option<&crate::event::Originals>,
+    shutdown: &CancellationToken,
+) -> Result<Vec<Option<Vec<crate::sink::Refusal>>>, PipelineError> {
+    let mut written = Vec::with_capacity(sinks.len());
+    for sink in sinks {
+        written.push(match sink.write(rows, originals, shutdown).await {
+            Ok(refused) => Some(refused),
+            Err(SinkError::Cancelled) => None,
+            Err(e) => return Err(PipelineError::sink(sink.name())(e)),
+        });
+    }
+    Ok(written)
 }
 
 fn payload_len(r: &Rejected) -> usize {
