@@ -259,16 +259,21 @@ impl Harness {
         answer_of(answer).await;
     }
 
-    /// Shuts the runner down and leaves as the source does: its answer to the revocation of
-    /// `partitions` (the offsets to commit), and the runner once drained.
+    /// Shuts the runner down and leaves as the source does, with the batch `queued` (if any)
+    /// behind the shutdown: the runner's answer to the revocation of `partitions` (the offsets
+    /// to commit), once it has drained.
     async fn leave(
         self,
         shutdown: CancellationToken,
         task: Task,
+        queued: &[(TopicPartition, Range<i64>)],
         partitions: &[TopicPartition],
     ) -> Vec<(TopicPartition, i64)> {
         shutdown.cancel();
         let (mut runner, mut rx) = task.await.unwrap();
+        if !queued.is_empty() {
+            self.send(batch(queued)).await;
+        }
         let (reply, answer) = std_mpsc::sync_channel(1);
         let partitions = partitions.to_vec();
         self.send(SourceEvent::Revoked { partitions, reply }).await;
@@ -435,27 +440,11 @@ async fn a_partition_released_behind_the_runners_back_is_discarded_and_never_com
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaving_answers_the_revocation_and_drops_queued_batches() {
     let (h, shutdown, task) = Harness::running(&[tp(0)], &[(tp(0), 0..10)]).await;
-    shutdown.cancel();
-    let (mut runner, mut rx) = task.await.unwrap();
+    let sink = h.sink.clone();
     // Queued behind the shutdown: a batch, then the source's revocation as it leaves.
-    h.send(batch(&[(tp(0), 10..20)])).await;
-    let (reply, answer) = std_mpsc::sync_channel(1);
-    h.send(SourceEvent::Revoked {
-        partitions: vec![tp(0)],
-        reply,
-    })
-    .await;
-    let leaving = tokio::spawn(async move {
-        let exited = CancellationToken::new();
-        let result = runner.leave(&mut rx, &exited).await;
-        (result, runner)
-    });
-    assert_eq!(answer_of(answer).await, [(tp(0), 10)]);
-    drop(h.tx);
-    let (result, mut runner) = leaving.await.unwrap();
-    result.unwrap();
-    runner.drain().await.unwrap();
-    let log = h.sink.lock().unwrap();
+    let answer = h.leave(shutdown, task, &[(tp(0), 10..20)], &[tp(0)]).await;
+    assert_eq!(answer, [(tp(0), 10)]);
+    let log = sink.lock().unwrap();
     assert_eq!(log.durable[&tp(0)], (0..10).collect::<Vec<_>>());
     assert_eq!(log.rolls, [(tp(0), Roll::Shutdown)]);
     assert!(log.open.is_empty(), "the queued batch was dropped");
@@ -497,7 +486,7 @@ async fn a_write_cut_short_by_shutdown_runs_once_more_before_the_batch_is_commit
         gate.store(true, std::sync::atomic::Ordering::Release);
     });
     let sink = h.sink.clone();
-    assert_eq!(h.leave(shutdown, task, &[tp(0)]).await, [(tp(0), 10)]);
+    assert_eq!(h.leave(shutdown, task, &[], &[tp(0)]).await, [(tp(0), 10)]);
     opener.await.unwrap();
     let log = sink.lock().unwrap();
     assert_eq!(log.durable[&tp(0)], (0..10).collect::<Vec<_>>());
@@ -513,7 +502,7 @@ async fn a_write_shutdown_cuts_short_for_good_leaves_its_partition_uncommitted()
     let h = Harness::with(vec![Box::new(GateSink(gate))]);
     let (h, shutdown, task) = h.start(&[tp(0)], &[(tp(0), 0..10)]).await;
     let (sink, commits) = (h.sink.clone(), h.commits.clone());
-    assert_eq!(h.leave(shutdown, task, &[tp(0)]).await, []);
+    assert_eq!(h.leave(shutdown, task, &[], &[tp(0)]).await, []);
     let log = sink.lock().unwrap();
     assert!(log.durable.is_empty(), "{:?}", log.durable);
     assert_eq!(log.discarded, [tp(0)]);
