@@ -445,6 +445,12 @@ impl Runner {
         spans: &[(TopicPartition, crate::event::Span)],
     ) -> Result<bool, PipelineError> {
         let unbounded = CancellationToken::new();
+        // Only partitions still owned: a fence is lifted when its partition is revoked.
+        let partitions: Vec<TopicPartition> = spans
+            .iter()
+            .map(|(tp, _)| tp.clone())
+            .filter(|tp| self.owns(tp))
+            .collect();
         for (i, slot) in written.iter_mut().enumerate() {
             if slot.is_some() {
                 continue;
@@ -453,8 +459,6 @@ impl Runner {
             match tokio::time::timeout(REDO_LIMIT, sink.write(rows, originals, &unbounded)).await {
                 Ok(Ok(refused)) => *slot = Some(refused),
                 Ok(Err(SinkError::Cancelled)) | Err(_) => {
-                    let partitions: Vec<TopicPartition> =
-                        spans.iter().map(|(tp, _)| tp.clone()).collect();
                     warn!(sink = sink.name(), partitions = ?partitions,
                           "Shutdown interrupted a write that could not be finished; these \
                            partitions are left uncommitted for their next owner.");
