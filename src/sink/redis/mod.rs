@@ -830,7 +830,6 @@ impl RedisSink {
         }
 
         // 2. The write script, for the rest.
-        let mut hits = 0;
         for (v, entries) in written.into_iter().enumerate() {
             let view = &views[v];
             let calls = aggregate::write_calls(view, &entries, per_call);
@@ -888,9 +887,7 @@ impl RedisSink {
                     }
                 }
             }
-            hits += 0;
         }
-        let _ = hits;
 
         let labels = [("pipeline", self.pipeline.clone())];
         metrics::counter!("sluice_redis_aggregate_swaps_total", &labels).increment(swapped as u64);
